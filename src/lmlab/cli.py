@@ -1,0 +1,193 @@
+"""The ``lmlab`` command line: parses arguments and calls one function per subcommand.
+
+It holds no logic of its own. Errors of the user's input (``LmlabError``) are printed as one line
+``error: ...`` with exit status 1; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from lmlab.demo import run_demo
+
+    run_demo(out_dir=args.out, minutes=args.minutes, seed=args.seed)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmlab.data.tokenizer import train_tokenizer_from_files
+
+    tok = train_tokenizer_from_files(args.kind, args.inputs, vocab_size=args.vocab_size,
+                                     special_tokens=args.special, field=args.field, max_bytes=args.max_bytes)
+    tok.save(args.output)
+    print(f"wrote {args.output}: {args.kind} tokenizer, {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from lmlab.data.prepare import prepare
+    from lmlab.data.tokenizer import Tokenizer, train_tokenizer_from_files
+
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    else:
+        print(f"training a {args.kind} tokenizer on the inputs (pass --tokenizer to reuse one)", file=sys.stderr)
+        tok = train_tokenizer_from_files(args.kind, args.inputs, vocab_size=args.vocab_size, field=args.field,
+                                         max_bytes=args.max_bytes)
+    meta = prepare(args.inputs, tok, args.output, val_fraction=args.val_fraction, split=args.split,
+                   dedupe=args.dedupe, field=args.field, split_lines=args.split_lines, shard_tokens=args.shard_tokens)
+    s = meta["splits"]
+    print(f"wrote {args.output}: {meta['documents']} documents, train {s['train']['tokens']:,} tokens, "
+          f"val {s['val']['tokens']:,} tokens, {meta['duplicates_removed']} duplicates removed")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmlab.config import load_config
+    from lmlab.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
+    print(f"step {summary['step']}: val loss {val}, {summary['elapsed_s']:.0f} s; checkpoint {summary['checkpoint']}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmlab.generate.engine import generate_text, print_stream
+    from lmlab.generate.sampling import SamplingParams
+    from lmlab.train.checkpoint import load_checkpoint
+    from lmlab.train.trainer import resolve_device
+
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    if prompt is None:
+        raise LmlabError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        if params.seed is not None and i:
+            params.seed += 1
+        if args.no_stream:
+            print(prompt + generate_text(ckpt.model, ckpt.tokenizer, prompt, params))
+        else:
+            print_stream(prompt)
+            generate_text(ckpt.model, ckpt.tokenizer, prompt, params, on_text=print_stream)
+            print()
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from lmlab.eval.perplexity import evaluate_perplexity, write_report
+    from lmlab.train.checkpoint import load_checkpoint
+    from lmlab.train.trainer import resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data, stride=args.stride, split=args.split,
+                                 field=args.field, batch_size=args.batch_size)
+    report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
+    if args.out:
+        write_report(report, args.out, "Perplexity")
+    print(json.dumps(report, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (``lmlab <command> --help`` documents each flag)."""
+    p = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small code model on Python's standard library, end to end")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--minutes", type=float, default=4.0, help="training time budget in minutes (default: 4)")
+    d.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    d.set_defaults(func=cmd_demo)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tok.add_parser("train", help="train a char, byte or byte-level BPE tokenizer and save tokenizer.json")
+    t.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
+    t.add_argument("-o", "--output", required=True, help="where to write tokenizer.json")
+    t.add_argument("--kind", choices=["bpe", "byte", "char"], default="bpe", help="tokenizer kind (default: bpe)")
+    t.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (bpe default 8192; char: keep the most frequent)")
+    t.add_argument("--special", action="append", default=[], metavar="TOKEN", help="extra special token (repeatable)")
+    t.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    t.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="action", required=True, metavar="ACTION")
+    dp = data.add_parser("prepare", help="tokenize text into train/val token shards + meta.json")
+    dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
+    dp.add_argument("-o", "--output", required=True, help="output folder")
+    dp.add_argument("--tokenizer", help="tokenizer.json to use (default: train one with --kind/--vocab-size)")
+    dp.add_argument("--kind", choices=["bpe", "byte", "char"], default="bpe", help="tokenizer kind to train when no --tokenizer")
+    dp.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of the trained tokenizer")
+    dp.add_argument("--max-bytes", type=int, default=None, help="train the tokenizer on at most this many bytes")
+    dp.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default: 0.1)")
+    dp.add_argument("--split", choices=["hash", "tail"], default="hash",
+                    help="hash: documents by content hash (deterministic); tail: the last tokens (default: hash)")
+    dp.add_argument("--dedupe", action="store_true", help="drop exact duplicate documents")
+    dp.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    dp.add_argument("--split-lines", action="store_true", help="treat every non-empty line as a document")
+    dp.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 1e8)")
+    dp.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="pretrain a model from a YAML config",
+                        description="Train a model. Any config field can be overridden as section.key=value, "
+                                    "e.g. model.n_layer=6 train.lr=3e-4.")
+    tr.add_argument("config", help="YAML config (see configs/)")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=500")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop this invocation after N steps (schedule unchanged; continue with --resume)")
+    tr.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
+    g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    g.add_argument("--num-samples", type=int, default=1, help="how many samples to draw (default: 1)")
+    g.add_argument("--no-stream", action="store_true", help="print each sample when complete")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    g.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="action", required=True, metavar="ACTION")
+    pp = ev.add_parser("ppl", help="sliding-window perplexity and bits per byte")
+    pp.add_argument("checkpoint", help="checkpoint folder or run folder")
+    pp.add_argument("--data", required=True, nargs="+", help="text files/dirs/globs, or a prepared data folder")
+    pp.add_argument("--split", default="val", help="split of a prepared data folder (default: val)")
+    pp.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the context)")
+    pp.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    pp.add_argument("--out", help="folder for results.json and results.md")
+    pp.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    pp.set_defaults(func=cmd_eval_ppl)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lmlab`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Batches of token windows from prepared shards (memory-mapped, never loaded whole).
+
+Sampling is stateless: the batch of training step ``s`` is drawn from a generator seeded with
+``(seed, s, rank)``. The data position of a run is therefore just its step number, and a resumed
+run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.data.prepare import load_meta
+from lmlab.errors import DataError
+
+_EVAL_STREAM = 2**31 - 1  # seed component that separates evaluation batches from training batches
+
+
+class TokenShards:
+    """The token shards of one split of a prepared data folder, as memory maps."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        data_dir = Path(data_dir)
+        meta = load_meta(data_dir)
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(meta['splits'])})")
+        info = meta["splits"][split]
+        self.split, self.meta = split, meta
+        self.shards = [np.memmap(data_dir / name, dtype=meta["dtype"], mode="r") for name in info["shards"]]
+        self.tokens = sum(len(s) for s in self.shards)
+        self.bytes = info.get("bytes")
+
+    def check_context(self, block_size: int) -> None:
+        """Fail early, with the numbers, if no shard holds a window of block_size + 1 tokens."""
+        longest = max((len(s) for s in self.shards), default=0)
+        if longest < block_size + 1:
+            raise DataError(
+                f"the {self.split} split has {longest} tokens in its longest shard, fewer than the context "
+                f"length + 1 = {block_size + 1}; use more text or a smaller model.block_size")
+
+    def sample(self, batch_size: int, block_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: inputs x (B, T) and next-token targets y (B, T), as int64 tensors."""
+        room = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.float64)
+        shard_ids = rng.choice(len(self.shards), size=batch_size, p=room / room.sum())
+        rows = []
+        for sid in shard_ids:
+            start = int(rng.integers(0, room[sid]))
+            rows.append(np.asarray(self.shards[sid][start:start + block_size + 1], dtype=np.int64))
+        window = torch.from_numpy(np.stack(rows))  # (B, T + 1)
+        return window[:, :-1], window[:, 1:]
+
+
+def train_batch(shards: TokenShards, batch_size: int, block_size: int, seed: int, step: int,
+                micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of training step ``step`` (micro-batch ``micro`` of gradient accumulation)."""
+    rng = np.random.default_rng([seed, step, micro, rank])
+    return shards.sample(batch_size, block_size, rng)
+
+
+def eval_batches(shards: TokenShards, batch_size: int, block_size: int, seed: int, count: int):
+    """The same ``count`` evaluation batches every time, so val losses compare across steps."""
+    rng = np.random.default_rng([seed, _EVAL_STREAM])
+    for _ in range(count):
+        yield shards.sample(batch_size, block_size, rng)

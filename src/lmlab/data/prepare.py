@@ -1,0 +1,364 @@
+"""`lmlab data prepare`: text -> token shards (.bin) + tokenizer.json + meta.json.
+
+A prepared data folder holds
+
+    train_000.bin, train_001.bin, ...   raw token ids (uint16, or uint32 for vocabularies over 65535),
+    val_000.bin, ...                    each document's tokens followed by the end-of-text token
+    tokenizer.json                      the tokenizer that made them
+    meta.json                           dtype, vocab, splits with their shards/tokens/documents/bytes
+
+Shards concatenated in order are one token stream per split; read them with np.memmap.
+Everything is streamed (documents are encoded in batches and appended to the shards) and written
+into a temporary sibling folder that is renamed into place only when all went well.
+
+Splits: "hash" sends a document to val when sha256(text), read as a number in [0, 1), is below
+val_fraction (deterministic, independent of order; falls back to "tail" when that leaves val
+empty); "tail" puts the last val_fraction of all tokens in val (first 90% train, last 10% val).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from array import array
+from bisect import bisect_right
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from lmlab.data.sources import Document, expand_inputs, iter_documents
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import DataError
+
+FORMAT, VERSION = "lmlab-tokens", 1
+SPLITS = ("hash", "tail")
+BATCH_CHARS = 4 << 20  # encode documents in batches of about this many characters
+COPY_TOKENS = 1 << 22  # tokens per read when cutting the tail split
+
+
+class ShardWriter:
+    """Appends token ids to prefix_000.bin, prefix_001.bin, ... of at most shard_tokens each.
+
+    Also counts documents and UTF-8 bytes, and (while ``log`` is kept) remembers where every
+    written unit ends, so that the stream can later be cut at any token (the tail split).
+    """
+
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.shards: list[str] = []
+        self.tokens = self.documents = self.bytes = 0
+        self.room = 0  # tokens left in the open shard
+        self.f = None
+        self.log: dict[str, array] | None = {"tok_end": array("q"), "byte_end": array("q"), "doc": array("q")}
+
+    def write(self, ids: np.ndarray, nbytes: int = 0, new_doc: bool = False) -> None:
+        """Append ids; ``nbytes`` of text they encode; ``new_doc`` when they start a document."""
+        self.documents += new_doc
+        self.bytes += nbytes
+        self._append(ids)
+        if self.log is not None:
+            self.log["tok_end"].append(self.tokens)
+            self.log["byte_end"].append(self.bytes)
+            self.log["doc"].append(self.documents - 1)
+
+    def _append(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.room == 0:
+                self._next_shard()
+            part, ids = ids[: self.room], ids[self.room :]
+            self.f.write(part.astype(self.dtype, copy=False).tobytes())
+            self.room -= len(part)
+            self.tokens += len(part)
+
+    def _next_shard(self) -> None:
+        self.close()
+        name = f"{self.prefix}_{len(self.shards):03d}.bin"
+        self.shards.append(name)
+        self.f = open(self.folder / name, "wb")
+        self.room = self.shard_tokens
+
+    def close(self) -> None:
+        """Close the open shard (writing more opens a new one)."""
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self.room = 0
+
+    def stats(self) -> dict:
+        """The split's entry in meta.json."""
+        return {"shards": list(self.shards), "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    val_fraction: float = 0.1,
+    split: str = "hash",
+    dedupe: bool = False,
+    field: str = "text",
+    split_lines: bool = False,
+    shard_tokens: int = 100_000_000,
+    min_split_tokens: int = 1,
+) -> dict:
+    """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
+
+    An existing prepared folder is replaced only after success; a failure leaves nothing behind.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    dtype = token_dtype(tokenizer.vocab_size)
+    out = Path(out_dir)
+    _check_replaceable(out)
+    expand_inputs(inputs)  # fail on a missing input before creating anything
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _write_folder(tmp, inputs, tokenizer, dtype, val_fraction, split, dedupe, field, split_lines, shard_tokens)
+        _check_sizes(meta, val_fraction, min_split_tokens, inputs)
+        tokenizer.save(tmp / "tokenizer.json")
+        _write_json(tmp / "meta.json", meta)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    """Read and check a prepared data folder's meta.json (format, version, shards present)."""
+    folder = Path(data_dir)
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{folder} is not a prepared data folder (no meta.json); run `lmlab data prepare` first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path}: not an lmlab data folder's meta.json (format is not {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise DataError(f"{path}: data format version {meta.get('version')!r}; this lmlab reads version {VERSION}")
+    for key in ("dtype", "vocab_size", "eot_id", "splits"):
+        if key not in meta:
+            raise DataError(f"{path}: missing key {key!r}")
+    for name, info in meta["splits"].items():
+        for shard in info["shards"]:
+            if not (folder / shard).is_file():
+                raise DataError(f"{folder / shard}: missing {name} shard listed in meta.json; prepare the data again")
+    return meta
+
+
+def memmap_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
+    """The token shards of one split ("train" or "val") as read-only memmaps, in order."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise DataError(f"{data_dir}: no {split!r} split (have {', '.join(meta['splits'])})")
+    return [np.memmap(Path(data_dir) / s, dtype=meta["dtype"], mode="r") for s in meta["splits"][split]["shards"]]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    if vocab_size <= 2**16 - 1:
+        return np.dtype(np.uint16)
+    if vocab_size <= 2**32 - 1:
+        return np.dtype(np.uint32)
+    raise DataError(f"vocab_size {vocab_size} is too large for uint32 token shards")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _write_folder(
+    folder: Path,
+    inputs: list[str],
+    tok: Tokenizer,
+    dtype: np.dtype,
+    val_fraction: float,
+    split: str,
+    dedupe: bool,
+    field: str,
+    split_lines: bool,
+    shard_tokens: int,
+) -> dict:
+    train = ShardWriter(folder, "train", dtype, shard_tokens)
+    val = ShardWriter(folder, "val", dtype, shard_tokens)
+    stream = ShardWriter(folder, ".all", dtype, 2**62) if split == "tail" else None
+    val.log = None
+    counts = {"documents": 0, "duplicates": 0}
+    docs = _unique(iter_documents(inputs, field=field, split_lines=split_lines), dedupe, counts)
+    eot = np.array([tok.eot_id], dtype=np.int64)
+    dest, starts = train, True  # starts: the next unit starts a new document
+    for doc, digest, ids in _encoded(docs, tok):
+        if starts:
+            counts["documents"] += 1
+            if stream is not None:
+                dest = stream
+            else:
+                dest = val if _unit_interval(digest) < val_fraction else train
+                if dest is val:
+                    train.log = None  # val is not empty, so no fallback to tail will be needed
+        tokens = np.asarray(ids, dtype=np.int64)
+        if not doc.continues:
+            tokens = np.concatenate([tokens, eot])
+        dest.write(tokens, len(doc.text.encode("utf-8")), new_doc=starts)
+        starts = not doc.continues
+    for w in (train, val):
+        w.close()
+    used = split
+    if stream is not None:
+        stream.close()
+        _cut_tail(stream, train, val, val_fraction)
+    elif val_fraction > 0 and val.tokens == 0 and train.tokens > 0:
+        old, train = train, ShardWriter(folder, "train", dtype, shard_tokens)  # all went to train: cut as "tail"
+        for i, name in enumerate(old.shards):  # rename away so the new train shards can take the names
+            os.replace(folder / name, folder / f".old_{i:03d}.bin")
+        old.shards = [f".old_{i:03d}.bin" for i in range(len(old.shards))]
+        _cut_tail(old, train, val, val_fraction)
+        used = "tail"
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "tokenizer_sha256": tok.sha256(),
+        "tokenizer_kind": tok.kind,
+        "normalization": "NFC",
+        "dedupe": dedupe,
+        "duplicates_removed": counts["duplicates"],
+        "split": used,
+        "val_fraction": val_fraction,
+        "documents": counts["documents"],
+        "inputs": [str(x) for x in inputs],
+        "splits": {"train": train.stats(), "val": val.stats()},
+    }
+    if used != split:
+        meta["split_requested"] = split
+        meta["split_note"] = "hash split left val empty (too few documents); used the tail split instead"
+    return meta
+
+
+def _unique(docs: Iterable[Document], dedupe: bool, counts: dict) -> Iterator[tuple[Document, bytes]]:
+    """(document, sha256 of its text), dropping exact repeats of whole documents when dedupe.
+
+    Documents that come in pieces (bigger than sources.PIECE_BYTES) are never dropped.
+    """
+    seen: set[bytes] = set()
+    in_chain = False  # the previous piece continues into this one
+    for doc in docs:
+        digest = hashlib.sha256(doc.text.encode("utf-8")).digest()
+        whole = not in_chain and not doc.continues
+        in_chain = doc.continues
+        if dedupe and whole:
+            if digest in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(digest)
+        yield doc, digest
+
+
+def _encoded(items: Iterable[tuple[Document, bytes]], tok: Tokenizer) -> Iterator[tuple[Document, bytes, list[int]]]:
+    """Encode documents in batches (parallel in Rust); special tokens in the text are plain text."""
+    batch: list[tuple[Document, bytes]] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += len(item[0].text)
+        if size >= BATCH_CHARS:
+            yield from _encode_batch(batch, tok)
+            batch, size = [], 0
+    yield from _encode_batch(batch, tok)
+
+
+def _encode_batch(batch: list[tuple[Document, bytes]], tok: Tokenizer) -> Iterator[tuple[Document, bytes, list[int]]]:
+    if not batch:
+        return
+    all_ids = tok.encode_batch([doc.text for doc, _ in batch], allow_special=False)
+    for (doc, digest), ids in zip(batch, all_ids):
+        yield doc, digest, ids
+
+
+def _unit_interval(digest: bytes) -> float:
+    """A sha256 digest as a number in [0, 1)."""
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _cut_tail(src: ShardWriter, train: ShardWriter, val: ShardWriter, val_fraction: float) -> None:
+    """Copy src's token stream: the first tokens to train, the last val_fraction of them to val.
+
+    Documents and bytes follow the tokens: a document cut in two counts in both splits, and its
+    bytes are shared in proportion to its tokens. The source shards are deleted.
+    """
+    total = src.tokens
+    n_train = total - round(total * val_fraction)
+    for name in src.shards:
+        data = np.memmap(src.folder / name, dtype=src.dtype, mode="r")  # shards are never empty
+        for i in range(0, len(data), COPY_TOKENS):
+            chunk = np.asarray(data[i : i + COPY_TOKENS])
+            room = max(0, n_train - train.tokens)
+            train._append(chunk[:room])
+            val._append(chunk[room:])
+        del data
+        (src.folder / name).unlink()
+    for w in (train, val):
+        w.close()
+    log = src.log
+    assert log is not None
+    train.bytes, train.documents = _stats_before(log, n_train)
+    val.bytes, val.documents = src.bytes - train.bytes, 0
+    if n_train < total:
+        unit = bisect_right(log["tok_end"], n_train)
+        val.documents = src.documents - log["doc"][unit]
+
+
+def _stats_before(log: dict[str, array], n: int) -> tuple[int, int]:
+    """(bytes, documents) of the first n tokens of a logged stream."""
+    if n == 0:
+        return 0, 0
+    unit = bisect_right(log["tok_end"], n - 1)  # the unit holding token n-1
+    start_tok = log["tok_end"][unit - 1] if unit else 0
+    start_byte = log["byte_end"][unit - 1] if unit else 0
+    frac = (n - start_tok) / (log["tok_end"][unit] - start_tok)
+    nbytes = start_byte + round((log["byte_end"][unit] - start_byte) * frac)
+    return nbytes, log["doc"][unit] + 1
+
+
+def _check_sizes(meta: dict, val_fraction: float, min_tokens: int, inputs: list[str]) -> None:
+    train, val = meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]
+    if train < min_tokens or (val_fraction > 0 and val < min_tokens):
+        names = ", ".join(map(str, inputs[:3])) + (", ..." if len(inputs) > 3 else "")
+        raise DataError(
+            f"{names}: too little text: train has {train} tokens and val has {val}; "
+            f"each split needs at least {min_tokens} (add text or change val_fraction)"
+        )
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a file, or a non-empty folder that is not a prepared data folder."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise DataError(f"{out}: folder exists and is not a prepared data folder; refusing to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,293 @@
+"""Tokenizers: byte-level BPE, bytes and characters, all as one `tokenizers.Tokenizer`.
+
+Every lmlab tokenizer is a ``tokenizer.json`` of the Hugging Face `tokenizers` library, so one
+load/save path serves every kind and a checkpoint's tokenizer loads in `transformers` unchanged.
+
+    bpe   byte-level BPE (GPT-2 style): ByteLevel pre-tokenizer and decoder, learned merges
+    byte  the 256 byte symbols of the same ByteLevel scheme, no merges (id = byte value)
+    char  one token per character seen in training, plus 256 byte-fallback tokens <0x00>..<0xFF>
+          so that unseen characters still round-trip
+
+All three decode(encode(text)) == text exactly, for any Unicode string. No normalizer is set:
+Unicode normalisation (NFC) happens once, when text is read (see sources.py).
+The kind is not stored separately; it is read off the structure of the tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers.decoders import DecodeStream
+
+from lmlab.errors import ConfigError, DataError
+
+EOT = "<|endoftext|>"
+KINDS = ("bpe", "byte", "char")
+DEFAULT_BPE_VOCAB = 8192
+_EOS_NAMES = (EOT, "<eos>", "</s>")  # what eot_id accepts in tokenizers lmlab did not train
+
+
+class Tokenizer:
+    """Wraps a tokenizers.Tokenizer; every lmlab tokenizer is a tokenizer.json."""
+
+    def __init__(self, tk: tokenizers.Tokenizer):
+        self.tk = tk
+        self._plain: tokenizers.Tokenizer | None = None  # copy that reads special tokens as text
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a tokenizer.json, or the tokenizer.json inside a directory (a checkpoint, a data folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{path}: no such tokenizer file")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a tokenizer.json ({msg})") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json atomically (temporary file in the same folder, then rename).
+
+        ``path`` is the file to write, or an existing directory to write tokenizer.json into.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.tk.to_str(pretty=True))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text``.
+
+        With ``allow_special=False`` a literal "<|endoftext|>" in the text is encoded as ordinary
+        text rather than as the special token (what data preparation wants: only lmlab decides where
+        documents end). Both ways decode back to the same text.
+        """
+        return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = True) -> list[list[int]]:
+        """Token ids of many texts at once (encoded in parallel by the Rust library)."""
+        encs = self._encoder(allow_special).encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids, special tokens included, so decode(encode(text)) == text."""
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added (special) tokens included."""
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int:
+        """Id of the end-of-text token that separates documents."""
+        for name in _EOS_NAMES:
+            i = self.tk.token_to_id(name)
+            if i is not None:
+                return i
+        raise DataError(f"tokenizer has no end-of-text token (none of {', '.join(_EOS_NAMES)})")
+
+    @property
+    def kind(self) -> str:
+        """"bpe", "byte" or "char" (read off the tokenizer's structure), else "other"."""
+        spec = json.loads(self.tk.to_str())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE":
+            return "other"
+        if pre.get("type") == "ByteLevel":
+            return "bpe" if model.get("merges") else "byte"
+        if model.get("byte_fallback") and not model.get("merges"):
+            return "char"
+        return "other"
+
+    def sha256(self) -> str:
+        """sha256 of the tokenizer's JSON: a stable identity to check data and model agree."""
+        return hashlib.sha256(self.tk.to_str().encode("utf-8")).hexdigest()
+
+    def stream_decoder(self) -> "StreamDecoder":
+        """A decoder for generation: feed ids one at a time, get text that never splits a character."""
+        return StreamDecoder(self.tk)
+
+    def _encoder(self, allow_special: bool) -> tokenizers.Tokenizer:
+        if allow_special:
+            return self.tk
+        if self._plain is None:  # a separate copy, so no shared flag is flipped per call
+            self._plain = tokenizers.Tokenizer.from_str(self.tk.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """Incremental decoding: ``step(id)`` returns the text that id completes (maybe ""), ``flush()`` the rest.
+
+    Built on tokenizers' DecodeStream, which holds back output while it ends in a partial UTF-8
+    character. DecodeStream also holds back text that genuinely ends in U+FFFD, so call ``flush()``
+    at the end: "".join(steps) + flush() == tokenizer.decode(all ids).
+    """
+
+    def __init__(self, tk: tokenizers.Tokenizer):
+        self.tk = tk
+        self.stream = DecodeStream(skip_special_tokens=False)
+        self.pending: list[int] = []  # ids fed since the last text came out
+
+    def step(self, token_id: int) -> str:
+        """Feed one id; return the newly completed text ("" while a character is incomplete)."""
+        self.pending.append(int(token_id))
+        out = self.stream.step(self.tk, int(token_id))
+        if out is None:
+            return ""
+        self.pending.clear()
+        return out
+
+    def flush(self) -> str:
+        """Return whatever is held back (incomplete bytes decode to U+FFFD) and start afresh."""
+        out = self.tk.decode(self.pending, skip_special_tokens=False) if self.pending else ""
+        self.pending.clear()
+        self.stream = DecodeStream(skip_special_tokens=False)
+        return out
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (the ByteLevel alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int | None = None,
+    special_tokens: Sequence[str] = (),
+) -> Tokenizer:
+    """Build a tokenizer of ``kind`` ("bpe", "byte", "char") from an iterable of texts.
+
+    ``vocab_size`` counts every token, special ones included (default 8192 for bpe; the full
+    character set for char; byte ignores the texts and has exactly 256 + specials tokens).
+    EOT is always the first special token. The same texts and settings give the same ids.
+    """
+    specials = [EOT] + [s for s in dict.fromkeys(special_tokens) if s != EOT]
+    if kind == "bpe":
+        tk = _train_bpe(texts, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size, specials)
+    elif kind == "byte":
+        tk = _byte_tokenizer(vocab_size, specials)
+    elif kind == "char":
+        tk = _train_char(texts, vocab_size, specials)
+    else:
+        raise ConfigError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return Tokenizer(tk)
+
+
+def train_tokenizer_from_files(
+    kind: str,
+    inputs: list[str],
+    vocab_size: int | None = None,
+    special_tokens: Sequence[str] = (),
+    field: str = "text",
+    max_bytes: int | None = None,
+) -> Tokenizer:
+    """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
+
+    ``max_bytes`` stops reading after that many UTF-8 bytes of text (a sample is enough for BPE).
+    """
+    from lmlab.data.sources import iter_documents
+
+    if kind == "byte":  # nothing to learn; still check the inputs exist
+        from lmlab.data.sources import expand_inputs
+
+        expand_inputs(inputs)
+        return train_tokenizer(kind, [], vocab_size, special_tokens)
+
+    def texts() -> Iterable[str]:
+        seen = 0
+        for doc in iter_documents(inputs, field=field):
+            yield doc.text
+            seen += len(doc.text.encode("utf-8"))
+            if max_bytes is not None and seen >= max_bytes:
+                return
+
+    return train_tokenizer(kind, texts(), vocab_size, special_tokens)
+
+
+def _byte_level_pipeline(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> tokenizers.Tokenizer:
+    if vocab_size < 256 + len(specials):
+        raise ConfigError(
+            f"bpe vocab_size {vocab_size} is too small: need at least 256 bytes + {len(specials)} special tokens"
+        )
+    tk = _byte_level_pipeline(tokenizers.Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    return tk
+
+
+def _byte_tokenizer(vocab_size: int | None, specials: list[str]) -> tokenizers.Tokenizer:
+    if vocab_size is not None and vocab_size != 256 + len(specials):
+        raise ConfigError(f"byte tokenizer has exactly {256 + len(specials)} tokens, not vocab_size {vocab_size}")
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}  # id == byte value
+    tk = _byte_level_pipeline(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])))
+    tk.add_special_tokens(specials)  # ids 256, 257, ...
+    return tk
+
+
+def _train_char(texts: Iterable[str], vocab_size: int | None, specials: list[str]) -> tokenizers.Tokenizer:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    chars = sorted(counts)
+    if vocab_size is not None:
+        room = vocab_size - 256 - len(specials)
+        if room < 0:
+            raise ConfigError(
+                f"char vocab_size {vocab_size} is too small: need at least 256 byte tokens + {len(specials)} special tokens"
+            )
+        keep = sorted(chars, key=lambda c: (-counts[c], ord(c)))[:room]
+        chars = sorted(keep)
+    vocab = {c: i for i, c in enumerate(chars)}  # ids 0.. in codepoint order, as in nanoGPT's char model
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    # one pre-token per character keeps encoding linear on long lines; "[\s\S]" because "." skips "\n"
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens(specials)
+    return tk

@@ -1,0 +1,123 @@
+"""Sliding-window perplexity and bits per byte of a language model on a text.
+
+The text (documents joined by the end-of-text token, one in front as the start) is cut into windows
+of the model's context that start ``stride`` tokens apart. Each token is scored once, in the first
+window that covers it, with as much left context as the window gives it; so stride = context is
+fastest and stride = 1 gives every token the full context.
+
+Bits per byte = total NLL / ln 2 / UTF-8 bytes of the text: unlike perplexity, it compares models
+with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from lmlab.config import atomic_write_text
+from lmlab.data.sources import iter_documents
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import DataError, LmlabError
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) of every window: tokens first_scored..end-1 are scored in it.
+
+    Targets are positions 1..n_tokens-1 (position 0 is the start token and is never predicted).
+    """
+    spans, scored_until = [], 1
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + context + 1, n_tokens)  # a window of `context` inputs predicts up to `end`
+        spans.append((begin, end, scored_until))
+        scored_until = end
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: int, batch_size: int = 8,
+                       progress: bool = False) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of ids[1:] given what precedes, and the count of scored tokens."""
+    context = model.block_size
+    if not 1 <= stride <= context:
+        raise LmlabError(f"--stride must be between 1 and the context length {context}, got {stride}")
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    if len(ids) < 2:
+        raise DataError("the text has no tokens to score")
+    device = next(model.parameters()).device
+    spans = windows(len(ids), context, stride)
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(spans), batch_size), disable=not progress, unit="batch", desc="perplexity"):
+        group = spans[i:i + batch_size]
+        width = max(end - begin - 1 for begin, end, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
+        for row, (begin, end, first) in enumerate(group):
+            n = end - begin - 1
+            x[row, :n] = ids[begin:end - 1]
+            y[row, first - begin - 1:n] = ids[first:end]
+        logits, _ = model(x.to(device))
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                                                ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((y != -100).sum())
+    return total, count
+
+
+def text_token_ids(tokenizer: Tokenizer, inputs: list[str], field: str = "text") -> tuple[np.ndarray, int]:
+    """Token ids of the documents of ``inputs``, each preceded by end-of-text, and their UTF-8 byte count."""
+    ids, n_bytes, continued = [], 0, False
+    for doc in iter_documents(inputs, field=field):
+        if doc.text and not continued:
+            ids.append(tokenizer.eot_id)
+        continued = doc.continues  # the next piece belongs to the same (large) document
+        ids.extend(tokenizer.encode(doc.text))
+        n_bytes += len(doc.text.encode("utf-8"))
+    if n_bytes == 0:
+        raise DataError(f"no text to evaluate in {', '.join(inputs)}")
+    return np.asarray(ids, dtype=np.int64), n_bytes
+
+
+def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict:
+    """Mean NLL, perplexity, bits per token and (when the byte count is known) bits per byte."""
+    mean = total_nll / count
+    report = {"tokens": count, "mean_nll": mean, "perplexity": math.exp(min(mean, 700)),
+              "bits_per_token": mean / math.log(2)}
+    if n_bytes:
+        report["bytes"] = n_bytes
+        report["bits_per_byte"] = total_nll / math.log(2) / n_bytes
+    return report
+
+
+def write_report(report: dict, out_dir: str | Path, title: str) -> None:
+    """Write results.json and a results.md table into ``out_dir``."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
+    atomic_write_text(out_dir / "results.md", f"# {title}\n\n| metric | value |\n|---|---|\n{rows}\n")
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,
+                        split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder."""
+    inputs = [data] if isinstance(data, str) else list(data)
+    stride = stride or model.block_size
+    if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
+        from lmlab.data.loader import TokenShards
+
+        shards = TokenShards(inputs[0], split)
+        if shards.meta["tokenizer_sha256"] != tokenizer.sha256():
+            raise DataError(f"{inputs[0]} was prepared with another tokenizer than the checkpoint's")
+        ids = np.concatenate([[tokenizer.eot_id], *[np.asarray(s, dtype=np.int64) for s in shards.shards]])
+        n_bytes = shards.bytes
+    else:
+        ids, n_bytes = text_token_ids(tokenizer, inputs, field)
+    total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
+    return {**perplexity_report(total, count, n_bytes), "stride": stride, "context": model.block_size}

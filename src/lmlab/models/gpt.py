@@ -1,0 +1,140 @@
+"""Decoder-only Transformer language model with two presets.
+
+- ``gpt2``: learned positions, LayerNorm, GELU MLP, biases, tied input/output embedding
+  (the output layer is softmax(h @ E^T) with E the token embedding).
+- ``llama``: rotary positions (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+
+The model knows nothing about training: ``model(idx, targets)`` returns logits and the mean
+cross-entropy; ``model.make_cache(...)`` and ``model(idx, cache=cache)`` decode incrementally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig
+from lmlab.models.layers import MLP, Attention, KVCache, default_d_ff, make_norm, rope_tables
+
+PRESETS = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+}
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the fields left as None from the preset, so a saved config is explicit and complete."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.n_kv_head is None:
+        cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)
+    if cfg.d_ff is None:
+        cfg = dataclasses.replace(cfg, d_ff=default_d_ff(cfg.d_model, cfg.mlp))
+    return cfg
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer LM (see the module docstring for the two presets)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve_config(cfg)
+        assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
+        self.config = cfg
+        self.block_size = cfg.block_size
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of layers that write into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        cfg, p = self.config, self.tok_emb.weight
+        max_len = min(max_len or cfg.block_size, cfg.block_size)
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head, p.device, p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                only_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids idx (B, T), and the mean cross-entropy if targets are given.
+
+        With ``cache``, idx holds the next tokens after the cached ones and the cache advances.
+        Targets equal to -100 are ignored. ``only_last`` computes logits for the last position only.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if only_last:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (as in the scaling-law papers)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token (6N + attention), for the MFU estimate."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.d_model * cfg.block_size

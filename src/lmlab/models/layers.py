@@ -1,0 +1,155 @@
+"""Building blocks shared by every Transformer in lmlab: norms, RoPE, attention, MLPs, KV cache.
+
+There is one attention (``Attention``): multi-head or grouped-query, learned or rotary
+positions, with or without a KV cache, always through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# enable_gqa arrived in torch 2.5; with older torch we repeat the key/value heads ourselves.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): x / rms(x) * weight, no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
+    """The normalisation layer a preset asks for: ``layernorm`` or ``rmsnorm``."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of rotary position embedding, each (max_len, head_dim // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + d/2]) of x (B, H, T, d) by the angles for its positions.
+
+    This is the "rotate half" layout that Hugging Face Llama uses, so weights convert as they are.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, H, T, d/2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, d/2), broadcast over B, H
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding.
+
+    ``k`` and ``v`` are (n_layer, B, n_kv_head, max_len, head_dim); ``pos`` is how many positions
+    are filled. The model writes the new keys/values of each step at ``pos`` and then advances it.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, d) at the current position; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention: multi-head, or grouped-query when n_kv_head < n_head."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, bias: bool, dropout: float):
+        super().__init__()
+        assert d_model % n_head == 0, "d_model must be divisible by n_head"
+        assert n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = d_model // n_head
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, H_kv, past + T, d)
+        y = self._attend(q, k, v, past)  # (B, H, T, d)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        """Scaled dot-product attention where query i (at position past+i) sees keys 0..past+i."""
+        T = q.size(2)
+        mask, causal = None, False
+        if past == 0:
+            causal = T > 1
+        elif T > 1:  # several new tokens after a cached prefix: causal within the new block
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        gqa = {}
+        if self.n_kv_head != self.n_head:
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                repeat = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, **gqa)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool):
+        super().__init__()
+        self.kind = kind
+        if kind == "gelu":
+            self.up = nn.Linear(d_model, d_ff, bias=bias)
+        elif kind == "swiglu":
+            self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # gate and up projections, fused
+        else:
+            raise ValueError(f"unknown mlp {kind!r}")
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+        gate, up = self.up(x).chunk(2, dim=-1)  # each (B, T, d_ff)
+        return self.down(F.silu(gate) * up)
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+    """The customary MLP width: 4*d for GELU; 2/3 of that for SwiGLU, rounded up to a multiple of 64."""
+    if mlp == "gelu":
+        return 4 * d_model
+    return 64 * math.ceil(int(8 * d_model / 3) / 64)

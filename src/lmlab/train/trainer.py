@@ -1,0 +1,264 @@
+"""The training loop: any registered model, prepared token shards, AdamW, checkpoints, exact resume.
+
+The trainer knows nothing of a specific model: it calls ``model(x, y)`` and uses the returned loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from lmlab.config import RunConfig, TrainConfig, save_config
+from lmlab.data.loader import TokenShards, eval_batches, train_batch
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import ConfigError, DataError
+from lmlab.models.registry import build_model
+from lmlab.train.checkpoint import (list_checkpoints, load_train_state, read_manifest, prune_checkpoints,
+                                    save_checkpoint)
+from lmlab.train.logger import MetricsLogger, plot_losses
+from lmlab.train.optim import build_optimizer, build_scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but this torch sees no CUDA GPU")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` means bf16 on GPUs that support it and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Mixed-precision autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def rng_state() -> dict:
+    """Every random state a training step may consume (dropout, Python's random)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, shards: TokenShards, cfg: TrainConfig, block_size: int,
+                  device: torch.device, precision: str) -> float:
+    """Mean loss over the fixed evaluation batches of a split."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    for x, y in eval_batches(shards, batch_size, block_size, cfg.seed, cfg.eval_batches):
+        with autocast_context(precision, device):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.data`` following ``cfg.train``; ``run()`` returns a summary."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, stop_after: int | None = None):
+        self.cfg, self.tc = cfg, cfg.train
+        self.resume, self.stop_after = resume, stop_after
+        self.out_dir = Path(self.tc.out_dir)
+        self._check_out_dir()
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        self.device = resolve_device(self.tc.device)
+        self.precision = resolve_precision(self.tc.precision, self.device)
+        self._load_data()
+        torch.manual_seed(self.tc.seed)
+        random.seed(self.tc.seed)
+        self.model = build_model(self.cfg.model).to(self.device)
+        self.cfg = dataclasses.replace(cfg, model=self.model.config)  # presets resolved, for config.yaml
+        self.optimizer = build_optimizer(self.model, self.tc, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, self.tc)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
+        self.logger = MetricsLogger(self.out_dir, self.tc.tensorboard)
+        if resume:
+            self._restore()
+        self.forward_model = torch.compile(self.model) if self.tc.compile else self.model
+
+    def _check_out_dir(self) -> None:
+        has_checkpoints = bool(list_checkpoints(self.out_dir))
+        if self.resume and not has_checkpoints:
+            raise ConfigError(f"--resume: {self.out_dir} has no checkpoints to resume from")
+        if not self.resume and has_checkpoints:
+            raise ConfigError(f"{self.out_dir} already holds a run; pass --resume to continue it "
+                              f"or set train.out_dir to a new folder")
+
+    def _load_data(self) -> None:
+        data_dir = self.cfg.data.path
+        if not data_dir:
+            raise ConfigError("data.path is not set (the folder written by `lmlab data prepare`)")
+        self.train_data = TokenShards(data_dir, self.cfg.data.train_split)
+        self.val_data = TokenShards(data_dir, self.cfg.data.val_split)
+        block = self.cfg.model.block_size
+        self.train_data.check_context(block)
+        self.val_data.check_context(block)
+        self.tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
+        vocab = self.cfg.model.vocab_size
+        if vocab is None:
+            self.cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, vocab_size=self.tokenizer.vocab_size))
+        elif vocab < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
+
+    def _restore(self) -> None:
+        ckpt = list_checkpoints(self.out_dir)[-1]
+        manifest = read_manifest(ckpt)
+        if manifest["model_config"] != dataclasses.asdict(self.model.config):
+            raise ConfigError(f"--resume: the model config differs from the one in {ckpt}")
+        import safetensors.torch
+
+        safetensors.torch.load_model(self.model, str(ckpt / "model.safetensors"), device=str(self.device))
+        state = load_train_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        self.logger.truncate_after(self.step)
+
+    def save(self) -> Path:
+        """Checkpoint the current step (weights, tokenizer, optimizer/scheduler/RNG/data state)."""
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "data": {"seed": self.tc.seed, "next_step": self.step},
+            "elapsed_s": self.elapsed(),
+            "tokens_seen": self.tokens_seen,
+        }
+        path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
+        prune_checkpoints(self.out_dir, self.tc.keep_checkpoints)
+        return path
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        tc, block = self.tc, self.model.config.block_size
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = train_batch(self.train_data, tc.batch_size, block, tc.seed, self.step, micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_context(self.precision, self.device):
+                _, loss = self.forward_model(x, y)
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.item()
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += tc.grad_accum * tc.batch_size * block
+        return total / tc.grad_accum
+
+    def evaluate(self) -> float:
+        return estimate_loss(self.model, self.val_data, self.tc, self.model.config.block_size, self.device, self.precision)
+
+    def run(self) -> dict:
+        """Train until max_steps, max_minutes or stop_after; checkpoint, plot and return a summary."""
+        tc = self.tc
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out_dir / "config.yaml")
+        self.started = time.perf_counter()
+        self.model.train()
+        first_step, val_loss, loss = self.step, None, float("nan")
+        bar = tqdm(total=tc.max_steps, initial=self.step, unit="step", disable=not tc.progress, dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        interrupted = False
+        try:
+            while self.step < tc.max_steps:
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    raise DataError(f"loss became {loss} at step {self.step}; lower train.lr or check the data")
+                window_tokens += tc.grad_accum * tc.batch_size * self.model.config.block_size
+                bar.update(1)
+                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_start, 1e-9)
+                    self.logger.log({"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                     "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed()})
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                    window_start, window_tokens = now, 0
+                out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
+                stop_now = self.stop_after is not None and self.step - first_step >= self.stop_after
+                last = self.step == tc.max_steps or out_of_time or stop_now
+                if self.step % tc.eval_interval == 0 or last:
+                    val_loss = self.evaluate()
+                    self.logger.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                     "elapsed_s": self.elapsed()})
+                    bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+                if self.step % tc.checkpoint_interval == 0 or last:
+                    self.save()
+                if last:
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"interrupted: saving a checkpoint at step {self.step} (continue with --resume)")
+            self.save()
+        finally:
+            bar.close()
+            self.logger.close()
+        plots = plot_losses(self.logger.path, self.out_dir / "plots")
+        return {"step": self.step, "train_loss": loss, "val_loss": val_loss, "elapsed_s": self.elapsed(),
+                "tokens_seen": self.tokens_seen, "checkpoint": str(list_checkpoints(self.out_dir)[-1]),
+                "plots": [str(p) for p in plots], "interrupted": interrupted}
+
+
+def train(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train a model as ``cfg`` describes (see ``Trainer``)."""
+    return Trainer(cfg, resume=resume, stop_after=stop_after).run()

@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+
+from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.train.logger import read_metrics
+from lmlab.train.optim import lr_factor
+from lmlab.train.trainer import train
+
+from conftest import tiny_run_config
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r}
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset):
+    cfg = dict(max_steps=16, checkpoint_interval=100, dropout_free=None)
+    cfg.pop("dropout_free")
+    full = tiny_run_config(prepared, tmp_path / "full", preset, **cfg)
+    full.model.dropout = 0.1  # dropout consumes the RNG: resume must restore it
+    train(full)
+
+    part = tiny_run_config(prepared, tmp_path / "part", preset, **cfg)
+    part.model.dropout = 0.1
+    first = train(part, stop_after=7)
+    assert first["step"] == 7
+    second = train(part, resume=True)
+    assert second["step"] == 16
+
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bit-identical on CPU fp32
+    wa = load_checkpoint(tmp_path / "full").model.state_dict()
+    wb = load_checkpoint(tmp_path / "part").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_learns_and_writes_its_files(trained_run):
+    records = read_metrics(trained_run / "metrics.jsonl")
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    assert any("val_loss" in r for r in records)
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "plots" / "loss.png").stat().st_size > 1000
+    ckpt = list_checkpoints(trained_run)[-1]
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "tokenizer.json", "state.pt", "manifest.json"}
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["format"] == "lmlab-checkpoint" and manifest["step"] == 40
+    assert set(manifest["files"]) == {"model.safetensors", "tokenizer.json", "state.pt"}
+
+
+def test_checkpoint_round_trip_keeps_logits(trained_run):
+    ckpt = load_checkpoint(trained_run)
+    again = load_checkpoint(ckpt.path)
+    x = torch.randint(0, ckpt.tokenizer.vocab_size, (2, 16))
+    assert torch.equal(ckpt.model(x)[0], again.model(x)[0])
+    assert ckpt.model.lm_head.weight is ckpt.model.tok_emb.weight  # tying survives safetensors
+
+
+def test_corrupt_checkpoint_is_refused(trained_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(list_checkpoints(trained_run)[-1], copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"0123456789")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(copy)
+
+
+def test_foreign_checkpoints_are_refused(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="Hugging Face"):
+        load_checkpoint(hf)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match="not written by lmlab"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_existing_run_needs_resume_and_context_must_fit(prepared, trained_run, tmp_path):
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_run_config(prepared, trained_run))
+    with pytest.raises(ConfigError, match="no checkpoints"):
+        train(tiny_run_config(prepared, tmp_path / "new"), resume=True)
+    cfg = tiny_run_config(prepared, tmp_path / "long")
+    cfg.model.block_size = 100_000
+    with pytest.raises(DataError, match="context length"):
+        train(cfg)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    from lmlab.config import TrainConfig
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1)
+    assert lr_factor(0, cfg) < lr_factor(5, cfg) < lr_factor(9, cfg) <= 1.0
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(prepared, tmp_path):
+    from lmlab.data.loader import TokenShards
+
+    # two micro-batches of 4 give the same gradient as their concatenation
+    shards = TokenShards(prepared, "train")
+    from lmlab.data.loader import train_batch
+    from lmlab.models.registry import build_model
+
+    cfg = tiny_run_config(prepared, tmp_path)
+    cfg.model.vocab_size = 400
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    xs = [train_batch(shards, 4, 32, 0, 0, micro) for micro in range(2)]
+    for x, y in xs:
+        (model(x, y)[1] / 2).backward()
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(torch.cat([x for x, _ in xs]), torch.cat([y for _, y in xs]))[1].backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(accumulated, model.parameters()))
