@@ -24,7 +24,7 @@ from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.trainer import train
 
 PROMPTS = ["def fibonacci(", "class Stack:\n    def __init__(self", "import os\n\ndef list_files("]
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+SKIP_DIRS = {"test", "tests", "idlelib", "encodings", "pydoc_data", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
 
 
 def stdlib_sources(max_bytes: int) -> list[Path]:

@@ -81,11 +81,12 @@ class Tokenizer:
         text rather than as the special token (what data preparation wants: only lmlab decides where
         documents end). Both ways decode back to the same text.
         """
-        return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text], allow_special=allow_special)[0]
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = True) -> list[list[int]]:
         """Token ids of many texts at once (encoded in parallel by the Rust library)."""
-        encs = self._encoder(allow_special).encode_batch(list(texts), add_special_tokens=False)
+        # encode_batch_fast skips character offsets, which lmlab never uses: ~1.5x faster
+        encs = self._encoder(allow_special).encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -187,7 +188,7 @@ def train_tokenizer(
     kind: str,
     texts: Iterable[str],
     vocab_size: int | None = None,
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] | None = (),
 ) -> Tokenizer:
     """Build a tokenizer of ``kind`` ("bpe", "byte", "char") from an iterable of texts.
 
@@ -195,7 +196,7 @@ def train_tokenizer(
     character set for char; byte ignores the texts and has exactly 256 + specials tokens).
     EOT is always the first special token. The same texts and settings give the same ids.
     """
-    specials = [EOT] + [s for s in dict.fromkeys(special_tokens) if s != EOT]
+    specials = [EOT] + [s for s in dict.fromkeys(special_tokens or ()) if s != EOT]
     if kind == "bpe":
         tk = _train_bpe(texts, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size, specials)
     elif kind == "byte":
@@ -211,7 +212,7 @@ def train_tokenizer_from_files(
     kind: str,
     inputs: list[str],
     vocab_size: int | None = None,
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] | None = (),
     field: str = "text",
     max_bytes: int | None = None,
 ) -> Tokenizer:
