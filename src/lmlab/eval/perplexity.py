@@ -78,7 +78,7 @@ def text_token_ids(tokenizer: Tokenizer, inputs: list[str], field: str = "text")
         if doc.text and not continued:
             ids.append(tokenizer.eot_id)
         continued = doc.continues  # the next piece belongs to the same (large) document
-        ids.extend(tokenizer.encode(doc.text))
+        ids.extend(tokenizer.encode(doc.text, allow_special=False))
         n_bytes += len(doc.text.encode("utf-8"))
     if n_bytes == 0:
         raise DataError(f"no text to evaluate in {', '.join(inputs)}")

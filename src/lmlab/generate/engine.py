@@ -70,11 +70,12 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: S
     for tid in generate_tokens(model, tokenizer.encode(prompt), params):
         if tid == tokenizer.eot_id:
             break
-        piece = decoder.step(tid)
-        if piece:
-            pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
+        pieces.append(decoder.step(tid))
+        if pieces[-1] and on_text is not None:
+            on_text(pieces[-1])
+    pieces.append(decoder.flush())  # text held back at the end (an incomplete character)
+    if pieces[-1] and on_text is not None:
+        on_text(pieces[-1])
     return "".join(pieces)
 
 

@@ -231,7 +231,7 @@ class Trainer:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     self.logger.log({"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                                     "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed()})
+                                     "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed(), "time": time.time()})
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
                     window_start, window_tokens = now, 0
                 out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
@@ -240,7 +240,7 @@ class Trainer:
                 if self.step % tc.eval_interval == 0 or last:
                     val_loss = self.evaluate()
                     self.logger.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                     "elapsed_s": self.elapsed()})
+                                     "elapsed_s": self.elapsed(), "time": time.time()})
                     bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
                 if self.step % tc.checkpoint_interval == 0 or last:
                     self.save()
