@@ -9,11 +9,12 @@ Implementations measured:
 - ``hf``: ``GPT2LMHeadModel`` + ``torch.optim.AdamW(model.parameters(), lr=1e-3)``, as a HF user writes it.
 - ``hf_fused``: the same with ``fused=True``, to show how much of the gap is the optimizer.
 
-Every measurement runs in a fresh subprocess (one per implementation per round), so peak memory
-(``ru_maxrss``) belongs to one implementation only; rounds alternate the order of implementations so
-that load from other users of the machine falls on all of them alike.
+Timing builds every implementation in one process and interleaves their steps one by one (the order
+rotates every round), so that a burst of load from other users of the shared machine falls on all of
+them alike; the summary also gives the median ratio of back-to-back step pairs. Peak memory
+(VmHWM, the peak RSS) is measured in a fresh subprocess per implementation, so it belongs to one only.
 
-    python benchmarks/train_throughput.py                 # 3 rounds x 10 timed steps
+    python benchmarks/train_throughput.py                 # 3 rounds x 5 steps of each
     python benchmarks/train_throughput.py --quick         # a smoke run
 """
 
@@ -41,9 +42,24 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (MiB): VmHWM from /proc.
+
+    Not ``resource.getrusage(...).ru_maxrss``: Linux carries that over from the parent through fork
+    and exec, so a child of a large parent would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build(impl: str):
-    """(model, optimizer, step function) of one implementation; step(x, y) returns the loss."""
+    """(model, step function) of one implementation; step(x, y) trains one step and returns the loss."""
     import torch
+
+    torch.manual_seed(0)  # the same random init for hf and hf_fused, whatever was built before
 
     if impl == "lmlab":
         from lmlab.config import ModelConfig, TrainConfig
@@ -56,8 +72,10 @@ def build(impl: str):
         def loss_of(x, y):
             return model(x, targets=y)[1]
     else:
+        import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        transformers.logging.set_verbosity_error()
         cfg = GPT2Config(n_layer=SIZE["n_layer"], n_head=SIZE["n_head"], n_embd=SIZE["d_model"],
                          n_positions=SIZE["block_size"], vocab_size=SIZE["vocab_size"], resid_pdrop=0,
                          embd_pdrop=0, attn_pdrop=0, bos_token_id=None, eos_token_id=None)
@@ -80,7 +98,7 @@ def build(impl: str):
 
 
 def worker(args) -> None:
-    """Run in a subprocess: build one implementation, warm up, time steps, print one JSON line."""
+    """Run in a subprocess: build one implementation, run warmup + a few steps, print its memory as JSON."""
     import torch
 
     if args.threads:
@@ -92,27 +110,25 @@ def worker(args) -> None:
     torch.manual_seed(0)
     base_rss = rss_mib()
     model, step = build(args.impl)
-    T = SIZE["block_size"]
-    data = torch.randint(0, SIZE["vocab_size"], (args.batch_size, T + 1))
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    for _ in range(args.warmup):
+    x, y = batch(args.batch_size)
+    for _ in range(args.warmup + 2):
         step(x, y)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step(x, y)
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    extra = {}
-    if args.impl != "lmlab":
-        extra["attn_implementation"] = model.config._attn_implementation
-    print(json.dumps({"impl": args.impl, "step_times": times, "tokens": args.batch_size * T, "base_rss_mib": base_rss,
-                      "peak_rss_mib": peak, "loss": float(loss), "threads": torch.get_num_threads(), **extra}))
+    peak = peak_rss_mib()
+    print(json.dumps({"impl": args.impl, "base_rss_mib": base_rss, "peak_rss_mib": peak}))
 
 
-def run_one(impl: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch-size", str(args.batch_size)]
+def batch(batch_size: int):
+    """A fixed random batch of inputs and next-token targets, each (batch_size, block_size)."""
+    import torch
+
+    T = SIZE["block_size"]
+    data = torch.randint(0, SIZE["vocab_size"], (batch_size, T + 1), generator=torch.Generator().manual_seed(1))
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def memory_of(impl: str, args) -> dict:
+    """Peak memory of one implementation, measured in a fresh subprocess."""
+    cmd = [sys.executable, __file__, "--worker", impl, "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -121,72 +137,100 @@ def run_one(impl: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def time_steps(impls: list[str], args) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per training step of each implementation, all built in this process.
+
+    Steps are interleaved one by one (lmlab, hf, hf_fused, lmlab, ...), with the order rotated every
+    round, so a burst of load from other users of the machine slows every implementation alike.
+    """
+    import torch
+
+    torch.manual_seed(0)
+    built = {impl: build(impl) for impl in impls}
+    x, y = batch(args.batch_size)
+    for _ in range(args.warmup):
+        for impl in impls:
+            built[impl][1](x, y)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    losses = {}
+    for r in range(args.rounds):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for _ in range(args.steps):
+            for impl in order:
+                t0 = time.perf_counter()
+                losses[impl] = built[impl][1](x, y).item()
+                times[impl].append(time.perf_counter() - t0)
+        line = "  ".join(f"{i} {args.batch_size * SIZE['block_size'] / statistics.median(times[i][-args.steps:]):.0f}"
+                         for i in impls)
+        print(f"round {r + 1}/{args.rounds} tokens/s: {line}", file=sys.stderr)
+    extra = {"losses": losses, "threads": torch.get_num_threads()}
+    extra["attn"] = ", ".join(sorted({m.config._attn_implementation for i, (m, _) in built.items() if i != "lmlab"}))
+    return times, extra
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each implementation per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every implementation once")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the order of implementations rotates each round")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
-    p.add_argument("--quick", action="store_true", help="1 round, 1 warmup, 3 steps, batch 4")
+    p.add_argument("--quick", action="store_true", help="1 round, 1 warmup, 2 steps, batch 4")
     p.add_argument("--worker", choices=IMPLS, dest="impl", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.impl:
         return worker(args)
     if args.quick:
-        args.rounds, args.warmup, args.steps, args.batch_size = 1, 1, 3, 4
+        args.rounds, args.warmup, args.steps, args.batch_size = 1, 1, 2, 4
     impls = args.impls.split(",")
 
-    results: dict[str, list[dict]] = {i: [] for i in impls}
-    for r in range(args.rounds):
-        order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first
-        for impl in order:
-            res = run_one(impl, args)
-            results[impl].append(res)
-            tps = res["tokens"] / statistics.median(res["step_times"])
-            print(f"round {r + 1}/{args.rounds} {impl:9s} {tps:8.0f} tokens/s  peak RSS {res['peak_rss_mib']:.0f} MiB",
-                  file=sys.stderr)
+    times, extra = time_steps(impls, args)
+    memory = {impl: memory_of(impl, args) for impl in impls}
+    tokens = args.batch_size * SIZE["block_size"]
 
     rows = []
     for impl in impls:
-        runs = results[impl]
-        step_times = [t for res in runs for t in res["step_times"]]
-        tokens = runs[0]["tokens"]
-        peak = statistics.median(res["peak_rss_mib"] for res in runs)
-        growth = statistics.median(res["peak_rss_mib"] - res["base_rss_mib"] for res in runs)
+        mem = memory[impl]
         rows.append({
             "implementation": impl,
             "optimizer": {"lmlab": "AdamW fused (build_optimizer)", "hf": "AdamW (default, not fused)",
                           "hf_fused": "AdamW fused=True"}[impl],
-            "tokens/s (median)": tokens / statistics.median(step_times),
-            "tokens/s (best round)": max(res["tokens"] / statistics.median(res["step_times"]) for res in runs),
-            "ms/step (median)": 1000 * statistics.median(step_times),
-            "peak RSS MiB": peak,
-            "peak RSS growth MiB": growth,
-            "final loss": runs[-1]["loss"],
+            "tokens/s (median)": tokens / statistics.median(times[impl]),
+            "tokens/s (fastest step)": tokens / min(times[impl]),
+            "ms/step (median)": 1000 * statistics.median(times[impl]),
+            "peak RSS MiB": mem["peak_rss_mib"],
+            "peak RSS growth MiB": mem["peak_rss_mib"] - mem["base_rss_mib"],
+            "loss after last step": extra["losses"][impl],
         })
     by = {r["implementation"]: r for r in rows}
+
+    def paired(a: str, b: str) -> float:
+        """Median over steps of time(b) / time(a), each pair measured back to back."""
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
+
     summary = {}
-    if "lmlab" in by and "hf" in by:
-        summary["lmlab / hf (tokens/s)"] = round(by["lmlab"]["tokens/s (median)"] / by["hf"]["tokens/s (median)"], 3)
-    if "lmlab" in by and "hf_fused" in by:
-        summary["lmlab / hf_fused (tokens/s)"] = round(
-            by["lmlab"]["tokens/s (median)"] / by["hf_fused"]["tokens/s (median)"], 3)
+    for other in ("hf", "hf_fused"):
+        if "lmlab" in by and other in by:
+            summary[f"lmlab / {other} (median tokens/s)"] = round(
+                by["lmlab"]["tokens/s (median)"] / by[other]["tokens/s (median)"], 3)
+            summary[f"lmlab / {other} (median of back-to-back step pairs)"] = round(paired("lmlab", other), 3)
+            summary[f"lmlab / {other} (fastest steps)"] = round(
+                by["lmlab"]["tokens/s (fastest step)"] / by[other]["tokens/s (fastest step)"], 3)
     if "lmlab" in by and "hf" in by:
         summary["peak RSS growth lmlab / hf"] = round(by["lmlab"]["peak RSS growth MiB"] / by["hf"]["peak RSS growth MiB"], 3)
     summary["goal"] = "lmlab >= 1.5x transformers"
-    attn = {res.get("attn_implementation") for i in impls if i != "lmlab" for res in results[i]}
-    summary["transformers attention"] = ", ".join(sorted(a for a in attn if a)) or "n/a"
-    threads = results[impls[0]][0]["threads"]
+    summary["transformers attention"] = extra["attn"] or "n/a"
+    threads = extra["threads"]
     notes = (f"Forward + backward + optimizer step, CPU fp32, batch {args.batch_size} x {SIZE['block_size']} tokens, "
-             f"GPT-2 6 layers x 6 heads x 384 wide, vocabulary 8192, tied embeddings, no dropout. "
-             f"{args.rounds} rounds x ({args.warmup} warmup + {args.steps} timed steps), each implementation in a "
-             f"fresh subprocess per round, order alternating between rounds; {threads} torch threads. "
-             f"tokens/s = batch tokens / median step time over all timed steps. Peak RSS is the subprocess's "
-             f"ru_maxrss; growth is that minus the RSS after imports (model, optimizer state, activations). "
-             f"HF computes its loss with labels=input_ids (shifted inside, T-1 positions); lmlab with shifted "
-             f"targets (T positions). The machine is shared, so figures carry a few percent of noise.")
+             f"GPT-2 6 layers x 6 heads x 384 wide, vocabulary 8192, tied embeddings, no dropout; {threads} torch "
+             f"threads. Timing: all implementations in one process, {args.warmup} warmup steps each, then "
+             f"{args.rounds} rounds x {args.steps} steps, the steps of the implementations interleaved one by one "
+             f"(order rotated each round) so that load from other users of the shared machine falls on all alike. "
+             f"tokens/s = batch tokens / median step time. Memory: each implementation alone in a fresh "
+             f"subprocess ({args.warmup + 2} steps); peak RSS is its VmHWM, growth is that minus the RSS after "
+             f"imports (model, gradients, optimizer state, activations). HF computes its loss with "
+             f"labels=input_ids (shifted inside, T-1 positions); lmlab with shifted targets (T positions).")
     from benchmarks.common import write_results
 
     write_results("train_throughput", rows, summary, notes=notes)

@@ -56,15 +56,18 @@ def demo_config(data_dir: Path, run_dir: Path, minutes: float, seed: int) -> Run
     )
 
 
-def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337) -> dict:
-    """Tokenizer -> shards -> pretraining -> perplexity -> samples; returns the figures it printed."""
+def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337, corpus_bytes: int = 8_000_000) -> dict:
+    """Tokenizer -> shards -> pretraining -> perplexity -> samples; returns the figures it printed.
+
+    ``corpus_bytes`` caps the corpus (the tokenizer learns from at most 3 MB of it).
+    """
     out = Path(out_dir)
     started = time.perf_counter()
-    files = stdlib_sources(max_bytes=8_000_000)
+    files = stdlib_sources(max_bytes=corpus_bytes)
     inputs = [str(p) for p in files]
     print(f"[1/5] corpus: {len(files)} files of Python's standard library ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB)")
 
-    tokenizer = train_tokenizer_from_files("bpe", inputs, vocab_size=4096, max_bytes=3_000_000)
+    tokenizer = train_tokenizer_from_files("bpe", inputs, vocab_size=4096, max_bytes=min(corpus_bytes, 3_000_000))
     print(f"[2/5] byte-level BPE tokenizer: {tokenizer.vocab_size} tokens")
 
     data_dir = out / "data"

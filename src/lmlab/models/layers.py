@@ -71,10 +71,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, d) at the current position; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T, end = k.size(2), self.pos + k.size(2)
+        keys, values = self.k[layer], self.v[layer]  # (B, n_kv, max_len, d) views
+        keys.narrow(2, self.pos, T).copy_(k)  # narrow + copy_: fewer ops per decoding step than slice assignment
+        values.narrow(2, self.pos, T).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 class Attention(nn.Module):
@@ -93,11 +94,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 * H_kv, T, d)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H, T, d), (B, H_kv, T, d) x2
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
