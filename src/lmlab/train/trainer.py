@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -153,8 +154,6 @@ class Trainer:
         manifest = read_manifest(ckpt)
         if manifest["model_config"] != dataclasses.asdict(self.model.config):
             raise ConfigError(f"--resume: the model config differs from the one in {ckpt}")
-        import safetensors.torch
-
         safetensors.torch.load_model(self.model, str(ckpt / "model.safetensors"), device=str(self.device))
         state = load_train_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -217,7 +216,8 @@ class Trainer:
         self.started = time.perf_counter()
         self.model.train()
         first_step, val_loss, loss = self.step, None, float("nan")
-        bar = tqdm(total=tc.max_steps, initial=self.step, unit="step", disable=not tc.progress, dynamic_ncols=True)
+        bar = tqdm(total=tc.max_steps, initial=self.step, unit="step", disable=not tc.progress, dynamic_ncols=True,
+                   mininterval=0.5)
         window_start, window_tokens = time.perf_counter(), 0
         interrupted = False
         try:
@@ -230,8 +230,12 @@ class Trainer:
                 if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
-                    self.logger.log({"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                                     "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed(), "time": time.time()})
+                    record = {"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed(),
+                              "time": time.time()}
+                    if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, for MFU
+                        record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
+                    self.logger.log(record)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
                     window_start, window_tokens = now, 0
                 out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
