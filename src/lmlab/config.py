@@ -27,14 +27,14 @@ from lmlab.errors import ConfigError
 class ModelConfig:
     """Architecture of a language model; ``preset`` fills the choices a family is known by."""
 
-    family: str = "gpt"  # registry name: gpt
-    preset: str = "gpt2"  # gpt2 | llama: sets the defaults of the fields left as None below
+    family: str = "gpt"  # registry name: gpt | rnn | lstm | gru
+    preset: str = "gpt2"  # gpt family: gpt2 | llama, sets the defaults of the fields left as None below
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # grouped-query attention when < n_head (llama); None = n_head
     d_model: int = 128
-    d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (gelu) or ~8/3*d_model (swiglu)
-    block_size: int = 256  # the context length
+    d_ff: int | None = None  # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)
+    block_size: int = 256  # the context length; for recurrent models the training window (truncated BPTT length)
     vocab_size: int | None = None  # None = taken from the tokenizer
     dropout: float = 0.0
     pos_emb: str | None = None  # learned | rope
@@ -44,7 +44,8 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # output layer softmax(h @ E^T) shares E with the input
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.02  # Transformers: normal(0, init_std)
+    init_range: float | None = None  # recurrent models: uniform(-r, r); None = 0.1
 
 
 @dataclass

@@ -44,8 +44,14 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 @torch.no_grad()
 def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: int, batch_size: int = 8,
                        progress: bool = False) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of ids[1:] given what precedes, and the count of scored tokens."""
+    """Total negative log-likelihood (nats) of ids[1:] given what precedes, and the count of scored tokens.
+
+    A model without a context limit (``block_size`` None: recurrent models) reads the text once,
+    carrying its state from chunk to chunk, so every token sees the whole history; stride is unused.
+    """
     context = model.block_size
+    if context is None:
+        return stateful_nll(model, ids, progress=progress)
     if not 1 <= stride <= context:
         raise LmlabError(f"--stride must be between 1 and the context length {context}, got {stride}")
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
@@ -69,6 +75,25 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
         total += nll.item()
         count += int((y != -100).sum())
     return total, count
+
+
+@torch.no_grad()
+def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 1024,
+                 progress: bool = False) -> tuple[float, int]:
+    """Total NLL of ids[1:] for a model that carries a state (its cache) across chunks of the text."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    if len(ids) < 2:
+        raise DataError("the text has no tokens to score")
+    device = next(model.parameters()).device
+    cache = model.make_cache(1)
+    total = 0.0
+    for begin in tqdm(range(0, len(ids) - 1, chunk), disable=not progress, unit="chunk", desc="perplexity"):
+        x = ids[begin:begin + chunk].unsqueeze(0).to(device)  # (1, T)
+        y = ids[begin + 1:begin + chunk + 1].unsqueeze(0).to(device)  # (1, T') with T' = T, or T - 1 at the end
+        logits, _ = model(x, cache=cache)
+        logits = logits[:, :y.size(1)]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+    return total, len(ids) - 1
 
 
 def text_token_ids(tokenizer: Tokenizer, inputs: list[str], field: str = "text") -> tuple[np.ndarray, int]:
@@ -120,4 +145,5 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
     total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
-    return {**perplexity_report(total, count, n_bytes), "stride": stride, "context": model.block_size}
+    return {**perplexity_report(total, count, n_bytes), "stride": stride if model.block_size else None,
+            "context": model.block_size or "unlimited (recurrent state)"}

@@ -7,9 +7,13 @@ import torch.nn as nn
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.models.gpt import GPT
+from lmlab.models.rnn import RecurrentLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "gpt": GPT,
+    "rnn": RecurrentLM,
+    "lstm": RecurrentLM,
+    "gru": RecurrentLM,
 }
 
 

@@ -1,0 +1,102 @@
+"""Recurrent language models: Elman RNN, LSTM and GRU (``model.family: rnn | lstm | gru``).
+
+embedding -> dropout -> stacked recurrent layers (dropout between them) -> dropout -> linear output,
+optionally tied to the embedding: the regularised LSTM of Zaremba et al. (2014), and its RNN/GRU twins.
+
+The recurrent state plays the role of the KV cache: ``make_cache`` returns an empty
+``RecurrentState`` and ``model(idx, cache=state)`` continues from it and updates it, so the generation
+engine and the evaluator drive a recurrent model exactly as they drive a Transformer. A recurrent
+model has no context limit (``block_size`` is None); ``config.block_size`` is the length of the
+training windows (the truncated-backpropagation length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig
+
+CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class RecurrentState:
+    """The hidden state of every layer: h (n_layer, B, H), and for LSTMs also the cell state c."""
+
+    def __init__(self, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.h = h  # None until the first step: the recurrent layer then starts from zeros
+        self.pos = 0  # tokens consumed so far (for symmetry with the KV cache)
+
+    def detach(self) -> None:
+        """Cut the gradient history (truncated backpropagation through time) but keep the values."""
+        if isinstance(self.h, tuple):
+            self.h = tuple(t.detach() for t in self.h)
+        elif self.h is not None:
+            self.h = self.h.detach()
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the fields a recurrent model leaves open: no tying and init range 0.1 unless asked."""
+    if cfg.family not in CELLS:
+        raise ValueError(f"unknown recurrent family {cfg.family!r}")
+    filled = {}
+    if cfg.tie_embeddings is None:
+        filled["tie_embeddings"] = False
+    if cfg.d_ff is None:
+        filled["d_ff"] = cfg.d_model  # the hidden size of the recurrent layers
+    if cfg.init_range is None:
+        filled["init_range"] = 0.1
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.tie_embeddings and cfg.d_ff != cfg.d_model:
+        raise ValueError("tie_embeddings needs the hidden size (d_ff) equal to the embedding size (d_model)")
+    return cfg
+
+
+class RecurrentLM(nn.Module):
+    """A recurrent language model over token ids (see the module docstring)."""
+
+    block_size = None  # no context limit
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve_config(cfg)
+        assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rnn = CELLS[cfg.family](cfg.d_model, cfg.d_ff, num_layers=cfg.n_layer, batch_first=True,
+                                     dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.d_ff, cfg.vocab_size)
+        for p in self.parameters():  # uniform init, as in Zaremba et al.
+            nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> RecurrentState:
+        """An empty recurrent state (the counterpart of a Transformer's KV cache)."""
+        return RecurrentState()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: RecurrentState | None = None,
+                only_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for idx (B, T), and the mean cross-entropy if targets are given.
+
+        With ``cache``, the sequence continues from the state it holds and the state advances.
+        """
+        x = self.drop(self.embed(idx))  # (B, T, d_model)
+        out, h = self.rnn(x, cache.h if cache is not None else None)  # (B, T, H)
+        if cache is not None:
+            cache.h, cache.pos = h, cache.pos + idx.size(1)
+        if only_last:
+            out = out[:, -1:]
+        logits = self.head(self.drop(out))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self) -> int:
+        """Parameter count (tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
