@@ -126,3 +126,46 @@ def test_train_checkpoint_generate_eval(family, prepared, tmp_path):
     assert isinstance(text, str)
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, str(prepared), progress=False)
     assert report["context"] == "unlimited (recurrent state)" and report["perplexity"] > 1
+
+
+def test_truncated_bptt_training_resumes_exactly(prepared, tmp_path):
+    from conftest import tiny_run_config
+    from lmlab.train.logger import read_metrics
+    from lmlab.train.trainer import train
+
+    def config(name):
+        cfg = tiny_run_config(prepared, tmp_path / name, max_steps=14, lr=1e-2, batching="sequential",
+                              carry_state=True, checkpoint_interval=100)
+        cfg.model.family, cfg.model.dropout, cfg.model.block_size = "lstm", 0.1, 8
+        return cfg
+
+    train(config("full"))
+    train(config("part"), stop_after=5)
+    train(config("part"), resume=True)
+    losses = [[r["train_loss"] for r in read_metrics(tmp_path / n / "metrics.jsonl") if "train_loss" in r]
+              for n in ("full", "part")]
+    assert len(losses[0]) == 14 and losses[0] == losses[1]
+
+
+def test_sequential_batches_continue_each_row(prepared):
+    from lmlab.data.loader import TokenShards, sequential_batch
+
+    shards = TokenShards(prepared, "train")
+    x0, y0, first = sequential_batch(shards, 3, 8, 0)
+    x1, _, later = sequential_batch(shards, 3, 8, 1)
+    assert first and not later
+    assert torch.equal(x1[:, 0], y0[:, -1])  # row b of step 1 continues row b of step 0
+    row_len = shards.tokens // 3
+    assert x0[1, 0].item() == int(shards.read(row_len, row_len + 1)[0])
+
+
+def test_carry_state_needs_a_recurrent_model(prepared, tmp_path):
+    from conftest import tiny_run_config
+    from lmlab.train.trainer import train
+
+    with pytest.raises(ConfigError, match="carries a state"):
+        train(tiny_run_config(prepared, tmp_path / "gpt", batching="sequential", carry_state=True))
+    with pytest.raises(ConfigError, match="sequential"):
+        cfg = tiny_run_config(prepared, tmp_path / "rnn", carry_state=True)
+        cfg.model.family = "rnn"
+        train(cfg)

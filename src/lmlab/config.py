@@ -79,6 +79,8 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    batching: str = "random"  # random windows, or sequential: rows of the text read in order
+    carry_state: bool = False  # recurrent models: carry the hidden state across batches (truncated BPTT; needs sequential)
     eval_interval: int = 250
     eval_batches: int = 20
     eval_batch_size: int | None = None  # None = batch_size

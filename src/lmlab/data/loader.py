@@ -52,6 +52,36 @@ class TokenShards:
         return window[:, :-1], window[:, 1:]
 
 
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens start..end-1 of the split, the shards read as one stream."""
+        pieces, offset = [], 0
+        for shard in self.shards:
+            lo, hi = max(start - offset, 0), min(end - offset, len(shard))
+            if lo < hi:
+                pieces.append(np.asarray(shard[lo:hi], dtype=np.int64))
+            offset += len(shard)
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def sequential_batch(shards: TokenShards, batch_size: int, block_size: int,
+                     step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The batch of step ``step`` when reading the split in order (for models that carry a state).
+
+    The stream is cut into ``batch_size`` contiguous rows; step s reads window s (mod the windows per
+    epoch) of every row, so row b of consecutive batches continues the same text. Returns x, y (B, T)
+    and whether this window starts an epoch (where a carried state must be reset).
+    """
+    row_len = shards.tokens // batch_size
+    windows = (row_len - 1) // block_size
+    if windows < 1:
+        raise DataError(f"the {shards.split} split has {shards.tokens} tokens: too few for {batch_size} rows of "
+                        f"{block_size + 1} tokens; lower train.batch_size or model.block_size")
+    w = step % windows
+    rows = [shards.read(b * row_len + w * block_size, b * row_len + (w + 1) * block_size + 1) for b in range(batch_size)]
+    window = torch.from_numpy(np.stack(rows))  # (B, T + 1)
+    return window[:, :-1], window[:, 1:], w == 0
+
+
 def train_batch(shards: TokenShards, batch_size: int, block_size: int, seed: int, step: int,
                 micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of training step ``step`` (micro-batch ``micro`` of gradient accumulation)."""

@@ -30,6 +30,14 @@ class RecurrentState:
         self.h = h  # None until the first step: the recurrent layer then starts from zeros
         self.pos = 0  # tokens consumed so far (for symmetry with the KV cache)
 
+    def state_dict(self) -> dict:
+        """The tensors to save with a training checkpoint (for an exact resume)."""
+        return {"h": self.h, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.h, self.pos = state["h"], state["pos"]
+
     def detach(self) -> None:
         """Cut the gradient history (truncated backpropagation through time) but keep the values."""
         if isinstance(self.h, tuple):

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from lmlab.config import RunConfig, TrainConfig, save_config
-from lmlab.data.loader import TokenShards, eval_batches, train_batch
+from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.registry import build_model
@@ -120,10 +120,24 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
+        self.carry = self._make_carry()
         self.logger = MetricsLogger(self.out_dir, self.tc.tensorboard)
         if resume:
             self._restore()
         self.forward_model = torch.compile(self.model) if self.tc.compile else self.model
+
+    def _make_carry(self):
+        """The state carried across batches (truncated BPTT), or None when every batch starts afresh."""
+        tc = self.tc
+        if tc.batching not in ("random", "sequential"):
+            raise ConfigError(f"train.batching {tc.batching!r} is not one of random, sequential")
+        if not tc.carry_state:
+            return None
+        if tc.batching != "sequential" or tc.grad_accum != 1:
+            raise ConfigError("train.carry_state needs train.batching=sequential and train.grad_accum=1")
+        if getattr(self.model, "block_size", 0) is not None:
+            raise ConfigError("train.carry_state needs a model that carries a state (model.family rnn, lstm or gru)")
+        return self.model.make_cache(tc.batch_size)
 
     def _check_out_dir(self) -> None:
         has_checkpoints = bool(list_checkpoints(self.out_dir))
@@ -160,6 +174,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if self.carry is not None:
+            self.carry.load_state_dict(state["carry"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
         self.logger.truncate_after(self.step)
 
@@ -175,6 +191,8 @@ class Trainer:
             "elapsed_s": self.elapsed(),
             "tokens_seen": self.tokens_seen,
         }
+        if self.carry is not None:
+            state["carry"] = self.carry.state_dict()
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
         save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
         prune_checkpoints(self.out_dir, self.tc.keep_checkpoints)
@@ -188,10 +206,13 @@ class Trainer:
         tc, block = self.tc, self.model.config.block_size
         total = 0.0
         for micro in range(tc.grad_accum):
-            x, y = train_batch(self.train_data, tc.batch_size, block, tc.seed, self.step, micro)
+            x, y = self._batch(micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_context(self.precision, self.device):
-                _, loss = self.forward_model(x, y)
+                if self.carry is not None:
+                    _, loss = self.forward_model(x, y, cache=self.carry)
+                else:
+                    _, loss = self.forward_model(x, y)
             self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.item()
         if tc.grad_clip > 0:
@@ -201,9 +222,21 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.carry is not None:
+            self.carry.detach()  # truncated BPTT: keep the values, drop the history
         self.step += 1
         self.tokens_seen += tc.grad_accum * tc.batch_size * block
         return total / tc.grad_accum
+
+    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the current step: random windows, or the next windows in order."""
+        tc, block = self.tc, self.model.config.block_size
+        if tc.batching == "random":
+            return train_batch(self.train_data, tc.batch_size, block, tc.seed, self.step, micro)
+        x, y, new_epoch = sequential_batch(self.train_data, tc.batch_size, block, self.step * tc.grad_accum + micro)
+        if new_epoch and self.carry is not None:
+            self.carry = self.model.make_cache(tc.batch_size)  # each epoch starts from a zero state
+        return x, y
 
     def evaluate(self) -> float:
         return estimate_loss(self.model, self.val_data, self.tc, self.model.config.block_size, self.device, self.precision)
