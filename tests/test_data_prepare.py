@@ -246,3 +246,84 @@ def test_uint32_for_big_vocab(tmp_path):
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
     with pytest.raises(DataError, match="too large"):
         token_dtype(2**33)
+
+
+# ---------------------------------------------------------------------------- explicit split files
+
+
+def write_benchmark(folder: Path) -> dict[str, Path]:
+    """A tiny PTB-like benchmark: train/valid/test files of space-separated words, one sentence a line."""
+    texts = {
+        "train": "the cat sat on the mat\n the dog sat \n\na cat ran\n",
+        "valid": "the cat ran\nthe zebra sat\n",
+        "test": "a dog sat on the mat\n",
+    }
+    paths = {}
+    for name, text in texts.items():
+        paths[name] = folder / f"bench.{name}.txt"
+        paths[name].write_text(text, encoding="utf-8")
+    return paths
+
+
+def test_explicit_val_and_test_files(tmp_path):
+    paths = write_benchmark(tmp_path)
+    tok = train_tokenizer("word", [paths["train"].read_text()])
+    out = tmp_path / "out"
+    meta = prepare([str(paths["train"])], tok, out, val_inputs=[str(paths["valid"])], test_inputs=[str(paths["test"])])
+    assert meta["split"] == "files" and meta["val_fraction"] is None and meta["documents"] == 3
+    assert meta["inputs"] == [str(paths["train"])]
+    assert meta["val_inputs"] == [str(paths["valid"])] and meta["test_inputs"] == [str(paths["test"])]
+    assert load_meta(out) == meta and meta["tokenizer_kind"] == "word"
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        text = paths[name].read_text()
+        ids = tokens(out, split)
+        assert ids == tok.encode(text) + [tok.eot_id]
+        assert len(ids) == len(text.split()) + text.count("\n") + 1  # words + one <eos> a line + one EOT
+        info = meta["splits"][split]
+        assert info == {"shards": [f"{split}_000.bin"], "tokens": len(ids), "documents": 1, "bytes": len(text.encode())}
+    assert tok.decode(tokens(out, "val")[:-1]) == "the cat ran\nthe <unk> sat\n"
+
+
+def test_test_files_beside_a_hash_split(tok, tmp_path):
+    write_docs(mkdir(tmp_path / "in"))
+    (tmp_path / "test.txt").write_text("held out text\n", encoding="utf-8")
+    meta = prepare([str(tmp_path / "in")], tok, tmp_path / "out", test_inputs=[str(tmp_path / "test.txt")])
+    assert meta["split"] == "hash" and meta["val_fraction"] == 0.1 and "val_inputs" not in meta
+    assert set(meta["splits"]) == {"train", "val", "test"} and meta["documents"] == 41
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    assert docs_of(tokens(tmp_path / "out", "test"), tok) == ["held out text\n"]
+
+
+def test_dedupe_stays_within_a_split(tok, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "same"}\n{"text": "same"}\n{"text": "other"}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "same"}\n', encoding="utf-8")
+    meta = prepare([str(tmp_path / "a.jsonl")], tok, tmp_path / "out", dedupe=True,
+                   val_inputs=[str(tmp_path / "b.jsonl")], test_inputs=[str(tmp_path / "b.jsonl")])
+    assert meta["duplicates_removed"] == 1
+    assert [meta["splits"][s]["documents"] for s in ("train", "val", "test")] == [2, 1, 1]
+
+
+def test_explicit_split_errors_leave_nothing(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("some train text\n", encoding="utf-8")
+    (tmp_path / "v.txt").write_text("val\n", encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(DataError, match="missing.txt: no such file"):
+        prepare([str(tmp_path / "a.txt")], tok, tmp_path / "out", test_inputs=[str(tmp_path / "missing.txt")])
+    with pytest.raises(DataError, match=r"v.txt: too little text: train has 17 tokens, val has 5 and test has 5; "
+                                        r"each split needs at least 10"):
+        prepare([str(tmp_path / "a.txt")], tok, tmp_path / "out", val_inputs=[str(tmp_path / "v.txt")],
+                test_inputs=[str(tmp_path / "v.txt")], min_split_tokens=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_prepare_word_benchmark(tmp_path, capsys):
+    from lmlab.cli import main
+
+    paths = write_benchmark(tmp_path)
+    out = tmp_path / "data"
+    assert main(["data", "prepare", str(paths["train"]), "--val", str(paths["valid"]), "--test", str(paths["test"]),
+                 "--kind", "word", "--min-freq", "2", "-o", str(out)]) == 0
+    assert "train 17 tokens, val 9 tokens, test 8 tokens" in capsys.readouterr().out
+    tok = Tokenizer.load(out)  # trained on the train file only: "zebra" is unknown, min_freq drops "a", "ran"...
+    assert tok.kind == "word" and tok.vocab_size == 6  # <unk> <eos> the cat sat EOT
+    assert load_meta(out)["split"] == "files"

@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmlab.data.tokenizer import EOT, KINDS, Tokenizer, train_tokenizer, train_tokenizer_from_files
-from lmlab.errors import LmlabError
+from lmlab.data.tokenizer import EOS, EOT, KINDS, UNK, Tokenizer, train_tokenizer, train_tokenizer_from_files
+from lmlab.errors import ConfigError, LmlabError
+
+EXACT = ("bpe", "byte", "char")  # kinds with decode(encode(text)) == text for any text
 
 CORPUS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
@@ -38,10 +40,11 @@ def toks() -> dict[str, Tokenizer]:
         "bpe": train_tokenizer("bpe", CORPUS, vocab_size=400, special_tokens=["<pad>"]),
         "byte": train_tokenizer("byte", []),
         "char": train_tokenizer("char", CORPUS),
+        "word": train_tokenizer("word", CORPUS),
     }
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EXACT)
 def test_tricky_strings_round_trip(toks, kind):
     tok = toks[kind]
     for text in TRICKY:
@@ -49,7 +52,7 @@ def test_tricky_strings_round_trip(toks, kind):
         assert tok.decode(tok.encode(text, allow_special=False)) == text
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EXACT)
 def test_round_trip_property(toks, kind):
     tok = toks[kind]
 
@@ -86,7 +89,7 @@ def test_save_load_round_trip(toks, kind, tmp_path):
             assert again.encode(text) == tok.encode(text)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EXACT)
 def test_stream_decoder_matches_decode(toks, kind):
     tok = toks[kind]
     for text in ["héllo 😀 wörld 日本語 e\u0301", "😀😀😀", "ends in \ufffd", f"a{EOT}b 👍"]:
@@ -148,6 +151,12 @@ def test_bad_settings():
         train_tokenizer("wordpiece", CORPUS)
     with pytest.raises(LmlabError, match="exactly 257"):
         train_tokenizer("byte", [], vocab_size=1000)
+    with pytest.raises(ConfigError, match="word vocab_size 2 is too small"):
+        train_tokenizer("word", CORPUS, vocab_size=2)
+    with pytest.raises(ConfigError, match="min_freq must be at least 1"):
+        train_tokenizer("word", CORPUS, min_freq=0)
+    with pytest.raises(ConfigError, match="min_freq does not apply"):
+        train_tokenizer("byte", [], min_freq=2)
 
 
 def test_load_errors_name_the_file(tmp_path):
@@ -171,3 +180,97 @@ def test_train_from_files(tmp_path):
     first = train_tokenizer_from_files("char", [str(tmp_path)], field="body", max_bytes=10)
     assert first.tk.token_to_id("Ж") is None  # stopped after the first document
     assert train_tokenizer_from_files("byte", [str(tmp_path / "a.txt")]).kind == "byte"
+
+
+# ---------------------------------------------------------------------------- the word kind
+
+WORDS = ["the cat sat on the mat\n", "the dog sat\n\n", "  a   cat\tran \r\n"]
+
+
+def words_text(text: str) -> str:
+    """What the word kind decodes text to: its words joined by one space, each line ended by "\n"."""
+    *lines, last = text.split("\n")
+    return "".join(" ".join(line.split()) + "\n" for line in lines) + " ".join(last.split())
+
+
+def test_word_tokens_and_eos_per_line():
+    tok = train_tokenizer("word", WORDS)
+    assert tok.kind == "word"
+    text = "the cat sat\n\n  on the   mat \r\n"
+    assert tok.tk.encode(text).tokens == ["the", "cat", "sat", EOS, EOS, "on", "the", "mat", EOS]
+    assert tok.decode(tok.encode(text)) == words_text(text) == "the cat sat\n\non the mat\n"
+    assert tok.decode(tok.encode("\ncat\n")) == "\ncat\n"  # an empty first line
+    assert tok.decode(tok.encode("cat dog")) == "cat dog"  # a last line without newline has no <eos>
+    assert tok.encode(f"cat {EOS} dog") == tok.encode("cat\ndog")  # a literal <eos> is a line end
+
+
+def test_word_unknown_words_become_unk():
+    tok = train_tokenizer("word", WORDS)
+    ids = tok.encode("the zebra sat on a unicorn\n")
+    assert tok.tk.token_to_id(UNK) == 0 and ids.count(0) == 2
+    assert tok.decode(ids) == f"the {UNK} sat on a {UNK}\n"
+    literal = tok.encode(f"the {EOT} cat", allow_special=False)  # a literal end-of-text is an unknown word
+    assert tok.eot_id not in literal and literal[1] == 0
+    assert tok.encode(f"the {EOT} cat")[1] == tok.eot_id
+
+
+def test_word_round_trip_property():
+    tok = train_tokenizer("word", WORDS)
+    vocab = ["the", "cat", "sat", "on", "mat", "dog", "a", "ran"]
+    space = st.text(alphabet=" \t\r\u3000\u00a0", max_size=3)
+    gap = st.text(alphabet=" \t\r\u3000\u00a0", min_size=1, max_size=3)
+    line = st.lists(st.tuples(gap, st.sampled_from(vocab)), max_size=6)
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(st.tuples(line, space), max_size=5), st.booleans())
+    def check(lines, final_newline):
+        text = "\n".join("".join(s + w for s, w in ws) + end for ws, end in lines) + ("\n" if final_newline else "")
+        ids = tok.encode(text)
+        assert tok.decode(ids) == words_text(text)
+        assert UNK not in tok.tk.encode(text).tokens
+        sd = tok.stream_decoder()
+        assert "".join(sd.step(i) for i in ids) + sd.flush() == tok.decode(ids)
+
+    check()
+
+
+def test_word_ids_are_deterministic():
+    tok = train_tokenizer("word", WORDS, special_tokens=["<pad>", UNK])
+    counts = {"the": 3, "cat": 2, "sat": 2, "a": 1, "dog": 1, "mat": 1, "on": 1, "ran": 1}
+    words = sorted(counts, key=lambda w: (-counts[w], w))  # by descending count, ties by string
+    vocab = [UNK, EOS] + words + [EOT, "<pad>"]  # specials last, EOT first of them; UNK is no extra special
+    assert [tok.tk.id_to_token(i) for i in range(tok.vocab_size)] == vocab
+    assert tok.eot_id == len(vocab) - 2
+    again = train_tokenizer("word", iter(WORDS[::-1]), special_tokens=["<pad>"])  # order of texts does not matter
+    assert again.sha256() == tok.sha256()
+
+
+def test_word_vocab_size_and_min_freq():
+    full = train_tokenizer("word", WORDS)
+    assert full.vocab_size == 2 + 8 + 1  # <unk>, <eos>, 8 words, EOT
+    small = train_tokenizer("word", WORDS, vocab_size=6)  # <unk> <eos> the cat sat EOT
+    assert small.vocab_size == 6
+    assert small.decode(small.encode("the cat sat on a mat\n")) == f"the cat sat {UNK} {UNK} {UNK}\n"
+    frequent = train_tokenizer("word", WORDS, min_freq=2)
+    assert [frequent.tk.id_to_token(i) for i in range(frequent.vocab_size)] == [UNK, EOS, "the", "cat", "sat", EOT]
+    assert train_tokenizer("word", WORDS, min_freq=3).vocab_size == 4  # <eos> is kept whatever its count
+    char = train_tokenizer("char", ["aaab\n"], min_freq=2)
+    assert char.tk.token_to_id("a") is not None and char.tk.token_to_id("b") is None
+
+
+def test_word_save_load(tmp_path):
+    tok = train_tokenizer("word", WORDS, special_tokens=["<pad>"])
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.kind == "word" and again.sha256() == tok.sha256() and again.eot_id == tok.eot_id
+    text = "the cat\nsat on zebra\n"
+    assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == f"the cat\nsat on {UNK}\n"
+
+
+def test_word_from_files_and_cli_kinds(tmp_path):
+    from lmlab.cli import KINDS as CLI_KINDS
+
+    assert CLI_KINDS == KINDS
+    (tmp_path / "a.txt").write_text("".join(WORDS), encoding="utf-8")
+    tok = train_tokenizer_from_files("word", [str(tmp_path / "a.txt")], min_freq=2)
+    assert tok.kind == "word" and tok.vocab_size == 6

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 
+KINDS = ("bpe", "byte", "char", "word")  # tokenizer kinds (lmlab.data.tokenizer.KINDS; not imported, to start fast)
+
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from lmlab.demo import run_demo
@@ -24,7 +26,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmlab.data.tokenizer import train_tokenizer_from_files
 
     tok = train_tokenizer_from_files(args.kind, args.inputs, vocab_size=args.vocab_size,
-                                     special_tokens=args.special, field=args.field, max_bytes=args.max_bytes)
+                                     special_tokens=args.special, field=args.field, max_bytes=args.max_bytes,
+                                     min_freq=args.min_freq)
     tok.save(args.output)
     print(f"wrote {args.output}: {args.kind} tokenizer, {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
 
@@ -36,14 +39,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
     else:
-        print(f"training a {args.kind} tokenizer on the inputs (pass --tokenizer to reuse one)", file=sys.stderr)
+        print(f"training a {args.kind} tokenizer on the (train) inputs (pass --tokenizer to reuse one)", file=sys.stderr)
         tok = train_tokenizer_from_files(args.kind, args.inputs, vocab_size=args.vocab_size, field=args.field,
-                                         max_bytes=args.max_bytes)
+                                         max_bytes=args.max_bytes, min_freq=args.min_freq)
     meta = prepare(args.inputs, tok, args.output, val_fraction=args.val_fraction, split=args.split,
-                   dedupe=args.dedupe, field=args.field, split_lines=args.split_lines, shard_tokens=args.shard_tokens)
-    s = meta["splits"]
-    print(f"wrote {args.output}: {meta['documents']} documents, train {s['train']['tokens']:,} tokens, "
-          f"val {s['val']['tokens']:,} tokens, {meta['duplicates_removed']} duplicates removed")
+                   dedupe=args.dedupe, field=args.field, split_lines=args.split_lines, shard_tokens=args.shard_tokens,
+                   val_inputs=args.val, test_inputs=args.test)
+    sizes = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
+    print(f"wrote {args.output}: {meta['documents']} documents, {sizes}, {meta['duplicates_removed']} duplicates removed")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -107,25 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True, metavar="ACTION")
-    t = tok.add_parser("train", help="train a char, byte or byte-level BPE tokenizer and save tokenizer.json")
+    t = tok.add_parser("train", help="train a byte-level BPE, byte, char or word tokenizer and save tokenizer.json")
     t.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
     t.add_argument("-o", "--output", required=True, help="where to write tokenizer.json")
-    t.add_argument("--kind", choices=["bpe", "byte", "char"], default="bpe", help="tokenizer kind (default: bpe)")
-    t.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (bpe default 8192; char: keep the most frequent)")
+    t.add_argument("--kind", choices=KINDS, default="bpe",
+                   help="tokenizer kind (default: bpe); word: whitespace-split words, <eos> per line, <unk>")
+    t.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size, special tokens included (bpe default 8192; char, word: keep the most frequent)")
+    t.add_argument("--min-freq", type=int, default=1, help="char, word: drop tokens seen fewer times; bpe: min pair count to merge (default: 1)")
     t.add_argument("--special", action="append", default=[], metavar="TOKEN", help="extra special token (repeatable)")
     t.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     t.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
     t.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="action", required=True, metavar="ACTION")
-    dp = data.add_parser("prepare", help="tokenize text into train/val token shards + meta.json")
+    dp = data.add_parser("prepare", help="tokenize text into train/val(/test) token shards + meta.json")
     dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
     dp.add_argument("-o", "--output", required=True, help="output folder")
     dp.add_argument("--tokenizer", help="tokenizer.json to use (default: train one with --kind/--vocab-size)")
-    dp.add_argument("--kind", choices=["bpe", "byte", "char"], default="bpe", help="tokenizer kind to train when no --tokenizer")
+    dp.add_argument("--val", nargs="+", metavar="INPUT", help="validation inputs: all inputs go to train, these to val")
+    dp.add_argument("--test", nargs="+", metavar="INPUT", help="test inputs: a test split of their own")
+    dp.add_argument("--kind", choices=KINDS, default="bpe", help="tokenizer kind to train when no --tokenizer")
     dp.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of the trained tokenizer")
+    dp.add_argument("--min-freq", type=int, default=1, help="char, word: drop tokens seen fewer times; bpe: min pair count to merge (default: 1)")
     dp.add_argument("--max-bytes", type=int, default=None, help="train the tokenizer on at most this many bytes")
-    dp.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default: 0.1)")
+    dp.add_argument("--val-fraction", type=float, default=0.1,
+                    help="fraction held out for validation when no --val (default: 0.1)")
     dp.add_argument("--split", choices=["hash", "tail"], default="hash",
                     help="hash: documents by content hash (deterministic); tail: the last tokens (default: hash)")
     dp.add_argument("--dedupe", action="store_true", help="drop exact duplicate documents")

@@ -4,6 +4,7 @@ A prepared data folder holds
 
     train_000.bin, train_001.bin, ...   raw token ids (uint16, or uint32 for vocabularies over 65535),
     val_000.bin, ...                    each document's tokens followed by the end-of-text token
+    test_000.bin, ...                   (only with explicit test inputs)
     tokenizer.json                      the tokenizer that made them
     meta.json                           dtype, vocab, splits with their shards/tokens/documents/bytes
 
@@ -13,7 +14,9 @@ into a temporary sibling folder that is renamed into place only when all went we
 
 Splits: "hash" sends a document to val when sha256(text), read as a number in [0, 1), is below
 val_fraction (deterministic, independent of order; falls back to "tail" when that leaves val
-empty); "tail" puts the last val_fraction of all tokens in val (first 90% train, last 10% val).
+empty); "tail" puts the last val_fraction of all tokens in val (first 90% train, last 10% val);
+"files" (chosen by giving val_inputs) takes a benchmark's own splits: all inputs go to train and
+val_inputs to val. test_inputs, with any split, make a "test" split. Dedupe works within a split.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import shutil
 from array import array
 from bisect import bisect_right
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -103,9 +106,13 @@ def prepare(
     split_lines: bool = False,
     shard_tokens: int = 100_000_000,
     min_split_tokens: int = 1,
+    val_inputs: list[str] | None = None,
+    test_inputs: list[str] | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
 
+    With ``val_inputs`` all ``inputs`` go to train and ``val_inputs`` to val (split "files";
+    val_fraction and split are then unused); ``test_inputs`` add a "test" split.
     An existing prepared folder is replaced only after success; a failure leaves nothing behind.
     """
     if not 0 <= val_fraction < 1:
@@ -117,13 +124,20 @@ def prepare(
     dtype = token_dtype(tokenizer.vocab_size)
     out = Path(out_dir)
     _check_replaceable(out)
-    expand_inputs(inputs)  # fail on a missing input before creating anything
+    sources = {"train": inputs, "val": val_inputs, "test": test_inputs}
+    for paths in sources.values():
+        if paths is not None:
+            expand_inputs(paths)  # fail on a missing input before creating anything
+
+    def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
+        return _unique(iter_documents(paths, field=field, split_lines=split_lines), dedupe, counts)
+
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _write_folder(tmp, inputs, tokenizer, dtype, val_fraction, split, dedupe, field, split_lines, shard_tokens)
-        _check_sizes(meta, val_fraction, min_split_tokens, inputs)
+        meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens)
+        _check_sizes(meta, min_split_tokens, sources)
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)
         _move_into_place(tmp, out)
@@ -158,7 +172,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
 
 
 def memmap_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
-    """The token shards of one split ("train" or "val") as read-only memmaps, in order."""
+    """The token shards of one split ("train", "val", or "test" when prepared) as read-only memmaps, in order."""
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
         raise DataError(f"{data_dir}: no {split!r} split (have {', '.join(meta['splits'])})")
@@ -179,51 +193,36 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _write_folder(
     folder: Path,
-    inputs: list[str],
+    sources: dict[str, list[str] | None],
     tok: Tokenizer,
     dtype: np.dtype,
     val_fraction: float,
     split: str,
+    read: Callable[[list[str], dict], Iterator[tuple[Document, bytes]]],
     dedupe: bool,
-    field: str,
-    split_lines: bool,
     shard_tokens: int,
 ) -> dict:
-    train = ShardWriter(folder, "train", dtype, shard_tokens)
-    val = ShardWriter(folder, "val", dtype, shard_tokens)
-    stream = ShardWriter(folder, ".all", dtype, 2**62) if split == "tail" else None
-    val.log = None
+    """Write every split's shards into folder; return meta.json's dict."""
     counts = {"documents": 0, "duplicates": 0}
-    docs = _unique(iter_documents(inputs, field=field, split_lines=split_lines), dedupe, counts)
-    eot = np.array([tok.eot_id], dtype=np.int64)
-    dest, starts = train, True  # starts: the next unit starts a new document
-    for doc, digest, ids in _encoded(docs, tok):
-        if starts:
-            counts["documents"] += 1
-            if stream is not None:
-                dest = stream
-            else:
-                dest = val if _unit_interval(digest) < val_fraction else train
-                if dest is val:
-                    train.log = None  # val is not empty, so no fallback to tail will be needed
-        tokens = np.asarray(ids, dtype=np.int64)
-        if not doc.continues:
-            tokens = np.concatenate([tokens, eot])
-        dest.write(tokens, len(doc.text.encode("utf-8")), new_doc=starts)
-        starts = not doc.continues
-    for w in (train, val):
-        w.close()
-    used = split
-    if stream is not None:
-        stream.close()
-        _cut_tail(stream, train, val, val_fraction)
-    elif val_fraction > 0 and val.tokens == 0 and train.tokens > 0:
-        old, train = train, ShardWriter(folder, "train", dtype, shard_tokens)  # all went to train: cut as "tail"
-        for i, name in enumerate(old.shards):  # rename away so the new train shards can take the names
-            os.replace(folder / name, folder / f".old_{i:03d}.bin")
-        old.shards = [f".old_{i:03d}.bin" for i in range(len(old.shards))]
-        _cut_tail(old, train, val, val_fraction)
-        used = "tail"
+
+    def writer(prefix: str, log: bool = True) -> ShardWriter:
+        w = ShardWriter(folder, prefix, dtype, shard_tokens)
+        if not log:  # the log only serves cutting a stream (tail split)
+            w.log = None
+        return w
+
+    if sources["val"] is not None:
+        train, val, used = writer("train", log=False), writer("val", log=False), "files"
+        _write_docs(read(sources["train"], counts), tok, counts, lambda _: train)
+        _write_docs(read(sources["val"], counts), tok, counts, lambda _: val)
+    else:
+        train, val, used = _write_train_val(folder, read(sources["train"], counts), tok, counts, writer,
+                                            val_fraction, split)
+    splits = {"train": train.stats(), "val": val.stats()}
+    if sources["test"] is not None:
+        test = writer("test", log=False)
+        _write_docs(read(sources["test"], counts), tok, counts, lambda _: test)
+        splits["test"] = test.stats()
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -236,15 +235,74 @@ def _write_folder(
         "dedupe": dedupe,
         "duplicates_removed": counts["duplicates"],
         "split": used,
-        "val_fraction": val_fraction,
+        "val_fraction": None if used == "files" else val_fraction,
         "documents": counts["documents"],
-        "inputs": [str(x) for x in inputs],
-        "splits": {"train": train.stats(), "val": val.stats()},
+        "inputs": [str(x) for x in sources["train"]],
+        **{f"{name}_inputs": [str(x) for x in sources[name]] for name in ("val", "test") if sources[name] is not None},
+        "splits": splits,
     }
-    if used != split:
+    if used not in (split, "files"):
         meta["split_requested"] = split
         meta["split_note"] = "hash split left val empty (too few documents); used the tail split instead"
     return meta
+
+
+def _write_train_val(
+    folder: Path,
+    docs: Iterable[tuple[Document, bytes]],
+    tok: Tokenizer,
+    counts: dict,
+    writer: Callable[[str], ShardWriter],
+    val_fraction: float,
+    split: str,
+) -> tuple[ShardWriter, ShardWriter, str]:
+    """Split one document stream into train and val ("hash" or "tail"); return them and the split used."""
+    train, val = writer("train"), writer("val")
+    val.log = None
+    if split == "tail":
+        stream = ShardWriter(folder, ".all", train.dtype, 2**62)
+        _write_docs(docs, tok, counts, lambda _: stream)
+        _cut_tail(stream, train, val, val_fraction)
+        return train, val, split
+
+    def by_hash(digest: bytes) -> ShardWriter:
+        if _unit_interval(digest) < val_fraction:
+            train.log = None  # val is not empty, so no fallback to tail will be needed
+            return val
+        return train
+
+    _write_docs(docs, tok, counts, by_hash)
+    val.close()
+    if val_fraction > 0 and val.tokens == 0 and train.tokens > 0:
+        old, train = train, writer("train")  # all went to train: cut as "tail"
+        for i, name in enumerate(old.shards):  # rename away so the new train shards can take the names
+            os.replace(folder / name, folder / f".old_{i:03d}.bin")
+        old.shards = [f".old_{i:03d}.bin" for i in range(len(old.shards))]
+        _cut_tail(old, train, val, val_fraction)
+        return train, val, "tail"
+    return train, val, split
+
+
+def _write_docs(
+    docs: Iterable[tuple[Document, bytes]], tok: Tokenizer, counts: dict, choose: Callable[[bytes], ShardWriter]
+) -> None:
+    """Encode documents, each followed by the end-of-text token, into the writer ``choose(digest)``
+    picks at every document start (pieces of a big document follow their first); close them."""
+    eot = np.array([tok.eot_id], dtype=np.int64)
+    dest, starts, used = None, True, []  # starts: the next unit starts a new document
+    for doc, digest, ids in _encoded(docs, tok):
+        if starts:
+            counts["documents"] += 1
+            dest = choose(digest)
+            if dest not in used:
+                used.append(dest)
+        tokens = np.asarray(ids, dtype=np.int64)
+        if not doc.continues:
+            tokens = np.concatenate([tokens, eot])
+        dest.write(tokens, len(doc.text.encode("utf-8")), new_doc=starts)
+        starts = not doc.continues
+    for w in used:
+        w.close()
 
 
 def _unique(docs: Iterable[Document], dedupe: bool, counts: dict) -> Iterator[tuple[Document, bytes]]:
@@ -332,13 +390,19 @@ def _stats_before(log: dict[str, array], n: int) -> tuple[int, int]:
     return nbytes, log["doc"][unit] + 1
 
 
-def _check_sizes(meta: dict, val_fraction: float, min_tokens: int, inputs: list[str]) -> None:
-    train, val = meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]
-    if train < min_tokens or (val_fraction > 0 and val < min_tokens):
-        names = ", ".join(map(str, inputs[:3])) + (", ..." if len(inputs) > 3 else "")
+def _check_sizes(meta: dict, min_tokens: int, sources: dict[str, list[str] | None]) -> None:
+    """Every split that must hold text (val unless val_fraction is 0) has at least min_tokens tokens."""
+    splits = meta["splits"]
+    need = [n for n in splits if n != "val" or meta["split"] == "files" or meta["val_fraction"] > 0]
+    small = [n for n in need if splits[n]["tokens"] < min_tokens]
+    if small:
+        paths = sources[small[0]] if meta["split"] == "files" or small[0] == "test" else sources["train"]
+        names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+        sizes = [f"{n} has {info['tokens']}" for n, info in splits.items()]
+        sizes[0] += " tokens"
+        listed = ", ".join(sizes[:-1]) + " and " + sizes[-1]
         raise DataError(
-            f"{names}: too little text: train has {train} tokens and val has {val}; "
-            f"each split needs at least {min_tokens} (add text or change val_fraction)"
+            f"{names}: too little text: {listed}; each split needs at least {min_tokens} (add text or change val_fraction)"
         )
 
 

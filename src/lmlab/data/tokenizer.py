@@ -1,4 +1,4 @@
-"""Tokenizers: byte-level BPE, bytes and characters, all as one `tokenizers.Tokenizer`.
+"""Tokenizers: byte-level BPE, bytes, characters and words, all as one `tokenizers.Tokenizer`.
 
 Every lmlab tokenizer is a ``tokenizer.json`` of the Hugging Face `tokenizers` library, so one
 load/save path serves every kind and a checkpoint's tokenizer loads in `transformers` unchanged.
@@ -7,9 +7,13 @@ load/save path serves every kind and a checkpoint's tokenizer loads in `transfor
     byte  the 256 byte symbols of the same ByteLevel scheme, no merges (id = byte value)
     char  one token per character seen in training, plus 256 byte-fallback tokens <0x00>..<0xFF>
           so that unseen characters still round-trip
+    word  one token per whitespace-separated word (WordLevel), <eos> for every newline, <unk> for
+          words out of the vocabulary: the Penn Treebank / WikiText convention of the PyTorch
+          word_language_model example ("a b c\n" -> a b c <eos>)
 
-All three decode(encode(text)) == text exactly, for any Unicode string. No normalizer is set:
-Unicode normalisation (NFC) happens once, when text is read (see sources.py).
+bpe, byte and char decode(encode(text)) == text exactly, for any Unicode string; they set no
+normalizer: Unicode normalisation (NFC) happens once, when text is read (see sources.py).
+word decodes to the words joined by single spaces, <eos> as "\n", unknown words as <unk>.
 The kind is not stored separately; it is read off the structure of the tokenizer.json.
 """
 
@@ -18,20 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
 from lmlab.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
-KINDS = ("bpe", "byte", "char")
+KINDS = ("bpe", "byte", "char", "word")
 DEFAULT_BPE_VOCAB = 8192
+UNK, EOS = "<unk>", "<eos>"  # the word kind's unknown word and end of line: ids 0 and 1
+# a word: what tokenizers' WhitespaceSplit keeps (Rust's char::is_whitespace separates; Python's
+# str.split would also split at \x1c-\x1f)
+_WORD = re.compile(r"[^\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 _EOS_NAMES = (EOT, "<eos>", "</s>")  # what eot_id accepts in tokenizers lmlab did not train
 
 
@@ -109,9 +118,11 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
-        """"bpe", "byte" or "char" (read off the tokenizer's structure), else "other"."""
+        """"bpe", "byte", "char" or "word" (read off the tokenizer's structure), else "other"."""
         spec = json.loads(self.tk.to_str())
         model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        if model.get("type") == "WordLevel" and pre.get("type") == "WhitespaceSplit":
+            return "word"
         if model.get("type") != "BPE":
             return "other"
         if pre.get("type") == "ByteLevel":
@@ -189,20 +200,29 @@ def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int | None = None,
     special_tokens: Sequence[str] | None = (),
+    min_freq: int = 1,
 ) -> Tokenizer:
-    """Build a tokenizer of ``kind`` ("bpe", "byte", "char") from an iterable of texts.
+    """Build a tokenizer of ``kind`` ("bpe", "byte", "char", "word") from an iterable of texts.
 
-    ``vocab_size`` counts every token, special ones included (default 8192 for bpe; the full
-    character set for char; byte ignores the texts and has exactly 256 + specials tokens).
-    EOT is always the first special token. The same texts and settings give the same ids.
+    ``vocab_size`` counts every token, special ones included (default 8192 for bpe; every
+    character / word seen for char / word, else the most frequent; byte ignores the texts and has
+    exactly 256 + specials tokens). ``min_freq`` drops characters / words seen fewer times (for
+    bpe: pairs merged at least this often). EOT is always the first special token. The same texts
+    and settings give the same ids.
     """
     specials = [EOT] + [s for s in dict.fromkeys(special_tokens or ()) if s != EOT]
+    if min_freq < 1:
+        raise ConfigError(f"min_freq must be at least 1, got {min_freq}")
     if kind == "bpe":
-        tk = _train_bpe(texts, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size, specials)
+        tk = _train_bpe(texts, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size, specials, min_freq)
     elif kind == "byte":
+        if min_freq != 1:
+            raise ConfigError("the byte tokenizer learns nothing from text; min_freq does not apply")
         tk = _byte_tokenizer(vocab_size, specials)
     elif kind == "char":
-        tk = _train_char(texts, vocab_size, specials)
+        tk = _train_char(texts, vocab_size, specials, min_freq)
+    elif kind == "word":
+        tk = _train_word(texts, vocab_size, [s for s in specials if s not in (UNK, EOS)], min_freq)
     else:
         raise ConfigError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
     return Tokenizer(tk)
@@ -215,6 +235,7 @@ def train_tokenizer_from_files(
     special_tokens: Sequence[str] | None = (),
     field: str = "text",
     max_bytes: int | None = None,
+    min_freq: int = 1,
 ) -> Tokenizer:
     """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
 
@@ -226,7 +247,7 @@ def train_tokenizer_from_files(
         from lmlab.data.sources import expand_inputs
 
         expand_inputs(inputs)
-        return train_tokenizer(kind, [], vocab_size, special_tokens)
+        return train_tokenizer(kind, [], vocab_size, special_tokens, min_freq)
 
     def texts() -> Iterable[str]:
         seen = 0
@@ -236,7 +257,7 @@ def train_tokenizer_from_files(
             if max_bytes is not None and seen >= max_bytes:
                 return
 
-    return train_tokenizer(kind, texts(), vocab_size, special_tokens)
+    return train_tokenizer(kind, texts(), vocab_size, special_tokens, min_freq)
 
 
 def _byte_level_pipeline(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -245,7 +266,7 @@ def _byte_level_pipeline(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tk
 
 
-def _train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> tokenizers.Tokenizer:
+def _train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str], min_freq: int) -> tokenizers.Tokenizer:
     if vocab_size < 256 + len(specials):
         raise ConfigError(
             f"bpe vocab_size {vocab_size} is too small: need at least 256 bytes + {len(specials)} special tokens"
@@ -253,6 +274,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> to
     tk = _byte_level_pipeline(tokenizers.Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=min_freq,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -270,11 +292,13 @@ def _byte_tokenizer(vocab_size: int | None, specials: list[str]) -> tokenizers.T
     return tk
 
 
-def _train_char(texts: Iterable[str], vocab_size: int | None, specials: list[str]) -> tokenizers.Tokenizer:
+def _train_char(
+    texts: Iterable[str], vocab_size: int | None, specials: list[str], min_freq: int
+) -> tokenizers.Tokenizer:
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(text)
-    chars = sorted(counts)
+    chars = sorted(c for c, n in counts.items() if n >= min_freq)
     if vocab_size is not None:
         room = vocab_size - 256 - len(specials)
         if room < 0:
@@ -290,5 +314,45 @@ def _train_char(texts: Iterable[str], vocab_size: int | None, specials: list[str
     # one pre-token per character keeps encoding linear on long lines; "[\s\S]" because "." skips "\n"
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens(specials)
+    return tk
+
+
+def _train_word(
+    texts: Iterable[str], vocab_size: int | None, specials: list[str], min_freq: int
+) -> tokenizers.Tokenizer:
+    """WordLevel over whitespace-split words; a normalizer turns every "\n" into an <eos> word.
+
+    Ids: <unk> 0, <eos> 1, then words by descending count (ties by string), then the special
+    tokens. Specials come last, outside the model's vocabulary, so that a literal "<|endoftext|>"
+    in text encoded with allow_special=False is an unknown word, never the end-of-text id.
+    """
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(_WORD.findall(text))
+        counts[EOS] += text.count("\n")
+    reserved = {UNK, EOS, *specials}
+    words = sorted((w for w, n in counts.items() if n >= min_freq and w not in reserved), key=lambda w: (-counts[w], w))
+    if vocab_size is not None:
+        room = vocab_size - 2 - len(specials)
+        if room < 0:
+            raise ConfigError(
+                f"word vocab_size {vocab_size} is too small: need at least {UNK}, {EOS} + {len(specials)} special tokens"
+            )
+        words = words[:room]
+    vocab = {w: i for i, w in enumerate([UNK, EOS, *words])}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Replace("\n", f" {EOS} ")
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # decode: words joined by one space, <eos> -> "\n" with no space either side. WordPiece puts a
+    # space before every token but those starting with its prefix " " (which it strips): <eos>
+    # becomes " \n"; the spaces left next to a newline (first token, word after <eos>) go after Fuse.
+    tk.decoder = decoders.Sequence([
+        decoders.Replace(Regex(f"^{re.escape(EOS)}$"), " \n"),
+        decoders.WordPiece(prefix=" ", cleanup=False),
+        decoders.Fuse(),
+        decoders.Replace("\n ", "\n"),
+        decoders.Replace(" \n", "\n"),
+    ])
     tk.add_special_tokens(specials)
     return tk
