@@ -22,6 +22,7 @@ from lmlab.config import RunConfig, TrainConfig, save_config
 from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
+from lmlab.eval.perplexity import stateful_nll
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import (list_checkpoints, load_train_state, read_manifest, prune_checkpoints,
                                     save_checkpoint)
@@ -86,17 +87,26 @@ def set_rng_state(state: dict) -> None:
 @torch.no_grad()
 def estimate_loss(model: nn.Module, shards: TokenShards, cfg: TrainConfig, block_size: int,
                   device: torch.device, precision: str) -> float:
-    """Mean loss over the fixed evaluation batches of a split."""
+    """Mean loss over the fixed evaluation batches of a split.
+
+    A model without a context limit (recurrent) is scored instead on the first tokens of the split
+    read in order with its state carried through (as many tokens as the batches would hold), which
+    is how its perplexity is measured; fresh-state windows would understate it.
+    """
     was_training = model.training
     model.eval()
-    losses = []
     batch_size = cfg.eval_batch_size or cfg.batch_size
-    for x, y in eval_batches(shards, batch_size, block_size, cfg.seed, cfg.eval_batches):
-        with autocast_context(precision, device):
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
+    with autocast_context(precision, device):
+        if getattr(model, "block_size", 0) is None:
+            n_tokens = min(cfg.eval_batches * batch_size * block_size, shards.tokens - 1)
+            total, count = stateful_nll(model, shards.read(0, n_tokens + 1))
+            mean = total / count
+        else:
+            losses = [model(x.to(device), y.to(device))[1].item()
+                      for x, y in eval_batches(shards, batch_size, block_size, cfg.seed, cfg.eval_batches)]
+            mean = float(np.mean(losses))
     model.train(was_training)
-    return float(np.mean(losses))
+    return mean
 
 
 class Trainer:
