@@ -128,3 +128,15 @@ def test_grad_accumulation_matches_a_bigger_batch(prepared, tmp_path):
     model.zero_grad()
     model(torch.cat([x for x, _ in xs]), torch.cat([y for _, y in xs]))[1].backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(accumulated, model.parameters()))
+
+
+def test_step_schedule_and_sgd(prepared, tmp_path):
+    from lmlab.config import TrainConfig
+    from lmlab.train.optim import build_optimizer
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, lr_schedule="step", lr_decay=0.5, lr_decay_start=10, lr_decay_every=5)
+    assert [lr_factor(s, cfg) for s in (0, 9, 10, 14, 15, 20)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+    opt = build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="sgd", momentum=0.9), "cpu")
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="lion"), "cpu")

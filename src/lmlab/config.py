@@ -73,7 +73,12 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float | None = None  # None = lr / 10
     warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # cosine | linear | constant
+    lr_schedule: str = "cosine"  # cosine | linear | constant | step
+    lr_decay: float = 0.5  # step schedule: multiply lr by this ...
+    lr_decay_every: int = 1000  # ... every this many steps ...
+    lr_decay_start: int = 0  # ... from this step on (e.g. Zaremba et al.: x0.5 per epoch after epoch 4)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99

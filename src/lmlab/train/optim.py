@@ -8,12 +8,14 @@ import torch
 import torch.nn as nn
 
 from lmlab.config import TrainConfig
+from lmlab.errors import ConfigError
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with two groups: weight matrices and embeddings decay; biases and norm gains do not.
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with two groups: weight matrices and embeddings decay; biases and norm gains do not.
 
     Uses the fused kernel where this torch has one for the device (CPU and CUDA in torch >= 2.4).
+    SGD is there to reproduce classic recipes (the recurrent LMs of Zaremba et al. used plain SGD).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -22,6 +24,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer {cfg.optimizer!r} is not one of adamw, sgd")
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device_type in ("cpu", "cuda"):
         try:
@@ -37,6 +43,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / (cfg.warmup_steps + 1)
     if cfg.lr_schedule == "constant":
         return 1.0
+    if cfg.lr_schedule == "step":
+        decays = 0 if step < cfg.lr_decay_start else (step - cfg.lr_decay_start) // cfg.lr_decay_every + 1
+        return cfg.lr_decay ** decays
     min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     if cfg.lr_schedule == "linear":
