@@ -144,9 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 1e8)")
     dp.set_defaults(func=cmd_data_prepare)
 
+    from lmlab.config import describe_config
+
     tr = sub.add_parser("train", help="pretrain a model from a YAML config",
                         description="Train a model. Any config field can be overridden as section.key=value, "
-                                    "e.g. model.n_layer=6 train.lr=3e-4.")
+                                    "e.g. model.n_layer=6 train.lr=3e-4. Comments in src/lmlab/config.py "
+                                    "explain each field; configs/ has recipes.",
+                        epilog="config keys (default, type):\n" + describe_config(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config (see configs/)")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=500")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")

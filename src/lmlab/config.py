@@ -166,6 +166,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def describe_config(cls: type = RunConfig) -> str:
+    """Every config key with its type and default, one per line (shown by ``lmlab train --help``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for section in dataclasses.fields(cls):
+        lines.append(f"{section.name}:")
+        sub = hints[section.name]
+        sub_hints = typing.get_type_hints(sub)
+        for f in dataclasses.fields(sub):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section.name}.{f.name} = {default!r}  ({_type_name(sub_hints[f.name])})")
+    return "\n".join(lines)
+
+
 def _apply_override(data: dict, item: str) -> None:
     """Set ``a.b.c=value`` inside nested dict ``data`` (value parsed as a YAML scalar)."""
     if "=" not in item:
