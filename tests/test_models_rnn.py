@@ -36,6 +36,30 @@ def test_shapes_and_state_carry_over(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_state_resets_at_a_document_boundary(family):
+    """After an end-of-text token a row continues as if the model had started afresh there."""
+    eot = 0
+    model = make(family, reset_token=eot)
+    torch.manual_seed(1)
+    first_doc, second_doc = torch.randint(1, 40, (1, 7)), torch.randint(1, 40, (1, 6))
+    eot_col = torch.full((1, 1), eot)
+    joined = torch.cat([first_doc, eot_col, second_doc], dim=1)  # (1, 14)
+    other_row = torch.randint(1, 40, (1, 14))  # no boundary: its output must be unaffected
+    batch = torch.cat([joined, other_row])
+    out, _ = model(batch)
+    fresh, _ = model(torch.cat([eot_col, second_doc], dim=1))
+    assert torch.allclose(out[:1, 7:], fresh, atol=1e-5)
+    assert torch.allclose(out[1:], model(other_row)[0], atol=1e-5)
+    # the same through a carried state, with the boundary falling inside the second chunk
+    state = model.make_cache(2)
+    chunks = [model(batch[:, :5], cache=state)[0], model(batch[:, 5:], cache=state)[0]]
+    assert torch.allclose(torch.cat(chunks, dim=1), out, atol=1e-5)
+    # and never resetting (-1) lets the first document leak into the second
+    leaky, _ = make(family, reset_token=-1)(joined)
+    assert not torch.allclose(leaky[:, 7:], fresh, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_causal(family):
     model = make(family)
     x = torch.randint(0, 40, (1, 12))

@@ -46,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02  # Transformers: normal(0, init_std)
     init_range: float | None = None  # recurrent models: uniform(-r, r); None = 0.1
+    reset_token: int | None = None  # recurrent models: state zeroed before this token id (a document start); None = end-of-text, -1 = never
 
 
 @dataclass

@@ -94,7 +94,7 @@ class RecurrentLM(nn.Module):
         With ``cache``, the sequence continues from the state it holds and the state advances.
         """
         x = self.drop(self.embed(idx))  # (B, T, d_model)
-        out, h = self.rnn(x, cache.h if cache is not None else None)  # (B, T, H)
+        out, h = self._recur(x, idx, cache.h if cache is not None else None)  # (B, T, H)
         if cache is not None:
             cache.h, cache.pos = h, cache.pos + idx.size(1)
         if only_last:
@@ -104,6 +104,28 @@ class RecurrentLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def _recur(self, x: torch.Tensor, idx: torch.Tensor, h):
+        """Run the recurrent layers over x (B, T, d), zeroing a row's state where a document starts.
+
+        A document starts at each ``config.reset_token`` (end-of-text) in idx: the state is zeroed
+        before that token, so no text leaks from one document into the next. The time axis is cut
+        at those positions; with no boundary in the batch this is a single call of the fused layer.
+        """
+        reset = self.config.reset_token
+        starts = idx == reset if reset is not None and reset >= 0 else None  # (B, T) bool
+        if starts is None or not starts.any():
+            return self.rnn(x, h)
+        cuts = starts.any(0).nonzero().flatten().tolist()
+        bounds = sorted({0, *cuts, idx.size(1)})
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if h is not None and a in cuts:
+                keep = (~starts[:, a]).to(x.dtype)[None, :, None]  # (1, B, 1): 0 for rows that start anew
+                h = tuple(t * keep for t in h) if isinstance(h, tuple) else h * keep
+            out, h = self.rnn(x[:, a:b], h)  # (B, b - a, H)
+            outs.append(out)
+        return torch.cat(outs, dim=1), h
 
     def num_params(self) -> int:
         """Parameter count (tied weights once)."""

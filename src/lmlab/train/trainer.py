@@ -167,11 +167,14 @@ class Trainer:
         self.train_data.check_context(block)
         self.val_data.check_context(block)
         self.tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
-        vocab = self.cfg.model.vocab_size
-        if vocab is None:
-            self.cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, vocab_size=self.tokenizer.vocab_size))
-        elif vocab < self.tokenizer.vocab_size:
-            raise DataError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
+        model_cfg = self.cfg.model
+        if model_cfg.vocab_size is None:
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=self.tokenizer.vocab_size)
+        elif model_cfg.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
+        if model_cfg.reset_token is None:  # documents are separated by end-of-text in prepared data
+            model_cfg = dataclasses.replace(model_cfg, reset_token=self.tokenizer.eot_id)
+        self.cfg = dataclasses.replace(self.cfg, model=model_cfg)
 
     def _restore(self) -> None:
         ckpt = list_checkpoints(self.out_dir)[-1]
