@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,16 +42,12 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process (MiB): VmHWM from /proc.
+    """Peak resident set size of this process (MiB), as lmlab's trainer reports it."""
+    import torch
 
-    Not ``resource.getrusage(...).ru_maxrss``: Linux carries that over from the parent through fork
-    and exec, so a child of a large parent would report the parent's peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from lmlab.train.trainer import peak_memory_mib
+
+    return peak_memory_mib(torch.device("cpu"))
 
 
 def build(impl: str):

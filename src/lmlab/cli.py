@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
     val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
-    print(f"step {summary['step']}: val loss {val}, {summary['elapsed_s']:.0f} s; checkpoint {summary['checkpoint']}")
+    print(f"step {summary['step']}: val loss {val}, {summary['elapsed_s']:.0f} s, peak memory {summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

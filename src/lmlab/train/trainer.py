@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
     return precision
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far (MiB): allocated tensors on a CUDA device, else the process's peak RSS.
+
+    The peak RSS is VmHWM from /proc on Linux (``ru_maxrss`` would include a parent's peak, which
+    Linux carries over through fork and exec); other systems fall back to ``ru_maxrss``.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -278,7 +299,7 @@ class Trainer:
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     record = {"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "tokens": self.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": self.elapsed(),
-                              "time": time.time()}
+                              "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
                     if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, for MFU
                         record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
                     self.logger.log(record)
@@ -305,7 +326,8 @@ class Trainer:
             self.logger.close()
         plots = plot_losses(self.logger.path, self.out_dir / "plots")
         return {"step": self.step, "train_loss": loss, "val_loss": val_loss, "elapsed_s": self.elapsed(),
-                "tokens_seen": self.tokens_seen, "checkpoint": str(list_checkpoints(self.out_dir)[-1]),
+                "tokens_seen": self.tokens_seen, "peak_mem_mib": peak_memory_mib(self.device),
+                "checkpoint": str(list_checkpoints(self.out_dir)[-1]),
                 "plots": [str(p) for p in plots], "interrupted": interrupted}
 
 
