@@ -27,8 +27,8 @@ from lmlab.errors import ConfigError
 class ModelConfig:
     """Architecture of a language model; ``preset`` fills the choices a family is known by."""
 
-    family: str = "gpt"  # registry name: gpt | rnn | lstm | gru
-    preset: str = "gpt2"  # gpt family: gpt2 | llama, sets the defaults of the fields left as None below
+    family: str = "gpt"  # registry name: gpt | rnn | lstm | gru | encoder
+    preset: str | None = None  # gpt: gpt2 (default) | llama; encoder: bert; sets the fields left as None below
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # grouped-query attention when < n_head (llama); None = n_head
@@ -39,13 +39,19 @@ class ModelConfig:
     dropout: float = 0.0
     pos_emb: str | None = None  # learned | rope
     norm: str | None = None  # layernorm | rmsnorm
-    mlp: str | None = None  # gelu | swiglu
+    mlp: str | None = None  # gelu (tanh approximation, GPT-2) | gelu_exact (BERT) | swiglu
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # output layer softmax(h @ E^T) shares E with the input
     rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # null | linear | llama3 (stretches RoPE to longer contexts)
+    rope_factor: float = 1.0  # linear/llama3: how many times longer than the original context
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_context: int | None = None  # llama3: the context the model was pretrained with
     norm_eps: float = 1e-5
     init_std: float = 0.02  # Transformers: normal(0, init_std)
     init_range: float | None = None  # recurrent models: uniform(-r, r); None = 0.1
+    type_vocab_size: int | None = None  # encoder: token-type (segment) embeddings; None = 2 for bert
     reset_token: int | None = None  # recurrent models: state zeroed before this token id (a document start); None = end-of-text, -1 = never
 
 

@@ -41,7 +41,7 @@ UNK, EOS = "<unk>", "<eos>"  # the word kind's unknown word and end of line: ids
 # a word: what tokenizers' WhitespaceSplit keeps (Rust's char::is_whitespace separates; Python's
 # str.split would also split at \x1c-\x1f)
 _WORD = re.compile(r"[^\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
-_EOS_NAMES = (EOT, "<eos>", "</s>")  # what eot_id accepts in tokenizers lmlab did not train
+_EOS_NAMES = (EOT, "<eos>", "</s>", "<|end_of_text|>", "[SEP]")  # what eot_id accepts in tokenizers lmlab did not train
 
 
 class Tokenizer:

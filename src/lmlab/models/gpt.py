@@ -28,6 +28,8 @@ PRESETS = {
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
     """Fill the fields left as None from the preset, so a saved config is explicit and complete."""
+    if cfg.preset is None:
+        cfg = dataclasses.replace(cfg, preset="gpt2")
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
@@ -50,8 +52,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
         self.dropout = cfg.dropout  # on what each sublayer adds to the residual stream
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self._drop(self.attn(self.norm1(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache=None, layer=0, key_mask=None):
+        x = x + self._drop(self.attn(self.norm1(x), rope, cache, layer, key_mask))
         return x + self._drop(self.mlp(self.norm2(x)))
 
     def _drop(self, y: torch.Tensor) -> torch.Tensor:
@@ -68,6 +70,7 @@ class GPT(nn.Module):
         assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
         self.config = cfg
         self.block_size = cfg.block_size
+        self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -77,7 +80,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta, cfg.rope_scaling,
+                                   cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                   cfg.rope_original_context or cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -107,6 +112,22 @@ class GPT(nn.Module):
         With ``cache``, idx holds the next tokens after the cached ones and the cache advances.
         Targets equal to -100 are ignored. ``only_last`` computes logits for the last position only.
         """
+        x = self.features(idx, cache=cache)  # (B, T, C)
+        if only_last:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) of idx (B, T): what the LM head and task heads read.
+
+        ``attention_mask`` (B, T) is 1 for real tokens; with right padding (the way task heads pad)
+        causal attention never sees the padding anyway, so only other paddings need it.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.block_size:
@@ -118,18 +139,12 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
+        key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, key_mask)
         if cache is not None:
             cache.pos += T
-        x = self.norm_f(x)
-        if only_last:
-            x = x[:, -1:]
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return self.norm_f(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (as in the scaling-law papers)."""

@@ -37,9 +37,26 @@ def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of rotary position embedding, each (max_len, head_dim // 2)."""
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None = None, factor: float = 1.0,
+                low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                original_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of rotary position embedding, each (max_len, head_dim // 2).
+
+    ``scaling`` stretches the rotations for contexts longer than pretraining: ``linear`` divides
+    every frequency by ``factor`` (position interpolation); ``llama3`` divides only the low
+    frequencies (wavelengths longer than original_context / low_freq_factor), keeps the high ones
+    (shorter than original_context / high_freq_factor), and blends smoothly in between.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        blend = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blend = blend.clamp(0.0, 1.0)  # 0 for long wavelengths (fully divided), 1 for short (kept)
+        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
+    elif scaling is not None:
+        raise ValueError(f"unknown rope_scaling {scaling!r}; choose linear or llama3")
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -79,10 +96,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention: multi-head, or grouped-query when n_kv_head < n_head."""
+    """Self-attention: multi-head, or grouped-query when n_kv_head < n_head; causal (decoders) or not (encoders).
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, bias: bool, dropout: float):
+    ``key_mask`` (B, S) marks the keys that may be attended to (False for padding).
+    """
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, bias: bool, dropout: float, causal: bool = True):
         super().__init__()
+        self.causal = causal
         assert d_model % n_head == 0, "d_model must be divisible by n_head"
         assert n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.n_head, self.n_kv_head = n_head, n_kv_head
@@ -92,7 +113,7 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 * H_kv, T, d)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H, T, d), (B, H_kv, T, d) x2
@@ -102,18 +123,24 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, H_kv, past + T, d)
-        y = self._attend(q, k, v, past)  # (B, H, T, d)
+        y = self._attend(q, k, v, past, key_mask)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-        """Scaled dot-product attention where query i (at position past+i) sees keys 0..past+i."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention; if causal, query i (at position past+i) sees keys 0..past+i."""
         T = q.size(2)
         mask, causal = None, False
-        if past == 0:
-            causal = T > 1
-        elif T > 1:  # several new tokens after a cached prefix: causal within the new block
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        if self.causal and key_mask is None:
+            if past == 0:
+                causal = T > 1  # SDPA's own causal mask: the fast path
+            elif T > 1:  # several new tokens after a cached prefix: causal within the new block
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        elif key_mask is not None:
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
+            if self.causal and T > 1:
+                mask = mask & torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
         gqa = {}
         if self.n_kv_head != self.n_head:
             if _SDPA_HAS_GQA:
@@ -126,12 +153,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
+    """Position-wise feed-forward: GELU (tanh approximation: GPT-2), exact GELU (BERT) or SwiGLU (Llama)."""
 
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool):
         super().__init__()
         self.kind = kind
-        if kind == "gelu":
+        if kind in ("gelu", "gelu_exact"):
             self.up = nn.Linear(d_model, d_ff, bias=bias)
         elif kind == "swiglu":
             self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # gate and up projections, fused
@@ -142,12 +169,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gelu":
             return self.down(F.gelu(self.up(x), approximate="tanh"))
+        if self.kind == "gelu_exact":
+            return self.down(F.gelu(self.up(x)))
         gate, up = self.up(x).chunk(2, dim=-1)  # each (B, T, d_ff)
         return self.down(F.silu(gate) * up)
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
     """The customary MLP width: 4*d for GELU; 2/3 of that for SwiGLU, rounded up to a multiple of 64."""
-    if mlp == "gelu":
+    if mlp in ("gelu", "gelu_exact"):
         return 4 * d_model
     return 64 * math.ceil(int(8 * d_model / 3) / 64)

@@ -6,7 +6,9 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
+from lmlab.models.encoder import Encoder
 from lmlab.models.gpt import GPT
+from lmlab.models.heads import SequenceClassifier, head_from_dict
 from lmlab.models.rnn import RecurrentLM
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -14,14 +16,20 @@ MODELS: dict[str, type[nn.Module]] = {
     "rnn": RecurrentLM,
     "lstm": RecurrentLM,
     "gru": RecurrentLM,
+    "encoder": Encoder,
 }
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate the model family named by ``cfg.family`` (errors name the bad field)."""
+def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
+    """Instantiate the model family named by ``cfg.family`` (errors name the bad field).
+
+    With ``head`` (a checkpoint's ``head`` entry: labels, pooling), the model is that family's
+    backbone under a ``SequenceClassifier``.
+    """
     if cfg.family not in MODELS:
         raise ConfigError(f"model.family {cfg.family!r} is unknown; choose one of {', '.join(MODELS)}")
     try:
-        return MODELS[cfg.family](cfg)
-    except (ValueError, AssertionError) as e:
+        model = MODELS[cfg.family](cfg)
+        return SequenceClassifier(model, head_from_dict(head)) if head else model
+    except (ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"invalid model config: {e}") from None

@@ -73,6 +73,7 @@ class RecurrentLM(nn.Module):
         cfg = resolve_config(cfg)
         assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
         self.config = cfg
+        self.hidden_size = cfg.d_ff  # width of features(), for task heads
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rnn = CELLS[cfg.family](cfg.d_model, cfg.d_ff, num_layers=cfg.n_layer, batch_first=True,
                                      dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
@@ -104,6 +105,14 @@ class RecurrentLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs of the last recurrent layer (B, T, H), for task heads.
+
+        Padding must be on the right (the way task heads pad): a token never depends on later ones.
+        """
+        out, _ = self._recur(self.drop(self.embed(idx)), idx, None)
+        return out
 
     def _recur(self, x: torch.Tensor, idx: torch.Tensor, h):
         """Run the recurrent layers over x (B, T, d), zeroing a row's state where a document starts.

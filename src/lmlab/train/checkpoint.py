@@ -74,6 +74,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
             "version": VERSION,
             "lmlab_version": __version__,
             "model_config": dataclasses.asdict(model.config),
+            **({"head": dataclasses.asdict(model.head_config)} if hasattr(model, "head_config") else {}),
             **(info or {}),
             "files": {name: sha256_file(tmp / name) for name in files},
         }
@@ -149,7 +150,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model_cfg = from_dict(ModelConfig, manifest["model_config"], "model.")
     except (KeyError, LmlabError) as e:
         raise CheckpointError(f"{ckpt}/manifest.json has an invalid model config ({e})") from None
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, manifest.get("head"))
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(ckpt / "model.safetensors"), strict=False)
     except (safetensors.SafetensorError, OSError, RuntimeError) as e:

@@ -1,0 +1,1 @@
+"""Exchange weights with the Hugging Face ecosystem (transformers, peft)."""

@@ -1,0 +1,110 @@
+"""BERT-style bidirectional Transformer encoder (``model.family: encoder``, preset ``bert``).
+
+token + position + token-type embeddings -> LayerNorm -> N post-norm layers (x = norm(x + attn(x)),
+then x = norm(x + mlp(x)), exact GELU) -> hidden states (B, T, d); a pooler (dense + tanh on the
+first token, [CLS]) for sentence-level tasks. This is the layout of Hugging Face ``BertModel``, so
+its checkpoints (all-MiniLM-L6-v2, bert-base, ...) convert weight for weight (see interop/hf.py).
+
+Attention is the same module the decoders use, with ``causal=False`` and a key mask for padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from lmlab.config import ModelConfig
+from lmlab.models.layers import MLP, Attention, default_d_ff
+
+PRESETS = {
+    "bert": dict(pos_emb="learned", norm="layernorm", mlp="gelu_exact", bias=True, tie_embeddings=False,
+                 type_vocab_size=2),
+}
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the fields left as None from the preset (bert), so a saved config is explicit."""
+    cfg = dataclasses.replace(cfg, preset=cfg.preset or "bert")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown encoder preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.n_kv_head is None:
+        cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)
+    if cfg.d_ff is None:
+        cfg = dataclasses.replace(cfg, d_ff=default_d_ff(cfg.d_model, cfg.mlp))
+    if cfg.norm != "layernorm" or cfg.pos_emb != "learned":
+        raise ValueError("the encoder supports norm=layernorm and pos_emb=learned (BERT)")
+    return cfg
+
+
+class EncoderLayer(nn.Module):
+    """One post-norm layer (BERT): x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, causal=False)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, key_mask=key_mask)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class Encoder(nn.Module):
+    """Bidirectional Transformer encoder (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve_config(cfg)
+        assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
+        self.config = cfg
+        self.block_size = cfg.block_size
+        self.hidden_size = cfg.d_model  # width of features(), for task heads
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, d) of token ids idx (B, T); attention_mask (B, T) is 1 for real tokens."""
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.block_size}")
+        x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)
+        if self.type_emb is not None:  # segment A = 0 unless told otherwise
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            x = x + self.type_emb(types)
+        x = self.drop(self.norm_emb(x))
+        key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, T)
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x
+
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, d): the common interface of task heads (see models/heads.py)."""
+        return self(idx, attention_mask)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(dense(h of the first token)), (B, d)."""
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def num_params(self) -> int:
+        """Parameter count."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,80 @@
+"""Task heads, written once for every family: a head reads ``backbone.features(idx, attention_mask)``.
+
+``SequenceClassifier`` puts a linear classifier on a pooled summary of the sequence:
+
+    cls   the first token ([CLS]); through the encoder's pooler (dense + tanh) when it has one,
+          which is exactly Hugging Face's ``BertForSequenceClassification``
+    mean  the mean of the real (non-padding) tokens (sentence-transformers' pooling)
+    last  the last real token: what a causal decoder or a recurrent model has read everything by
+
+Sequences are padded on the right; ``attention_mask`` (B, T) is 1 for real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POOLINGS = ("cls", "mean", "last")
+
+
+@dataclass
+class ClassifierConfig:
+    """What a classification head adds to its backbone: labels (in id order) and pooling."""
+
+    labels: list[str] = field(default_factory=list)
+    pooling: str = "cls"
+    dropout: float = 0.1
+
+
+class SequenceClassifier(nn.Module):
+    """backbone -> pooled features -> dropout -> linear over the labels."""
+
+    def __init__(self, backbone: nn.Module, head: ClassifierConfig):
+        super().__init__()
+        if head.pooling not in POOLINGS:
+            raise ValueError(f"pooling {head.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if len(head.labels) < 2:
+            raise ValueError("a classifier needs at least two labels")
+        self.backbone = backbone
+        self.config = backbone.config  # the backbone's ModelConfig (what checkpoints record)
+        self.head_config = head
+        self.block_size = getattr(backbone, "block_size", None)
+        self.drop = nn.Dropout(head.dropout)
+        self.classifier = nn.Linear(backbone.hidden_size, len(head.labels))
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, d) summary of hidden (B, T, d) under the head's pooling."""
+        if self.head_config.pooling == "cls":
+            pool = getattr(self.backbone, "pool", None)
+            return pool(hidden) if pool is not None else hidden[:, 0]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        if self.head_config.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        last = attention_mask.sum(1).long().clamp(min=1) - 1  # (B,) index of each row's last real token
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, n_labels), and the mean cross-entropy when label ids (B,) are given."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        hidden = self.backbone.features(idx, attention_mask)  # (B, T, d)
+        logits = self.classifier(self.drop(self.pooled(hidden, attention_mask)))
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def head_from_dict(data: dict) -> ClassifierConfig:
+    """A ClassifierConfig from a checkpoint manifest's ``head`` entry."""
+    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    return ClassifierConfig(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,150 @@
+"""Hugging Face interop: parity with transformers models built from small configs (random init, no download)."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmlab.config import ModelConfig  # noqa: E402
+from lmlab.data.tokenizer import train_tokenizer  # noqa: E402
+from lmlab.errors import CheckpointError  # noqa: E402
+from lmlab.generate.engine import generate_tokens  # noqa: E402
+from lmlab.generate.sampling import SamplingParams  # noqa: E402
+from lmlab.interop.hf import Unsupported, export_hf, import_hf  # noqa: E402
+from lmlab.models.heads import ClassifierConfig, SequenceClassifier  # noqa: E402
+from lmlab.models.registry import build_model  # noqa: E402
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer("byte", [])
+
+
+def hf_model(kind: str, **extra):
+    """A small random transformers model of ``kind`` (seeded), in eval mode."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=VOCAB, **extra)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       hidden_size=32, intermediate_size=64, max_position_embeddings=128,
+                                       vocab_size=VOCAB, rope_theta=5000.0, **extra)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                                  max_position_embeddings=64, vocab_size=VOCAB, **extra)
+    cls = transformers.BertForSequenceClassification if kind == "bert-classifier" else transformers.BertModel
+    return cls(cfg).eval()
+
+
+def save_hf(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save(folder / "tokenizer.json")
+    return folder
+
+
+def ids(batch=2, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("gpt2", {}),
+    ("gpt2", {"activation_function": "gelu", "tie_word_embeddings": False}),
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+])
+def test_decoder_import_and_export_match_transformers(kind, extra, tokenizer, tmp_path):
+    theirs = hf_model(kind, **extra)
+    ours, _ = import_hf(save_hf(theirs, tokenizer, tmp_path / "hf"))
+    x = ids()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert torch.allclose(ours(x)[0], expected, atol=1e-4), "import: logits differ"
+        back = type(theirs).from_pretrained(export_hf(ours, tokenizer, tmp_path / "out")).eval()
+        assert torch.allclose(back(x).logits, expected, atol=1e-4), "export: logits differ"
+    prompt = x[0, :5].tolist()
+    mine = list(generate_tokens(ours, prompt, SamplingParams(max_new_tokens=20, temperature=0.0)))
+    with torch.no_grad():
+        hf_out = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                 pad_token_id=0, eos_token_id=None)
+    assert mine == hf_out[0, 5:].tolist(), "greedy generation differs"
+
+
+def test_bert_hidden_states_match_with_padding(tokenizer, tmp_path):
+    theirs = hf_model("bert")
+    ours, _ = import_hf(save_hf(theirs, tokenizer, tmp_path / "hf"))
+    x = ids(batch=3, length=10)
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0  # padding on the right of row 1
+    types = torch.zeros_like(x)
+    types[:, 5:] = 1
+    with torch.no_grad():
+        out = theirs(x, attention_mask=mask, token_type_ids=types)
+        hidden = ours(x, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert torch.allclose(hidden[real], out.last_hidden_state[real], atol=1e-4)
+    assert torch.allclose(ours.pool(hidden), out.pooler_output, atol=1e-4)
+    with torch.no_grad():  # and back
+        back = transformers.BertModel.from_pretrained(export_hf(ours, tokenizer, tmp_path / "out")).eval()
+        again = back(x, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert torch.allclose(again[real], out.last_hidden_state[real], atol=1e-4)
+
+
+def test_bert_classifier_round_trip(tokenizer, tmp_path):
+    theirs = hf_model("bert-classifier", num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
+                      label2id={"neg": 0, "neu": 1, "pos": 2})
+    ours, _ = import_hf(save_hf(theirs, tokenizer, tmp_path / "hf"))
+    assert isinstance(ours, SequenceClassifier) and ours.head_config.labels == ["neg", "neu", "pos"]
+    x = ids(batch=2, length=9)
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        expected = theirs(x, attention_mask=mask).logits
+        assert torch.allclose(ours(x, mask)[0], expected, atol=1e-4)
+        back = transformers.BertForSequenceClassification.from_pretrained(
+            export_hf(ours, tokenizer, tmp_path / "out")).eval()
+        assert torch.allclose(back(x, attention_mask=mask).logits, expected, atol=1e-4)
+    assert back.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+
+
+def test_lmlab_trained_models_export(tokenizer, tmp_path):
+    """A model lmlab built (not imported) exports and loads in transformers with the same logits."""
+    for preset, hf_cls in (("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)):
+        torch.manual_seed(0)
+        ours = build_model(ModelConfig(preset=preset, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else None,
+                                       d_model=32, block_size=32, vocab_size=tokenizer.vocab_size)).eval()
+        folder = export_hf(ours, tokenizer, tmp_path / preset)
+        theirs = hf_cls.from_pretrained(folder).eval()
+        x = torch.randint(0, tokenizer.vocab_size, (2, 16))
+        with torch.no_grad():
+            assert torch.allclose(ours(x)[0], theirs(x).logits, atol=1e-4)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+        assert hf_tok("héllo wörld")["input_ids"] == tokenizer.encode("héllo wörld")
+
+
+def test_unsupported_features_are_named(tokenizer, tmp_path):
+    theirs = hf_model("llama", attention_bias=True)
+    with pytest.raises(Unsupported, match="biases"):
+        import_hf(save_hf(theirs, tokenizer, tmp_path / "biased"))
+    folder = save_hf(hf_model("gpt2"), tokenizer, tmp_path / "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(Unsupported, match="mamba"):
+        import_hf(folder)
+    rnn = build_model(ModelConfig(family="lstm", n_layer=1, d_model=16, vocab_size=VOCAB))
+    with pytest.raises(Unsupported, match="no Hugging Face counterpart"):
+        export_hf(rnn, tokenizer, tmp_path / "rnn")
+    encoder = build_model(ModelConfig(family="encoder", n_layer=1, n_head=2, d_model=16, vocab_size=VOCAB))
+    mean_head = SequenceClassifier(encoder, ClassifierConfig(labels=["a", "b"], pooling="mean"))
+    with pytest.raises(Unsupported, match="pools"):
+        export_hf(mean_head, tokenizer, tmp_path / "mean")
+    with pytest.raises(CheckpointError, match="no such folder"):
+        import_hf(tmp_path / "nowhere")
