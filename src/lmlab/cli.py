@@ -98,6 +98,21 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmlab.interop.hf import describe, export_hf, import_hf
+    from lmlab.train.checkpoint import is_lmlab_checkpoint, load_checkpoint, save_checkpoint
+
+    to = args.to or ("hf" if is_lmlab_checkpoint(args.source) else "lmlab")
+    if to == "hf":
+        ckpt = load_checkpoint(args.source)
+        out = export_hf(ckpt.model, ckpt.tokenizer, args.output)
+        print(f"wrote {out}: Hugging Face folder ({describe(ckpt.model)})")
+    else:
+        model, tokenizer = import_hf(args.source)
+        out = save_checkpoint(args.output, model, tokenizer, info={"kind": "import", "source": str(args.source)})
+        print(f"wrote {out}: lmlab checkpoint ({describe(model)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``lmlab <command> --help`` documents each flag)."""
     p = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.")
@@ -158,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop this invocation after N steps (schedule unchanged; continue with --resume)")
     tr.set_defaults(func=cmd_train)
+
+    cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders",
+                        description="An lmlab checkpoint (or run folder) becomes a Hugging Face folder (config.json, "
+                                    "model.safetensors, tokenizer.json) that transformers loads; a Hugging Face folder "
+                                    "(GPT-2, Llama, BERT) or a pretrained name (all-MiniLM-L6-v2) becomes an lmlab "
+                                    "checkpoint. The direction follows from SOURCE unless --to says.")
+    cv.add_argument("source", help="lmlab checkpoint/run folder, Hugging Face folder, or pretrained name")
+    cv.add_argument("output", help="folder to write (replaced if it exists)")
+    cv.add_argument("--to", choices=["hf", "lmlab"], default=None, help="output format (default: the other one)")
+    cv.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")

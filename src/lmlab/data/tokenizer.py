@@ -48,6 +48,8 @@ class Tokenizer:
     """Wraps a tokenizers.Tokenizer; every lmlab tokenizer is a tokenizer.json."""
 
     def __init__(self, tk: tokenizers.Tokenizer):
+        tk.no_padding()  # tokenizer.json files from elsewhere may pad or truncate every encoding:
+        tk.no_truncation()  # lmlab pads and cuts where it needs to, itself
         self.tk = tk
         self._plain: tokenizers.Tokenizer | None = None  # copy that reads special tokens as text
 
@@ -83,19 +85,21 @@ class Tokenizer:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+    def encode(self, text: str, *, allow_special: bool = True, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``.
 
         With ``allow_special=False`` a literal "<|endoftext|>" in the text is encoded as ordinary
         text rather than as the special token (what data preparation wants: only lmlab decides where
-        documents end). Both ways decode back to the same text.
+        documents end). Both ways decode back to the same text. ``add_special_tokens`` applies the
+        tokenizer's template, if it has one (BERT's [CLS] text [SEP]); lmlab's own have none.
         """
-        return self.encode_batch([text], allow_special=allow_special)[0]
+        return self.encode_batch([text], allow_special=allow_special, add_special_tokens=add_special_tokens)[0]
 
-    def encode_batch(self, texts: list[str], *, allow_special: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], *, allow_special: bool = True,
+                     add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of many texts at once (encoded in parallel by the Rust library)."""
         # encode_batch_fast skips character offsets, which lmlab never uses: ~1.5x faster
-        encs = self._encoder(allow_special).encode_batch_fast(list(texts), add_special_tokens=False)
+        encs = self._encoder(allow_special).encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -160,6 +164,8 @@ class StreamDecoder:
     """
 
     def __init__(self, tk: tokenizers.Tokenizer):
+        tk.no_padding()  # tokenizer.json files from elsewhere may pad or truncate every encoding:
+        tk.no_truncation()  # lmlab pads and cuts where it needs to, itself
         self.tk = tk
         self.stream = DecodeStream(skip_special_tokens=False)
         self.pending: list[int] = []  # ids fed since the last text came out

@@ -223,7 +223,7 @@ def _architecture(c: dict) -> str:
         return "llama"
     if kind == "bert":
         return "bert-classifier" if "BertForSequenceClassification" in archs else "bert"
-    raise Unsupported(f"model_type {kind!r} (lmlab converts gpt2, llama and bert)")
+    raise Unsupported(f"Hugging Face model_type {kind!r} is not supported (lmlab converts gpt2, llama and bert)")
 
 
 def _gather(weights: dict[str, torch.Tensor], pairs) -> dict[str, torch.Tensor]:

@@ -123,6 +123,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is not an lmlab checkpoint or run folder (no manifest.json, no checkpoints/)")
 
 
+def is_lmlab_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is an lmlab checkpoint folder or a run folder holding checkpoints."""
+    path = Path(path)
+    return (path / "manifest.json").is_file() or bool(list_checkpoints(path))
+
+
 def read_manifest(ckpt: Path, verify: bool = True) -> dict:
     """The manifest of a checkpoint folder, checked for format and (optionally) file hashes."""
     try:
@@ -143,7 +149,16 @@ def read_manifest(ckpt: Path, verify: bool = True) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load the model and tokenizer of a checkpoint (or of a run's newest checkpoint), in eval mode."""
+    """Load the model and tokenizer of a checkpoint (or of a run's newest checkpoint), in eval mode.
+
+    A Hugging Face folder or a pretrained name (see interop/hf.py) is converted on the fly.
+    """
+    if not is_lmlab_checkpoint(path) and _looks_like_hf(path):
+        from lmlab.interop.hf import import_hf
+
+        model, tokenizer = import_hf(path)
+        manifest = {"source": str(path), "model_config": dataclasses.asdict(model.config)}
+        return Checkpoint(model.to(device).eval(), tokenizer, manifest, Path(path))
     ckpt = resolve_checkpoint(path)
     manifest = read_manifest(ckpt)
     try:
@@ -160,6 +175,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(model.to(device).eval(), tokenizer, manifest, ckpt)
+
+
+def _looks_like_hf(path: str | Path) -> bool:
+    from lmlab.interop.hf import PRETRAINED
+
+    return str(path) in PRETRAINED or (Path(path) / "config.json").is_file()
 
 
 def load_train_state(ckpt: Path) -> dict:
