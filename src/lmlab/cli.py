@@ -105,12 +105,59 @@ def cmd_convert(args: argparse.Namespace) -> None:
     to = args.to or ("hf" if is_lmlab_checkpoint(args.source) else "lmlab")
     if to == "hf":
         ckpt = load_checkpoint(args.source)
-        out = export_hf(ckpt.model, ckpt.tokenizer, args.output)
-        print(f"wrote {out}: Hugging Face folder ({describe(ckpt.model)})")
+        out = export_hf(ckpt.model, ckpt.tokenizer, args.output, merge=args.merge)
+        adapter = " + PEFT adapter in adapter/" if (out / "adapter").is_dir() else ""
+        print(f"wrote {out}: Hugging Face folder{adapter} ({describe(ckpt.model)})")
     else:
         model, tokenizer = import_hf(args.source)
         out = save_checkpoint(args.output, model, tokenizer, info={"kind": "import", "source": str(args.source)})
         print(f"wrote {out}: lmlab checkpoint ({describe(model)})")
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> None:
+    from lmlab.config import ClassifyConfig, load_config
+    from lmlab.finetune.classify import finetune_classifier
+
+    cfg = load_config(args.config, args.overrides, cls=ClassifyConfig)
+    summary = finetune_classifier(cfg)
+    val = summary.get("val")
+    scores = f"val accuracy {val['accuracy']:.4f}, macro F1 {val['macro_f1']:.4f}; " if val else ""
+    print(f"step {summary['steps']}: {scores}{summary['train_seconds']:.0f} s, "
+          f"peak memory {summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> None:
+    from lmlab.data.labeled import read_examples
+    from lmlab.finetune.classify import evaluate_classifier, load_classifier, max_length_of, write_classification_report
+
+    ckpt = load_classifier(args.checkpoint, args.device)
+    examples = read_examples(args.data, args.text_field, args.label_field)
+    report = evaluate_classifier(ckpt.model, ckpt.tokenizer, examples, args.max_length or max_length_of(ckpt),
+                                 args.batch_size)
+    report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
+    if args.out:
+        write_classification_report(report, args.out, f"{args.data}")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("per_label",)}, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmlab.data.labeled import read_examples
+    from lmlab.finetune.classify import load_classifier, max_length_of, predict_proba
+
+    texts = list(args.texts)
+    if args.file:
+        texts += [ex.text for ex in read_examples(args.file, args.text_field, None)]
+    if not texts:
+        raise LmlabError("give texts to classify as arguments or with --file")
+    if any(not t.strip() for t in texts):
+        raise LmlabError("cannot classify an empty text")
+    ckpt = load_classifier(args.checkpoint, args.device)
+    probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, args.max_length or max_length_of(ckpt))
+    labels = ckpt.model.head_config.labels
+    for text, p in zip(texts, probs):
+        best = int(p.argmax())
+        print(json.dumps({"label": labels[best], "probability": round(float(p[best]), 4), "text": text},
+                         ensure_ascii=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("source", help="lmlab checkpoint/run folder, Hugging Face folder, or pretrained name")
     cv.add_argument("output", help="folder to write (replaced if it exists)")
     cv.add_argument("--to", choices=["hf", "lmlab"], default=None, help="output format (default: the other one)")
+    cv.add_argument("--merge", action="store_true",
+                    help="fold LoRA adapters into the weights (default: write them as a PEFT adapter beside the base)")
     cv.set_defaults(func=cmd_convert)
+
+    from lmlab.config import ClassifyConfig
+
+    ft = sub.add_parser("finetune", help="adapt a pretrained model").add_subparsers(dest="action", required=True,
+                                                                                  metavar="ACTION")
+    fc = ft.add_parser("classify", help="fine-tune a sequence classifier (fully, or with LoRA: lora.r=8)",
+                       description="Fine-tune a classifier on labelled text (TSV/CSV with a header, or JSONL). "
+                                   "The base (model.path) is an lmlab checkpoint, a Hugging Face folder, or a "
+                                   "pretrained name such as all-MiniLM-L6-v2. Any config field can be overridden "
+                                   "as section.key=value; configs/sst2_minilm.yaml is a recipe.",
+                       epilog="config keys (default, type):\n" + describe_config(ClassifyConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    fc.add_argument("config", help="YAML config (see configs/sst2_minilm.yaml)")
+    fc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=8 train.lr=5e-4")
+    fc.set_defaults(func=cmd_finetune_classify)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")
@@ -210,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", help="folder for results.json and results.md")
     pp.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     pp.set_defaults(func=cmd_eval_ppl)
+    ec = ev.add_parser("classify", help="accuracy, macro precision/recall/F1 and confusion matrix of a classifier")
+    ec.add_argument("checkpoint", help="classifier checkpoint or run folder")
+    ec.add_argument("--data", required=True, help="labelled TSV/CSV (with a header) or JSONL file")
+    ec.add_argument("--text-field", default="sentence", help="column/key of the text (default: sentence)")
+    ec.add_argument("--label-field", default="label", help="column/key of the label (default: label)")
+    ec.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as trained)")
+    ec.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    ec.add_argument("--out", help="folder for results.json, results.md and confusion.png")
+    ec.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    ec.set_defaults(func=cmd_eval_classify)
+
+    pr = sub.add_parser("predict", help="classify texts with a trained classifier (one JSON line per text)")
+    pr.add_argument("checkpoint", help="classifier checkpoint or run folder")
+    pr.add_argument("texts", nargs="*", help="texts to classify")
+    pr.add_argument("--file", help="also classify the texts of this TSV/CSV/JSONL file")
+    pr.add_argument("--text-field", default="sentence", help="column/key of the text in --file (default: sentence)")
+    pr.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as trained)")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 12
     grad_accum: int = 1
     max_steps: int = 2000
+    epochs: float | None = None  # passes over the training data; when set, it decides max_steps
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
     lr: float = 1e-3
     min_lr: float | None = None  # None = lr / 10
@@ -102,6 +103,47 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (see finetune/lora.py); ``r = 0`` means none: full fine-tuning."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attn.qkv,attn.proj,mlp.up,mlp.down"  # comma-separated module-name patterns
+    rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r
+
+
+@dataclass
+class BaseModelConfig:
+    """The pretrained model a fine-tuning run starts from, and the head it puts on it."""
+
+    path: str = ""  # lmlab checkpoint or run folder, Hugging Face folder, or a pretrained name (all-MiniLM-L6-v2)
+    pooling: str | None = None  # classify: cls | mean | last; None = cls for encoders, last for decoders
+    dropout: float = 0.1  # before the classifier
+
+
+@dataclass
+class ClassifyDataConfig:
+    """Labelled text files (TSV/CSV with a header, or JSONL) for sequence classification."""
+
+    train: str = ""
+    val: str | None = None
+    text_field: str = "sentence"
+    label_field: str = "label"
+    max_length: int = 128  # tokens per text, template tokens ([CLS], [SEP]) included
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything ``lmlab finetune classify`` needs."""
+
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch.nn as nn
 from lmlab.config import ModelConfig
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError
+from lmlab.finetune.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.registry import build_model
 
@@ -365,8 +366,48 @@ def _scatter(state: dict[str, torch.Tensor], pairs, sizes) -> dict[str, torch.Te
     return out
 
 
-def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write ``model`` and ``tokenizer`` as an HF folder that transformers loads, atomically."""
+def _hf_adapter(model: nn.Module, pairs, sizes, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's LoRA tensors under HF module names, and those module names (PEFT target_modules).
+
+    A fused lmlab layer (q/k/v, gate/up) becomes one adapter per HF layer: they share A, and B is
+    split row-wise like the weight, which gives exactly the same update.
+    """
+    classifier = isinstance(model, SequenceClassifier)
+    modules = {name.removeprefix("backbone.") if classifier else name: m for name, m in lora_modules(model).items()}
+    tensors, targets = {}, []
+    for ours, names, _ in pairs:
+        module = ours.removesuffix(".weight")
+        if module not in modules or not ours.endswith(".weight"):
+            continue
+        lora = modules.pop(module)
+        hf_modules = [n.removesuffix(".weight") for n in names]
+        b_parts = lora.lora_B.weight.split(sizes(ours, lora.lora_B.weight), dim=0) if len(names) > 1 else [lora.lora_B.weight]
+        for hf_module, b in zip(hf_modules, b_parts):
+            tensors[f"{hf_module}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().float().clone()  # one copy per HF layer
+            tensors[f"{hf_module}.lora_B.weight"] = b.detach().cpu().float().contiguous()
+            targets.append(hf_module)
+    if modules:
+        raise Unsupported(f"unsupported by lmlab: LoRA on {sorted(modules)[0]!r}, which has no Hugging Face counterpart")
+    if classifier:
+        tensors["classifier.weight"] = model.classifier.weight.detach().cpu().float().contiguous()
+        tensors["classifier.bias"] = model.classifier.bias.detach().cpu().float().contiguous()
+    return tensors, targets
+
+
+def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> Path:
+    """Write ``model`` and ``tokenizer`` as an HF folder that transformers loads, atomically.
+
+    A model with LoRA adapters is written as the base weights plus a PEFT adapter in ``adapter/``
+    (``PeftModel.from_pretrained(AutoModel...from_pretrained(folder), folder / "adapter")``), or, with
+    ``merge``, with the adapters merged into the weights (the caller's model is left unmerged).
+    """
+    if merge and has_lora(model):
+        merge_lora(model)
+        try:
+            with base_view(model):
+                return export_hf(model, tokenizer, out_dir)
+        finally:
+            unmerge_lora(model)
     arch = _hf_architecture(model)
     cfg = model.config
     backbone = model.backbone if isinstance(model, SequenceClassifier) else model
@@ -379,7 +420,8 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
             return [cfg.n_head * head_dim, cfg.n_kv_head * head_dim, cfg.n_kv_head * head_dim]
         return [tensor.size(0) // 2] * 2  # SwiGLU gate and up
 
-    state = {k: v.detach().cpu().float() for k, v in backbone.state_dict().items()}
+    with base_view(backbone):
+        state = {k: v.detach().cpu().float() for k, v in backbone.state_dict().items()}
     weights = _scatter(state, pairs, sizes)
     if arch == "bert-classifier":
         weights["classifier.weight"] = model.classifier.weight.detach().cpu().float().contiguous()
@@ -393,6 +435,12 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
         config = {**_hf_config(model, arch, tokenizer), "torch_dtype": "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")
+        if has_lora(model):
+            tensors, targets = _hf_adapter(model, pairs, sizes, prefix)
+            task = "SEQ_CLS" if arch == "bert-classifier" else ("FEATURE_EXTRACTION" if arch == "bert" else "CAUSAL_LM")
+            keep = ["classifier"] if arch == "bert-classifier" else []
+            write_adapter(tmp / "adapter", tensors, adapter_config(model.lora_config, targets, keep, task,
+                                                       fan_in_fan_out=arch == "gpt2"))
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
         if arch in ("gpt2", "llama"):
             try:

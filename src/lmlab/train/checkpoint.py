@@ -30,6 +30,7 @@ from lmlab import __version__
 from lmlab.config import ModelConfig, from_dict
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, LmlabError
+from lmlab.finetune.lora import base_view, has_lora, load_adapter, save_adapter
 from lmlab.models.registry import build_model
 
 FORMAT = "lmlab-checkpoint"
@@ -64,7 +65,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        with base_view(model):  # LoRA adapters go to their own files, in PEFT's format
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        if has_lora(model):
+            save_adapter(model, tmp / "adapter", task_type="SEQ_CLS" if hasattr(model, "head_config") else "CAUSAL_LM")
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                os.replace(tmp / "adapter" / name, tmp / name)
+            (tmp / "adapter").rmdir()
         tokenizer.save(tmp / "tokenizer.json")
         if train_state is not None:
             torch.save(train_state, tmp / "state.pt")
@@ -173,6 +180,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}/model.safetensors does not match its config "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if (ckpt / "adapter_config.json").is_file():
+        load_adapter(model, ckpt)
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(model.to(device).eval(), tokenizer, manifest, ckpt)
 

@@ -143,10 +143,15 @@ class Trainer:
         self.device = resolve_device(self.tc.device)
         self.precision = resolve_precision(self.tc.precision, self.device)
         self._load_data()
+        if self.tc.epochs is not None:  # passes over the training tokens decide the step count
+            tokens_per_step = self.tc.batch_size * self.tc.grad_accum * self.cfg.model.block_size
+            steps = max(1, math.ceil(self.tc.epochs * self.train_data.tokens / tokens_per_step))
+            self.tc = dataclasses.replace(self.tc, max_steps=steps)
+            self.cfg = dataclasses.replace(self.cfg, train=self.tc)
         torch.manual_seed(self.tc.seed)
         random.seed(self.tc.seed)
         self.model = build_model(self.cfg.model).to(self.device)
-        self.cfg = dataclasses.replace(cfg, model=self.model.config)  # presets resolved, for config.yaml
+        self.cfg = dataclasses.replace(self.cfg, model=self.model.config)  # presets resolved, for config.yaml
         self.optimizer = build_optimizer(self.model, self.tc, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.tc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")

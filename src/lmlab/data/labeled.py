@@ -1,0 +1,133 @@
+"""Labelled text for classification: TSV, CSV or JSONL files -> (text, label) examples -> padded batches.
+
+    .tsv / .csv   a header row names the columns; ``text_field`` and ``label_field`` pick two of them
+    .jsonl        one object per line with those two keys
+
+Labels are kept as strings ("0", "positive", ...); a classifier's label list fixes their ids.
+Batches group examples of similar length (less padding) in a seeded, reproducible order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import DataError
+
+
+@dataclass
+class Example:
+    text: str
+    label: str | None  # None when the file has no label column (prediction)
+    where: str  # "file:line", for error messages
+
+
+def read_examples(path: str | Path, text_field: str = "sentence", label_field: str | None = "label") -> list[Example]:
+    """Every (text, label) of a TSV/CSV/JSONL file; empty texts and missing fields are DataErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl", ".json"):
+        raise DataError(f"{path}: unknown format {suffix!r} (use .tsv, .csv or .jsonl)")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(_rows(f, suffix, path))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    examples = []
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if text_field not in row:
+            raise DataError(f"{where}: no field {text_field!r} (fields: {', '.join(map(str, row))}); set the text field")
+        text = str(row[text_field] or "").strip()
+        if not text:
+            raise DataError(f"{where}: empty text")
+        label = None
+        if label_field is not None and label_field in row and row[label_field] not in (None, ""):
+            label = str(row[label_field]).strip()
+        elif label_field is not None and label_field not in row:
+            raise DataError(f"{where}: no field {label_field!r} (fields: {', '.join(map(str, row))}); set the label field")
+        examples.append(Example(text, label, where))
+    return examples
+
+
+def _rows(f, suffix: str, path: Path):
+    """(line number, dict) for every record of an open file."""
+    if suffix in (".jsonl", ".json"):
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object")
+                yield i, obj
+        return
+    reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
+                            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    for row in reader:
+        yield reader.line_num, row
+
+
+def label_ids(examples: list[Example], labels: list[str]) -> list[int]:
+    """Label ids in ``labels`` order; a label outside the list is a DataError naming it and where."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for ex in examples:
+        if ex.label is None:
+            raise DataError(f"{ex.where}: no label")
+        if ex.label not in index:
+            raise DataError(f"{ex.where}: label {ex.label!r} was not seen in training (labels: {', '.join(labels)})")
+        out.append(index[ex.label])
+    return out
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids with the tokenizer's template ([CLS] ... [SEP] for BERT), cut to ``max_length``."""
+    ids = tokenizer.encode_batch(texts, add_special_tokens=True, max_length=max_length)
+    return [x if x else [tokenizer.eot_id] for x in ids]
+
+
+def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, T) padded on the right with ``pad_id``, and the attention mask (B, T): 1 for real tokens."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index batches for one epoch: shuffled, then sorted by length within windows of 50 batches.
+
+    Examples of similar length share a batch (little padding), yet the order stays random;
+    the same (seed, epoch) always gives the same batches.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches for evaluation: sorted by length (fast), every example once."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]

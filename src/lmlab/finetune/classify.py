@@ -1,0 +1,237 @@
+"""Sequence classification: fine-tune a pretrained model (fully or with LoRA), evaluate it, predict.
+
+    lmlab finetune classify configs/sst2_minilm.yaml    -> run folder: checkpoint, metrics.jsonl, plots,
+                                                          results.json/.md, confusion.png
+    lmlab eval classify RUN --data dev.tsv              -> accuracy, macro P/R/F1, confusion matrix
+    lmlab predict RUN "a gripping film"                 -> label and probability
+
+Any lmlab model or Hugging Face folder can be the base: an encoder pools [CLS] through its pooler
+(or the mean of its tokens), a decoder or recurrent model reads out its last real token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from lmlab.config import ClassifyConfig, atomic_write_text, save_config
+from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
+                                sequential_batches)
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import ConfigError, DataError
+from lmlab.eval.metrics import classification_report, confusion_text, plot_confusion
+from lmlab.finetune.lora import count_parameters, inject_lora
+from lmlab.models.heads import ClassifierConfig, SequenceClassifier
+from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmlab.train.logger import MetricsLogger, plot_losses
+from lmlab.train.optim import build_optimizer, build_scheduler
+from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
+
+
+def sorted_labels(examples: list[Example]) -> list[str]:
+    """The distinct labels of the training examples, numerically ordered when they are all integers."""
+    names = {ex.label for ex in examples if ex.label is not None}
+    if len(names) < 2:
+        raise DataError(f"the training data needs at least two distinct labels, found {sorted(names)}")
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None, dropout: float) -> SequenceClassifier:
+    """A SequenceClassifier on ``backbone``; default pooling: [CLS] for encoders, last token otherwise."""
+    if isinstance(backbone, SequenceClassifier):  # start a new head on a classifier's backbone
+        backbone = backbone.backbone
+    if pooling is None:
+        pooling = "cls" if backbone.config.family == "encoder" else "last"
+    try:
+        return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))
+    except ValueError as e:
+        raise ConfigError(f"model.pooling: {e}") from None
+
+
+@torch.no_grad()
+def predict_proba(model: SequenceClassifier, tokenizer: Tokenizer, texts: list[str], max_length: int,
+                  batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+    """Class probabilities (N, n_labels) of ``texts``, in their order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = encode_texts(tokenizer, texts, max_length)
+    probs = torch.empty(len(texts), len(model.head_config.labels))
+    with autocast_context(precision, device):
+        for batch in sequential_batches([len(x) for x in ids], batch_size):
+            x, mask = pad_batch([ids[i] for i in batch], tokenizer.pad_id)
+            logits, _ = model(x.to(device), mask.to(device))
+            probs[batch] = logits.float().softmax(-1).cpu()
+    model.train(was_training)
+    return probs
+
+
+def evaluate_classifier(model: SequenceClassifier, tokenizer: Tokenizer, examples: list[Example], max_length: int,
+                        batch_size: int = 64, precision: str = "fp32") -> dict:
+    """Accuracy, macro precision/recall/F1, per-label figures, confusion matrix and mean loss on ``examples``."""
+    labels = model.head_config.labels
+    gold = label_ids(examples, labels)
+    probs = predict_proba(model, tokenizer, [ex.text for ex in examples], max_length, batch_size, precision)
+    report = classification_report(gold, probs.argmax(-1).tolist(), labels)
+    report["loss"] = float(-probs[torch.arange(len(gold)), torch.tensor(gold)].clamp(min=1e-12).log().mean())
+    return report
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    context = getattr(model, "block_size", None)
+    if context is not None and max_length > context:
+        raise ConfigError(f"data.max_length {max_length} exceeds the model's context of {context} tokens")
+
+
+def finetune_classifier(cfg: ClassifyConfig) -> dict:
+    """Train a classifier as ``cfg`` says; write the run folder and return a summary (see module docstring)."""
+    tc, dc = cfg.train, cfg.data
+    out = Path(tc.out_dir)
+    if list_checkpoints(out):
+        raise ConfigError(f"{out} already holds a run; choose another train.out_dir or delete it")
+    if not cfg.model.path:
+        raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
+    if not dc.train:
+        raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    train_examples = read_examples(dc.train, dc.text_field, dc.label_field)
+    val_examples = read_examples(dc.val, dc.text_field, dc.label_field) if dc.val else []
+    labels = sorted_labels(train_examples)
+    train_y = label_ids(train_examples, labels)
+    if val_examples:
+        label_ids(val_examples, labels)  # unseen labels fail now, not after training
+
+    base = load_checkpoint(cfg.model.path)
+    tokenizer = base.tokenizer
+    torch.manual_seed(tc.seed)
+    model = build_classifier(base.model, labels, cfg.model.pooling, cfg.model.dropout)
+    check_max_length(model, dc.max_length)
+    if cfg.lora.r:
+        inject_lora(model, cfg.lora, keep_trainable=("classifier",))
+    model.to(device).train()
+    trainable, total = count_parameters(model)
+    train_ids = encode_texts(tokenizer, [ex.text for ex in train_examples], dc.max_length)
+    lengths = [len(x) for x in train_ids]
+    steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
+    if tc.epochs is not None:
+        tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * steps_per_epoch)))
+    cfg = dataclasses.replace(cfg, train=tc)
+    optimizer = build_optimizer(model, tc, device.type)
+    scheduler = build_scheduler(optimizer, tc)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    logger = MetricsLogger(out, tc.tensorboard)
+    print(f"{len(train_examples):,} training examples, labels {labels}; {trainable:,} of {total:,} parameters "
+          f"trainable ({100 * trainable / total:.2f}%); {tc.max_steps:,} steps")
+
+    started = time.perf_counter()
+    step, window_loss, window_n, window_tokens, window_start = 0, 0.0, 0, 0, started
+    report, interrupted = None, False
+    bar = tqdm(total=tc.max_steps, unit="step", disable=not tc.progress, dynamic_ncols=True, mininterval=0.5)
+    batches: list[list[int]] = []
+    try:
+        while step < tc.max_steps:
+            if not batches:
+                batches = length_grouped_batches(lengths, tc.batch_size, tc.seed, step // steps_per_epoch)
+            batch = batches.pop()
+            x, mask = pad_batch([train_ids[i] for i in batch], tokenizer.pad_id)
+            y = torch.tensor([train_y[i] for i in batch])
+            with autocast_context(precision, device):
+                _, loss = model(x.to(device), mask.to(device), y.to(device))
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            window_loss, window_n, window_tokens = window_loss + loss.item(), window_n + 1, window_tokens + int(mask.sum())
+            elapsed = time.perf_counter() - started
+            if step % tc.log_interval == 0 or step == tc.max_steps:
+                now = time.perf_counter()
+                record = {"step": step, "train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
+                          "examples_per_s": window_n * tc.batch_size / (now - window_start),
+                          "tokens_per_s": window_tokens / (now - window_start), "elapsed_s": elapsed,
+                          "peak_mem_mib": peak_memory_mib(device), "time": time.time()}
+                logger.log(record)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", ex_s=f"{record['examples_per_s']:,.0f}")
+                window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
+            out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
+            last = step == tc.max_steps or out_of_time
+            if val_examples and (step % tc.eval_interval == 0 or last):
+                report = evaluate_classifier(model, tokenizer, val_examples, dc.max_length,
+                                             tc.eval_batch_size or 2 * tc.batch_size, precision)
+                logger.log({"step": step, "val_loss": report["loss"], "val_accuracy": report["accuracy"],
+                            "val_macro_f1": report["macro_f1"], "elapsed_s": time.perf_counter() - started,
+                            "time": time.time()})
+                bar.write(f"step {step}: val accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}")
+            if last:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"interrupted at step {step}: saving what was trained so far")
+    finally:
+        bar.close()
+        logger.close()
+    train_seconds = time.perf_counter() - started
+    ckpt = save_checkpoint(out / "checkpoints" / f"step-{step:06d}", model.eval(), tokenizer,
+                           info={"step": step, "kind": "classify", "base": str(cfg.model.path)})
+    summary = {"steps": step, "train_seconds": train_seconds, "trainable_params": trainable, "total_params": total,
+               "peak_mem_mib": peak_memory_mib(device), "checkpoint": str(ckpt), "interrupted": interrupted,
+               "labels": labels, "lora_r": cfg.lora.r}
+    if report is not None:
+        summary["val"] = report
+        write_classification_report(report, out, f"Validation: {dc.val}", extra=summary)
+    plot_losses(out / "metrics.jsonl", out / "plots")
+    return summary
+
+
+def write_classification_report(report: dict, out_dir: str | Path, title: str, extra: dict | None = None) -> None:
+    """results.json, results.md (metrics, per-label table, confusion matrix) and confusion.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    payload = {**{k: v for k, v in (extra or {}).items() if k != "val"}, **report}
+    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+    rows = [f"| {k} | {report[k]:.4f} |" for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "loss")
+            if k in report]
+    per_label = [f"| {name} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                 for name, v in report["per_label"].items()]
+    md = (f"# {title}\n\n{report['examples']} examples\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+          + "\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(per_label)
+          + f"\n\nConfusion matrix (rows: true label, columns: predicted):\n\n```\n{confusion_text(report)}\n```\n\n"
+          + "![confusion matrix](confusion.png)\n")
+    atomic_write_text(out_dir / "results.md", md)
+    plot_confusion(report, out_dir / "confusion.png", title)
+
+
+def load_classifier(path: str | Path, device: str = "auto"):
+    """A trained classifier checkpoint (or run folder, or HF BertForSequenceClassification folder)."""
+    ckpt = load_checkpoint(path, device=resolve_device(device))
+    if not isinstance(ckpt.model, SequenceClassifier):
+        raise ConfigError(f"{path} is a language model, not a classifier (train one with lmlab finetune classify)")
+    return ckpt
+
+
+def max_length_of(ckpt) -> int:
+    """The max_length a classifier was trained with (from its run's config.yaml), else its context or 512."""
+    config = Path(ckpt.path).parent.parent / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            return int(yaml.safe_load(config.read_text())["data"]["max_length"])
+        except (KeyError, TypeError, ValueError, yaml.YAMLError):
+            pass
+    return min(getattr(ckpt.model, "block_size", None) or 512, 512)
