@@ -1,0 +1,141 @@
+"""Sequence classification end to end: data reading, metrics, fine-tuning (full and LoRA), eval, predict."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.config import ModelConfig
+from lmlab.data.labeled import length_grouped_batches, read_examples
+from lmlab.data.tokenizer import train_tokenizer
+from lmlab.errors import DataError
+from lmlab.eval.metrics import classification_report
+from lmlab.models.registry import build_model
+from lmlab.train.checkpoint import save_checkpoint
+
+POSITIVE = ["great", "lovely", "superb", "moving", "brilliant", "charming"]
+NEGATIVE = ["awful", "dull", "boring", "clumsy", "tedious", "bland"]
+FILLER = ["the", "film", "was", "a", "story", "and", "plot", "acting", "really", "quite", "its", "cast"]
+
+
+def sentences(n: int, seed: int) -> list[tuple[str, str]]:
+    """Toy sentiment: the label is whether a positive or a negative word appears among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["0", "1"])
+        words = rng.choices(FILLER, k=rng.randint(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "1" else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny random-init encoder checkpoint (word-level vocabulary) and train/dev TSV files."""
+    root = tmp_path_factory.mktemp("classify")
+    train, dev = sentences(400, 0), sentences(100, 1)
+    tokenizer = train_tokenizer("word", [t for t, _ in train])
+    torch.manual_seed(0)
+    encoder = build_model(ModelConfig(family="encoder", n_layer=2, n_head=2, d_model=32, block_size=32,
+                                      vocab_size=tokenizer.vocab_size, dropout=0.0))
+    base = save_checkpoint(root / "base", encoder, tokenizer)
+    return {"root": root, "base": base, "train": write_tsv(root / "train.tsv", train),
+            "dev": write_tsv(root / "dev.tsv", dev)}
+
+
+def finetune(toy, out, *overrides, base=None):
+    config = toy["root"] / "cls.yaml"
+    config.write_text(f"""
+model: {{path: {base or toy['base']}}}
+data: {{train: {toy['train']}, val: {toy['dev']}, max_length: 32}}
+train: {{out_dir: {out}, batch_size: 16, epochs: 3, lr: 3.0e-3, warmup_steps: 5, lr_schedule: linear,
+         weight_decay: 0.01, eval_interval: 1000, log_interval: 10, progress: false}}
+""")
+    return main(["finetune", "classify", str(config), *overrides])
+
+
+@pytest.fixture(scope="module")
+def full_run(toy):
+    out = toy["root"] / "full"
+    assert finetune(toy, out) == 0
+    return out
+
+
+def test_full_finetune_learns_and_eval_and_predict_agree(toy, full_run, capsys):
+    out = full_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"] >= 0.95 and results["trainable_params"] == results["total_params"]
+    assert (out / "confusion.png").is_file() and (out / "results.md").is_file() and (out / "plots" / "loss.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "classify", str(out), "--data", str(toy["dev"])]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(results["accuracy"])
+    assert main(["predict", str(out), "the film was superb", "a dull and tedious plot"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["label"] for line in lines] == ["1", "0"] and all(line["probability"] > 0.5 for line in lines)
+
+
+def test_lora_finetune_trains_few_parameters(toy, full_run, tmp_path, capsys):
+    """LoRA adapts a pretrained backbone (here: the fully fine-tuned one, under a fresh head)."""
+    out = tmp_path / "lora"
+    assert finetune(toy, out, "lora.r=4", "lora.alpha=8", "train.lr=1e-2", base=full_run) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_params"] < 0.2 * results["total_params"]
+    assert results["accuracy"] >= 0.9
+    ckpt = next((out / "checkpoints").iterdir())
+    assert (ckpt / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", "classify", str(out), "--data", str(toy["dev"])]) == 0  # adapter reloaded from the checkpoint
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["accuracy"])
+
+
+def test_bad_classification_input_is_one_line_errors(toy, tmp_path, capsys):
+    unseen = write_tsv(tmp_path / "unseen.tsv", [("a fine film", "2")])
+    assert finetune(toy, tmp_path / "a", f"data.val={unseen}") == 1
+    assert "label '2'" in capsys.readouterr().err
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence\tlabel\n \t1\n")
+    assert finetune(toy, tmp_path / "b", f"data.train={empty}") == 1
+    assert "empty text" in capsys.readouterr().err
+    assert finetune(toy, tmp_path / "c", "data.text_field=review") == 1
+    assert "no field 'review'" in capsys.readouterr().err
+    assert main(["predict", str(toy["base"]), "hello"]) == 1
+    assert "not a classifier" in capsys.readouterr().err
+
+
+def test_readers_and_batches(tmp_path):
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"text": "good", "y": "pos"}\n{"text": "bad", "y": "neg"}\n')
+    examples = read_examples(jsonl, "text", "y")
+    assert [(e.text, e.label) for e in examples] == [("good", "pos"), ("bad", "neg")]
+    csv_file = tmp_path / "x.csv"
+    csv_file.write_text('text,label\n"hello, world",1\n')
+    assert read_examples(csv_file, "text", "label")[0].text == "hello, world"
+    (tmp_path / "x.txt").write_text("a")
+    with pytest.raises(DataError, match="unknown format"):
+        read_examples(tmp_path / "x.txt")
+    lengths = [random.Random(i).randint(1, 50) for i in range(1000)]
+    batches = length_grouped_batches(lengths, 32, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert batches == length_grouped_batches(lengths, 32, seed=1, epoch=0) != length_grouped_batches(lengths, 32, 1, 1)
+
+
+def test_metrics_match_scikit_learn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(0)
+    gold = [rng.randrange(3) for _ in range(200)]
+    pred = [g if rng.random() < 0.7 else rng.randrange(3) for g in gold]
+    pred = [p if p != 2 else 1 for p in pred]  # label 2 is never predicted: precision 0 by convention
+    report = classification_report(gold, pred, ["a", "b", "c"])
+    p, r, f, _ = sklearn_metrics.precision_recall_fscore_support(gold, pred, average="macro", zero_division=0)
+    assert report["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(gold, pred))
+    assert (report["macro_precision"], report["macro_recall"], report["macro_f1"]) == pytest.approx((p, r, f))
+    assert report["confusion_matrix"] == sklearn_metrics.confusion_matrix(gold, pred).tolist()
