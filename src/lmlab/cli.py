@@ -160,6 +160,35 @@ def cmd_predict(args: argparse.Namespace) -> None:
                          ensure_ascii=False))
 
 
+def cmd_finetune_sft(args: argparse.Namespace) -> None:
+    from lmlab.config import SftConfig, load_config
+    from lmlab.finetune.sft import finetune_sft
+
+    summary = finetune_sft(load_config(args.config, args.overrides, cls=SftConfig))
+    val = f"val loss {summary['val_loss']:.4f}; " if summary["val_loss"] is not None else ""
+    print(f"step {summary['steps']}: {val}{summary['train_seconds']:.0f} s, peak memory "
+          f"{summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmlab.generate.chat import ChatSession, run_repl
+    from lmlab.generate.engine import print_stream
+    from lmlab.generate.sampling import SamplingParams
+    from lmlab.train.checkpoint import load_checkpoint
+    from lmlab.train.trainer import resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    session = ChatSession(ckpt.model, ckpt.tokenizer, params, system=args.system)
+    if args.message:
+        for message in args.message:
+            session.reply(message, on_text=print_stream)
+            print()
+        return
+    run_repl(session)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``lmlab <command> --help`` documents each flag)."""
     p = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.")
@@ -247,6 +276,33 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("config", help="YAML config (see configs/sst2_minilm.yaml)")
     fc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=8 train.lr=5e-4")
     fc.set_defaults(func=cmd_finetune_classify)
+
+    from lmlab.config import SftConfig
+
+    fs = ft.add_parser("sft", help="instruction-tune a decoder on conversations (chat template, loss on answers)",
+                       description="Supervised fine-tuning on JSONL/JSON(.gz) conversations: Alpaca records "
+                                   "{instruction, input, output} or {messages: [{role, content}, ...]}. Adds the "
+                                   "chat tokens to the tokenizer, computes the loss on assistant tokens only, packs "
+                                   "short examples. configs/alpaca_sft.yaml is a recipe.",
+                       epilog="config keys (default, type):\n" + describe_config(SftConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    fs.add_argument("config", help="YAML config (see configs/alpaca_sft.yaml)")
+    fs.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_examples=2000")
+    fs.set_defaults(func=cmd_finetune_sft)
+
+    ch = sub.add_parser("chat", help="chat with an instruction-tuned model in the terminal (streams answers)")
+    ch.add_argument("checkpoint", help="checkpoint or run folder of a model tuned with lmlab finetune sft")
+    ch.add_argument("--system", default=None, help="system prompt (kept across /reset)")
+    ch.add_argument("--message", action="append", default=None, metavar="TEXT",
+                    help="send this message and print the answer instead of starting the interactive chat (repeatable)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    ch.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
+    ch.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    ch.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
+    ch.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    ch.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")

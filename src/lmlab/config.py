@@ -147,6 +147,28 @@ class ClassifyConfig:
 
 
 @dataclass
+class SftDataConfig:
+    """Conversations for instruction tuning: JSONL/JSON(.gz) of {instruction, input, output} or {messages}."""
+
+    train: str = ""
+    val: str | None = None  # None = hold out val_fraction of train
+    val_fraction: float = 0.02
+    max_examples: int | None = None  # use the first N training conversations
+    system_prompt: str | None = None  # added as the system turn where a conversation has none
+    pack: bool = True  # concatenate short conversations into full context windows
+
+
+@dataclass
+class SftConfig:
+    """Everything ``lmlab finetune sft`` needs (model.pooling and model.dropout do not apply)."""
+
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: SftDataConfig = field(default_factory=SftDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class RunConfig:
     """Everything ``lmlab train`` needs: the model, the data and the training recipe."""
 

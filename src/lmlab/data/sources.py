@@ -75,6 +75,38 @@ def iter_documents(inputs: list[str], field: str = "text", split_lines: bool = F
         raise DataError(f"{names}: no text (the input is empty)")
 
 
+def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each record of a .jsonl or .json file (a list, or one value), gzipped or not."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = _inner_suffix(path)
+    if suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: expected .jsonl or .json (optionally .gz)")
+    try:
+        with _open(path) as f:
+            if suffix == ".json":
+                raw = f.read()
+                try:
+                    data = json.loads(_decode(raw, path, 0))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+                for i, record in enumerate(data if isinstance(data, list) else [data]):
+                    yield f"{path}[{i}]", record
+                return
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, offset)
+                offset += len(raw)
+                if line.strip():
+                    try:
+                        yield f"{path}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
 # ---------------------------------------------------------------------------- finding files
 
 

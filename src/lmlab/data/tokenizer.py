@@ -150,6 +150,12 @@ class Tokenizer:
         """A decoder for generation: feed ids one at a time, get text that never splits a character."""
         return StreamDecoder(self.tk)
 
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        """Add special tokens (new ids at the end of the vocabulary), e.g. a chat template's markers."""
+        self.tk.add_special_tokens(list(tokens))
+        self._plain = None
+        self.__dict__.pop("_truncators", None)
+
     @property
     def pad_id(self) -> int:
         """Id to pad batches with: the tokenizer's padding token if it has one, else end-of-text."""

@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from lmlab.config import ClassifyConfig, atomic_write_text, save_config
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
@@ -30,8 +28,8 @@ from lmlab.eval.metrics import classification_report, confusion_text, plot_confu
 from lmlab.finetune.lora import count_parameters, inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmlab.finetune.loop import run_loop
 from lmlab.train.logger import MetricsLogger, plot_losses
-from lmlab.train.optim import build_optimizer, build_scheduler
 from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 
@@ -128,65 +126,33 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
     if tc.epochs is not None:
         tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * steps_per_epoch)))
     cfg = dataclasses.replace(cfg, train=tc)
-    optimizer = build_optimizer(model, tc, device.type)
-    scheduler = build_scheduler(optimizer, tc)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     logger = MetricsLogger(out, tc.tensorboard)
     print(f"{len(train_examples):,} training examples, labels {labels}; {trainable:,} of {total:,} parameters "
           f"trainable ({100 * trainable / total:.2f}%); {tc.max_steps:,} steps")
-
-    started = time.perf_counter()
-    step, window_loss, window_n, window_tokens, window_start = 0, 0.0, 0, 0, started
-    report, interrupted = None, False
-    bar = tqdm(total=tc.max_steps, unit="step", disable=not tc.progress, dynamic_ncols=True, mininterval=0.5)
     batches: list[list[int]] = []
-    try:
-        while step < tc.max_steps:
-            if not batches:
-                batches = length_grouped_batches(lengths, tc.batch_size, tc.seed, step // steps_per_epoch)
-            batch = batches.pop()
-            x, mask = pad_batch([train_ids[i] for i in batch], tokenizer.pad_id)
-            y = torch.tensor([train_y[i] for i in batch])
-            with autocast_context(precision, device):
-                _, loss = model(x.to(device), mask.to(device), y.to(device))
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            window_loss, window_n, window_tokens = window_loss + loss.item(), window_n + 1, window_tokens + int(mask.sum())
-            elapsed = time.perf_counter() - started
-            if step % tc.log_interval == 0 or step == tc.max_steps:
-                now = time.perf_counter()
-                record = {"step": step, "train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                          "examples_per_s": window_n * tc.batch_size / (now - window_start),
-                          "tokens_per_s": window_tokens / (now - window_start), "elapsed_s": elapsed,
-                          "peak_mem_mib": peak_memory_mib(device), "time": time.time()}
-                logger.log(record)
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}", ex_s=f"{record['examples_per_s']:,.0f}")
-                window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
-            out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
-            last = step == tc.max_steps or out_of_time
-            if val_examples and (step % tc.eval_interval == 0 or last):
-                report = evaluate_classifier(model, tokenizer, val_examples, dc.max_length,
-                                             tc.eval_batch_size or 2 * tc.batch_size, precision)
-                logger.log({"step": step, "val_loss": report["loss"], "val_accuracy": report["accuracy"],
-                            "val_macro_f1": report["macro_f1"], "elapsed_s": time.perf_counter() - started,
-                            "time": time.time()})
-                bar.write(f"step {step}: val accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}")
-            if last:
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"interrupted at step {step}: saving what was trained so far")
-    finally:
-        bar.close()
-        logger.close()
-    train_seconds = time.perf_counter() - started
+    reports: list[dict] = []
+
+    def loss_of(step: int) -> tuple[torch.Tensor, int]:
+        if not batches:  # a new epoch: batches of similar lengths, in a seeded random order
+            batches.extend(length_grouped_batches(lengths, tc.batch_size, tc.seed, step // steps_per_epoch))
+        batch = batches.pop()
+        x, mask = pad_batch([train_ids[i] for i in batch], tokenizer.pad_id)
+        y = torch.tensor([train_y[i] for i in batch])
+        return model(x.to(device), mask.to(device), y.to(device))[1], int(mask.sum())
+
+    def evaluate(step: int) -> dict:
+        reports.append(evaluate_classifier(model, tokenizer, val_examples, dc.max_length,
+                                           tc.eval_batch_size or 2 * tc.batch_size, precision))
+        return {"val_loss": reports[-1]["loss"], "val_accuracy": reports[-1]["accuracy"],
+                "val_macro_f1": reports[-1]["macro_f1"]}
+
+    result = run_loop(model, tc, logger, device, precision, loss_of, evaluate if val_examples else None,
+                      examples_per_step=tc.batch_size)
+    logger.close()
+    step, train_seconds, interrupted = result.steps, result.seconds, result.interrupted
+    report = reports[-1] if reports else None
     ckpt = save_checkpoint(out / "checkpoints" / f"step-{step:06d}", model.eval(), tokenizer,
                            info={"step": step, "kind": "classify", "base": str(cfg.model.path)})
     summary = {"steps": step, "train_seconds": train_seconds, "trainable_params": trainable, "total_params": total,

@@ -63,13 +63,13 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: S
                   on_text: Callable[[str], None] | None = None) -> str:
     """Generate a continuation of ``prompt``; ``on_text`` receives the text as it is produced.
 
-    The end-of-text token stops generation and is not part of the returned text.
+    The end-of-text token and ``params.stop_tokens`` stop generation and are not part of the text.
     """
     params.stop_tokens = list(dict.fromkeys([*params.stop_tokens, tokenizer.eot_id]))
     decoder = tokenizer.stream_decoder()
     pieces = []
     for tid in generate_tokens(model, tokenizer.encode(prompt), params):
-        if tid == tokenizer.eot_id:
+        if tid in params.stop_tokens:
             break
         pieces.append(decoder.step(tid))
         if pieces[-1] and on_text is not None:

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-from lmlab.models.layers import MLP, Attention, KVCache, default_d_ff, make_norm, rope_tables
+from lmlab.models.layers import (MLP, Attention, KVCache, default_d_ff, grow_embedding, grow_linear_rows, make_norm,
+                                 rope_tables)
 
 PRESETS = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
@@ -145,6 +146,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm_f(x)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the token embedding (and output layer) to ``vocab_size`` rows, e.g. for new special tokens.
+
+        Existing rows are kept; new rows start at the mean of the old ones, so new tokens begin as an
+        "average" token rather than noise.
+        """
+        self.tok_emb = grow_embedding(self.tok_emb, vocab_size)
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(self.config.d_model, vocab_size, bias=False, device=self.tok_emb.weight.device)
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            self.lm_head = grow_linear_rows(self.lm_head, vocab_size)
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (as in the scaling-law papers)."""

@@ -180,3 +180,32 @@ def default_d_ff(d_model: int, mlp: str) -> int:
     if mlp in ("gelu", "gelu_exact"):
         return 4 * d_model
     return 64 * math.ceil(int(8 * d_model / 3) / 64)
+
+
+@torch.no_grad()
+def grow_embedding(emb: nn.Embedding, rows: int) -> nn.Embedding:
+    """A copy of ``emb`` with ``rows`` rows: old rows kept, new ones drawn around the old rows' mean.
+
+    (Mean plus noise of the old rows' spread: new tokens start as plausible, distinct tokens.)
+    """
+    new = nn.Embedding(rows, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
+    n = min(rows, emb.num_embeddings)
+    new.weight[:n] = emb.weight[:n]
+    old = emb.weight.float()
+    fresh = old.mean(0) + torch.randn(rows - n, emb.embedding_dim, device=old.device) * old.std(0)
+    new.weight[n:] = fresh.to(new.weight.dtype)
+    return new
+
+
+@torch.no_grad()
+def grow_linear_rows(linear: nn.Linear, rows: int) -> nn.Linear:
+    """A copy of ``linear`` with ``rows`` outputs: old rows kept, new rows (and biases) set to the old mean."""
+    new = nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    n = min(rows, linear.out_features)
+    new.weight[:n] = linear.weight[:n]
+    new.weight[n:] = linear.weight.mean(0)
+    if linear.bias is not None:
+        new.bias[:n] = linear.bias[:n]
+        new.bias[n:] = linear.bias.mean()
+    return new

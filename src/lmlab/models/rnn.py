@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.models.layers import grow_embedding, grow_linear_rows
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -105,6 +106,17 @@ class RecurrentLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the embedding and output layer to ``vocab_size`` rows (new rows: the mean of the old)."""
+        self.embed = grow_embedding(self.embed, vocab_size)
+        if self.config.tie_embeddings:
+            self.head = nn.Linear(self.config.d_ff, vocab_size, device=self.embed.weight.device)
+            nn.init.zeros_(self.head.bias)
+            self.head.weight = self.embed.weight
+        else:
+            self.head = grow_linear_rows(self.head, vocab_size)
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs of the last recurrent layer (B, T, H), for task heads.

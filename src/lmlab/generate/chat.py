@@ -1,0 +1,88 @@
+"""Chat: a conversation with an instruction-tuned model, through the one generation engine.
+
+``ChatSession`` keeps the history, renders it in lmlab's chat template (data/chat.py) with an open
+assistant turn, generates until <|end|>, and appends the answer to the history. ``lmlab chat`` is
+a terminal front end over it (``/reset`` clears the history, ``/exit`` or end of input quits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable, TextIO
+
+import torch.nn as nn
+
+from lmlab.data.chat import end_of_turn_id, render
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import DataError
+from lmlab.generate.engine import generate_tokens
+from lmlab.generate.sampling import SamplingParams
+
+
+class ChatSession:
+    """A conversation: ``reply(text)`` answers a user message and remembers both turns."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
+        self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
+        self.end_id = end_of_turn_id(tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self) -> list[int]:
+        """The history in the chat template, ending in an open assistant turn."""
+        ids, _ = render(self.tokenizer, self.messages, add_generation_prompt=True)
+        return ids
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Generate the assistant's answer to ``text`` (streamed to ``on_text``) and add both to the history."""
+        if not text.strip():
+            raise DataError("empty message")
+        self.messages.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        context = getattr(self.model, "block_size", None)
+        while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
+            self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
+            ids = self.prompt_ids()
+        params = dataclasses.replace(self.params, stop_tokens=[self.end_id, self.tokenizer.eot_id])
+        decoder, pieces = self.tokenizer.stream_decoder(), []
+        for tid in generate_tokens(self.model, ids, params):
+            if tid in params.stop_tokens:
+                break
+            pieces.append(decoder.step(tid))
+            if pieces[-1] and on_text is not None:
+                on_text(pieces[-1])
+        pieces.append(decoder.flush())
+        if pieces[-1] and on_text is not None:
+            on_text(pieces[-1])
+        answer = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Read user lines, stream answers; /reset clears the history, /exit (or end of input) quits."""
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    write("chat: type a message; /reset clears the conversation, /exit quits\n")
+    while True:
+        write("you> ")
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            write("\n" if not line else "")
+            return
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            write("(conversation cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        write("assistant> ")
+        session.reply(text, on_text=write)
+        write("\n")

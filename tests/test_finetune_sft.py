@@ -1,0 +1,103 @@
+"""Instruction tuning: the chat template, loss only on assistant tokens, packing, and chat end to end."""
+
+import io
+import json
+
+import pytest
+
+from lmlab.cli import main
+from lmlab.data.chat import END, ROLE_TOKENS, add_chat_tokens, conversation_of, render
+from lmlab.data.tokenizer import train_tokenizer
+from lmlab.errors import DataError
+from lmlab.finetune.sft import IGNORE, training_rows
+from lmlab.generate.chat import ChatSession, run_repl
+from lmlab.generate.sampling import SamplingParams
+from lmlab.train.checkpoint import load_checkpoint
+
+ANSWERS = {"say hi": "hi there", "say bye": "bye now"}
+
+
+@pytest.fixture()
+def chat_tokenizer():
+    tok = train_tokenizer("char", ["some text to learn characters from: hi there, bye now, say"])
+    tok.add_special_tokens([*ROLE_TOKENS.values(), END])
+    return tok
+
+
+def test_render_counts_only_assistant_tokens(chat_tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi"},
+                {"role": "assistant", "content": "hi there"}]
+    ids, learn = render(chat_tokenizer, messages)
+    assert chat_tokenizer.decode(ids) == ("<|system|>\nbe brief<|end|>\n<|user|>\nsay hi<|end|>\n"
+                                          "<|assistant|>\nhi there<|end|>\n")
+    counted = chat_tokenizer.decode([t for t, c in zip(ids, learn) if c])
+    assert counted == "hi there<|end|>"
+    prompt, _ = render(chat_tokenizer, messages[:2], add_generation_prompt=True)
+    assert chat_tokenizer.decode(prompt).endswith("<|user|>\nsay hi<|end|>\n<|assistant|>\n")
+
+
+def test_training_rows_pack_and_mask(chat_tokenizer):
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in list(ANSWERS.items()) * 10]
+    rows = training_rows(chat_tokenizer, conversations, block_size=32, pack=True)
+    assert all(len(x) == len(y) <= 32 for x, y in rows) and len(rows) < len(conversations)
+    learned = "".join(chat_tokenizer.decode([t for t in y if t != IGNORE]) for _, y in rows)
+    assert "say" not in learned and learned.count("hi there<|end|>") == 10
+    unpacked = training_rows(chat_tokenizer, conversations, block_size=32, pack=False)
+    assert len(unpacked) == len(conversations)
+
+
+def test_conversation_shapes_and_errors():
+    alpaca = conversation_of({"instruction": "Add", "input": "2 and 3", "output": "5"}, "x", system_prompt="sys")
+    assert alpaca == [{"role": "system", "content": "sys"}, {"role": "user", "content": "Add\n\n2 and 3"},
+                      {"role": "assistant", "content": "5"}]
+    messages = conversation_of({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "x")
+    assert messages[1]["content"] == "a"
+    with pytest.raises(DataError, match="no assistant answer"):
+        conversation_of({"messages": [{"role": "user", "content": "q"}]}, "f.jsonl:3")
+    with pytest.raises(DataError, match="role"):
+        conversation_of({"messages": [{"role": "robot", "content": "q"}]}, "f.jsonl:3")
+    with pytest.raises(DataError, match="expected"):
+        conversation_of({"question": "q"}, "f.jsonl:3")
+
+
+def test_adding_chat_tokens_grows_the_model(trained_run):
+    ckpt = load_checkpoint(trained_run)
+    before = ckpt.model.config.vocab_size
+    assert add_chat_tokens(ckpt.tokenizer, ckpt.model) == 4
+    assert ckpt.model.config.vocab_size == ckpt.tokenizer.vocab_size == before + 4
+    assert ckpt.model.tok_emb.weight.shape[0] == before + 4
+    assert add_chat_tokens(ckpt.tokenizer, ckpt.model) == 0
+
+
+def test_sft_then_chat_answers_in_the_trained_format(trained_run, tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    records = [{"instruction": q, "input": "", "output": a} for q, a in ANSWERS.items()] * 100
+    records.append({"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"""
+model: {{path: {trained_run}}}
+data: {{train: {data}, val_fraction: 0.05}}
+train: {{out_dir: {tmp_path / 'sft'}, batch_size: 8, max_steps: 150, lr: 3.0e-3, warmup_steps: 10,
+         eval_interval: 75, log_interval: 25, progress: false}}
+""")
+    assert main(["finetune", "sft", str(config)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_loss"] for m in metrics if "val_loss" in m][-1] < 0.1
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "sft"), "--greedy", "--message", "say hi", "--message", "say bye"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["hi there", "bye now"]
+
+    ckpt = load_checkpoint(tmp_path / "sft")
+    session = ChatSession(ckpt.model, ckpt.tokenizer, SamplingParams(max_new_tokens=20, temperature=0.0))
+    out = io.StringIO()
+    run_repl(session, io.StringIO("say hi\n/reset\nsay bye\n/exit\n"), out)
+    text = out.getvalue()
+    assert "assistant> hi there" in text and "(conversation cleared)" in text and "assistant> bye now" in text
+    assert len(session.messages) == 2  # only the turns after /reset
+
+
+def test_chat_refuses_a_model_without_chat_tokens(trained_run, capsys):
+    assert main(["chat", str(trained_run), "--message", "hello"]) == 1
+    assert "lmlab finetune sft" in capsys.readouterr().err
