@@ -194,7 +194,7 @@ def train_family(family: str, cfg: ModelConfig, spec: dict, minutes: float, data
 
 
 def plot_curves(curves: dict, title: str, ylabel: str, path: Path) -> None:
-    """Val loss against training wall time, one line per family."""
+    """Val loss against training wall time, one line per family (y axis cut where the curves settle)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,6 +204,9 @@ def plot_curves(curves: dict, title: str, ylabel: str, path: Path) -> None:
     for family, curve in curves.items():
         if curve:
             ax.plot(*zip(*curve), "o-", label=family, markersize=3)
+    finals = [c[-1][1] for c in curves.values() if c]
+    if finals:  # early evaluations of a recurrent model can be huge; keep the interesting range readable
+        ax.set_ylim(min(v for c in curves.values() for _, v in c) - 0.1, max(finals) * 1.6)
     ax.set(xlabel="training wall time (s)", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -254,11 +257,20 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=3.0, help="training wall-time budget per family")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of lstm,gru,rnn,gpt")
     p.add_argument("--scaling", action="store_true", help="also measure scaling with context length")
+    p.add_argument("--plot-only", action="store_true", help="redraw the curves of the runs already in --out")
     p.add_argument("--data", default=str(SHARED_DATA), help="the shared data folder")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "architectures"), help="scratch folder for runs")
     args = p.parse_args()
     spec = DATASETS[args.dataset]
     out = Path(args.out) / args.dataset
+    unit = "nats/char" if spec["char_level"] else "nats/word"
+    title = f"{spec['title'].split(',')[0]}: {args.minutes:g} min per family"
+    png = RESULTS / f"architectures_{args.dataset}.png"
+    if args.plot_only:
+        curves = {f: [(r["elapsed_s"], r["val_loss"]) for r in read_metrics(out / f) if "val_loss" in r]
+                  for f in args.families.split(",") if (out / f / "metrics.jsonl").is_file()}
+        plot_curves(curves, title, f"val loss ({unit})", png)
+        return
     data = out / "data"
     shutil.rmtree(data, ignore_errors=True)
     lmlab("data", "prepare", *spec["prepare"](Path(args.data)), "-o", str(data))
@@ -269,9 +281,7 @@ def main() -> None:
     rows = [r["row"] for r in results.values()]
     curves = {f: r["curve"] for f, r in results.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / f"architectures_{args.dataset}.png"
-    unit = "nats/char" if spec["char_level"] else "nats/word"
-    plot_curves(curves, f"{spec['title'].split(',')[0]}: {args.minutes:g} min per family", f"val loss ({unit})", png)
+    plot_curves(curves, title, f"val loss ({unit})", png)
     extra = f"Val loss against training wall time (the runs' own periodic evaluations):\n\n![curves]({png.name})\n"
     summary = {"minutes per family": args.minutes, "batch": f"{spec['batch_size']} x {spec['block_size']} tokens"}
     if args.scaling:
