@@ -69,7 +69,8 @@ def main() -> None:
                      "published_test_ppl": published, "target": target,
                      "met": "" if target is None else ("yes" if test <= target else "NO")})
     curve_md = "\n".join(f"- {n}: " + ", ".join(f"{t / 60:.0f} min → {v:.1f}" for t, v in c) for n, c in curves.items())
-    write_results("ptb_word", rows, {"recipes": args.recipes},
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    write_results("ptb_word" if names == ["small"] else "ptb_word_" + "_".join(names), rows, {"recipes": args.recipes},
                   extra_md="Val perplexity during training (the trainer's periodic evaluation) against training "
                            f"time:\n\n{curve_md}",
                   notes="Penn Treebank (Mikolov's word-level version, 10k vocabulary). Perplexity with the "
