@@ -11,7 +11,6 @@ Any lmlab model or Hugging Face folder can be the base: an encoder pools [CLS] t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmlab.config import ClassifyConfig, atomic_write_text, save_config
+from lmlab.config import ClassifyConfig, atomic_write_text
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
                                 sequential_batches)
 from lmlab.data.tokenizer import Tokenizer
@@ -28,8 +27,8 @@ from lmlab.eval.metrics import classification_report, confusion_text, plot_confu
 from lmlab.finetune.lora import count_parameters, inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lmlab.finetune.loop import run_loop
-from lmlab.train.logger import MetricsLogger, plot_losses
+from lmlab.finetune.loop import begin_run, run_loop
+from lmlab.train.logger import plot_losses
 from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 
@@ -123,12 +122,8 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
     train_ids = encode_texts(tokenizer, [ex.text for ex in train_examples], dc.max_length)
     lengths = [len(x) for x in train_ids]
     steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
-    if tc.epochs is not None:
-        tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * steps_per_epoch)))
-    cfg = dataclasses.replace(cfg, train=tc)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    logger = MetricsLogger(out, tc.tensorboard)
+    cfg, logger = begin_run(cfg, steps_per_epoch)
+    tc = cfg.train
     print(f"{len(train_examples):,} training examples, labels {labels}; {trainable:,} of {total:,} parameters "
           f"trainable ({100 * trainable / total:.2f}%); {tc.max_steps:,} steps")
     batches: list[list[int]] = []

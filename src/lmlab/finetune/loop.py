@@ -9,18 +9,36 @@ the caller can save what was trained).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lmlab.config import TrainConfig
+from lmlab.config import TrainConfig, save_config
 from lmlab.train.logger import MetricsLogger
 from lmlab.train.optim import build_optimizer, build_scheduler
 from lmlab.train.trainer import autocast_context, peak_memory_mib
+
+
+def begin_run(cfg, steps_per_epoch: int):
+    """Resolve ``train.epochs`` into max_steps, create the run folder, save config.yaml; return (cfg, logger).
+
+    ``cfg`` is a fine-tuning config with ``train`` and its output folder in ``train.out_dir``.
+    """
+    tc = cfg.train
+    if tc.epochs is not None:
+        tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * steps_per_epoch)))
+    cfg = dataclasses.replace(cfg, train=tc)
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return cfg, MetricsLogger(out, tc.tensorboard)
 
 
 @dataclass

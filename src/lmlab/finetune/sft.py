@@ -7,7 +7,6 @@ questions. Short conversations are packed into full context windows (``data.pack
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from pathlib import Path
@@ -15,14 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmlab.config import SftConfig, save_config
+from lmlab.config import SftConfig
 from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.finetune.lora import count_parameters, inject_lora
-from lmlab.finetune.loop import run_loop
+from lmlab.finetune.loop import begin_run, run_loop
 from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lmlab.train.logger import MetricsLogger, plot_losses
+from lmlab.train.logger import plot_losses
 from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 IGNORE = -100  # target value the loss skips
@@ -114,12 +113,8 @@ def finetune_sft(cfg: SftConfig) -> dict:
     model.to(device).train()
     trainable, total = count_parameters(model)
     steps_per_epoch = math.ceil(len(rows) / tc.batch_size)
-    if tc.epochs is not None:
-        tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * steps_per_epoch)))
-    cfg = dataclasses.replace(cfg, train=tc)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    logger = MetricsLogger(out, tc.tensorboard)
+    cfg, logger = begin_run(cfg, steps_per_epoch)
+    tc = cfg.train
     print(f"{len(conversations):,} conversations -> {len(rows):,} rows of <= {block} tokens"
           f"{' (packed)' if dc.pack else ''}; {added} chat tokens added; {trainable:,} of {total:,} parameters "
           f"trainable; {tc.max_steps:,} steps")
