@@ -26,10 +26,10 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.eval.metrics import classification_report, confusion_text, plot_confusion
 from lmlab.finetune.lora import count_parameters, inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lmlab.finetune.loop import begin_run, run_loop
+from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+from lmlab.finetune.loop import begin_run, check_run, run_loop
 from lmlab.train.logger import plot_losses
-from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
+from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device
 
 
 def sorted_labels(examples: list[Example]) -> list[str]:
@@ -93,16 +93,11 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
     """Train a classifier as ``cfg`` says; write the run folder and return a summary (see module docstring)."""
     tc, dc = cfg.train, cfg.data
     out = Path(tc.out_dir)
-    if list_checkpoints(out):
-        raise ConfigError(f"{out} already holds a run; choose another train.out_dir or delete it")
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
     if not dc.train:
         raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
+    device, precision = check_run(tc)
     train_examples = read_examples(dc.train, dc.text_field, dc.label_field)
     val_examples = read_examples(dc.val, dc.text_field, dc.label_field) if dc.val else []
     labels = sorted_labels(train_examples)

@@ -23,7 +23,19 @@ from tqdm import tqdm
 from lmlab.config import TrainConfig, save_config
 from lmlab.train.logger import MetricsLogger
 from lmlab.train.optim import build_optimizer, build_scheduler
-from lmlab.train.trainer import autocast_context, peak_memory_mib
+from lmlab.errors import ConfigError
+from lmlab.train.checkpoint import list_checkpoints
+from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
+
+
+def check_run(tc: TrainConfig) -> tuple[torch.device, str]:
+    """Refuse an out_dir that already holds a run, apply train.threads; return the device and precision."""
+    if list_checkpoints(tc.out_dir):
+        raise ConfigError(f"{tc.out_dir} already holds a run; choose another train.out_dir or delete it")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    return device, resolve_precision(tc.precision, device)
 
 
 def begin_run(cfg, steps_per_epoch: int):

@@ -19,7 +19,6 @@ import fnmatch
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from lmlab.config import LoraConfig
+from lmlab.config import LoraConfig, atomic_dir
 from lmlab.errors import CheckpointError, ConfigError
 
 PEFT_PREFIX = "base_model.model."
@@ -203,22 +202,17 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def write_model_adapter(folder: Path, model: nn.Module, task_type: str = "CAUSAL_LM") -> None:
+    """Write a model's adapters (lmlab module names) in PEFT's format into the existing ``folder``."""
+    write_adapter(folder, adapter_tensors(model),
+                  adapter_config(model.lora_config, list(lora_modules(model)), list(model.lora_keep), task_type))
+
+
 def save_adapter(model: nn.Module, folder: str | os.PathLike, task_type: str = "CAUSAL_LM") -> Path:
-    """Save a model's adapters (with lmlab module names) in PEFT's format, atomically."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        names = list(lora_modules(model))
-        write_adapter(tmp, adapter_tensors(model),
-                      adapter_config(model.lora_config, names, list(model.lora_keep), task_type))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    """Save a model's adapters (with lmlab module names) in PEFT's format, atomically, as their own folder."""
+    with atomic_dir(folder) as tmp:
+        write_model_adapter(tmp, model, task_type)
+    return Path(folder)
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -19,10 +19,10 @@ from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.finetune.lora import count_parameters, inject_lora
-from lmlab.finetune.loop import begin_run, run_loop
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmlab.finetune.loop import begin_run, check_run, run_loop
+from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
 from lmlab.train.logger import plot_losses
-from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
+from lmlab.train.trainer import autocast_context, peak_memory_mib
 
 IGNORE = -100  # target value the loss skips
 
@@ -78,14 +78,9 @@ def finetune_sft(cfg: SftConfig) -> dict:
     """Instruction-tune a decoder as ``cfg`` says; write the run folder and return a summary."""
     tc, dc = cfg.train, cfg.data
     out = Path(tc.out_dir)
-    if list_checkpoints(out):
-        raise ConfigError(f"{out} already holds a run; choose another train.out_dir or delete it")
     if not cfg.model.path or not dc.train:
         raise ConfigError("model.path and data.train must be set (a decoder checkpoint and a JSONL/JSON file)")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
+    device, precision = check_run(tc)
     conversations = read_conversations(dc.train, dc.max_examples, dc.system_prompt)
     if dc.val:
         val_conversations = read_conversations(dc.val, None, dc.system_prompt)

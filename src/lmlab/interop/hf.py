@@ -17,16 +17,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, atomic_dir
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, DataError
 from lmlab.finetune.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.registry import build_model
@@ -313,12 +312,17 @@ def _hf_architecture(model: nn.Module) -> str:
                       "matches neither GPT2LMHeadModel nor LlamaForCausalLM")
 
 
+def _eos_id(tokenizer: Tokenizer) -> int | None:
+    """The tokenizer's end-of-text id, or None if it has none."""
+    try:
+        return tokenizer.eot_id
+    except DataError:
+        return None
+
+
 def _hf_config(model: nn.Module, arch: str, tokenizer: Tokenizer) -> dict:
     cfg = model.config
-    try:
-        eos = tokenizer.eot_id
-    except Exception:
-        eos = None
+    eos = _eos_id(tokenizer)
     if arch == "gpt2":
         act = "gelu_new" if cfg.mlp == "gelu" else "gelu"
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
@@ -427,10 +431,7 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
         weights["classifier.weight"] = model.classifier.weight.detach().cpu().float().contiguous()
         weights["classifier.bias"] = model.classifier.bias.detach().cpu().float().contiguous()
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         safetensors.torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = {**_hf_config(model, arch, tokenizer), "torch_dtype": "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -442,19 +443,11 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
             write_adapter(tmp / "adapter", tensors, adapter_config(model.lora_config, targets, keep, task,
                                                        fan_in_fan_out=arch == "gpt2"))
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
-        if arch in ("gpt2", "llama"):
-            try:
-                name = tokenizer.tk.id_to_token(tokenizer.eot_id)
-                tok_config.update(eos_token=name, bos_token=name, pad_token=name)
-            except Exception:
-                pass
+        eos = _eos_id(tokenizer)
+        if arch in ("gpt2", "llama") and eos is not None:
+            name = tokenizer.tk.id_to_token(eos)
+            tok_config.update(eos_token=name, bos_token=name, pad_token=name)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -10,13 +10,12 @@ Attention is the same module the decoders use, with ``causal=False`` and a key m
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
-from lmlab.models.layers import MLP, Attention, default_d_ff
+from lmlab.models.layers import MLP, Attention, fill_from_preset
 
 PRESETS = {
     "bert": dict(pos_emb="learned", norm="layernorm", mlp="gelu_exact", bias=True, tie_embeddings=False,
@@ -26,15 +25,7 @@ PRESETS = {
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
     """Fill the fields left as None from the preset (bert), so a saved config is explicit."""
-    cfg = dataclasses.replace(cfg, preset=cfg.preset or "bert")
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown encoder preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    if cfg.n_kv_head is None:
-        cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)
-    if cfg.d_ff is None:
-        cfg = dataclasses.replace(cfg, d_ff=default_d_ff(cfg.d_model, cfg.mlp))
+    cfg = fill_from_preset(cfg, PRESETS, default="bert")
     if cfg.norm != "layernorm" or cfg.pos_emb != "learned":
         raise ValueError("the encoder supports norm=layernorm and pos_emb=learned (BERT)")
     return cfg

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-from lmlab.models.layers import (MLP, Attention, KVCache, default_d_ff, grow_embedding, grow_linear_rows, make_norm,
+from lmlab.models.layers import (MLP, Attention, KVCache, fill_from_preset, grow_embedding, grow_linear_rows, make_norm,
                                  rope_tables)
 
 PRESETS = {
@@ -28,18 +28,8 @@ PRESETS = {
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields left as None from the preset, so a saved config is explicit and complete."""
-    if cfg.preset is None:
-        cfg = dataclasses.replace(cfg, preset="gpt2")
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    if cfg.n_kv_head is None:
-        cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)
-    if cfg.d_ff is None:
-        cfg = dataclasses.replace(cfg, d_ff=default_d_ff(cfg.d_model, cfg.mlp))
-    return cfg
+    """Fill the fields left as None from the preset (gpt2 unless named), so a saved config is explicit."""
+    return fill_from_preset(cfg, PRESETS, default="gpt2")
 
 
 class Block(nn.Module):

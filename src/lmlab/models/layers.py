@@ -6,6 +6,7 @@ positions, with or without a KV cache, always through ``F.scaled_dot_product_att
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -173,6 +174,20 @@ class MLP(nn.Module):
             return self.down(F.gelu(self.up(x)))
         gate, up = self.up(x).chunk(2, dim=-1)  # each (B, T, d_ff)
         return self.down(F.silu(gate) * up)
+
+
+def fill_from_preset(cfg, presets: dict[str, dict], default: str):
+    """``cfg`` (a ModelConfig) with its preset named (``default`` if None) and the fields it left as None
+    filled from that preset, n_kv_head (= n_head) and d_ff (the MLP's customary width): explicit and complete."""
+    cfg = dataclasses.replace(cfg, preset=cfg.preset or default)
+    if cfg.preset not in presets:
+        raise ValueError(f"unknown {cfg.family} preset {cfg.preset!r}; choose one of {', '.join(presets)}")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) is None})
+    if cfg.n_kv_head is None:
+        cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)
+    if cfg.d_ff is None:
+        cfg = dataclasses.replace(cfg, d_ff=default_d_ff(cfg.d_model, cfg.mlp))
+    return cfg
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

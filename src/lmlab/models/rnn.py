@@ -95,10 +95,7 @@ class RecurrentLM(nn.Module):
 
         With ``cache``, the sequence continues from the state it holds and the state advances.
         """
-        x = self.drop(self.embed(idx))  # (B, T, d_model)
-        out, h = self._recur(x, idx, cache.h if cache is not None else None)  # (B, T, H)
-        if cache is not None:
-            cache.h, cache.pos = h, cache.pos + idx.size(1)
+        out = self.features(idx, cache=cache)  # (B, T, H)
         if only_last:
             out = out[:, -1:]
         logits = self.head(self.drop(out))  # (B, T, vocab)
@@ -118,12 +115,17 @@ class RecurrentLM(nn.Module):
             self.head = grow_linear_rows(self.head, vocab_size)
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
-    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs of the last recurrent layer (B, T, H), for task heads.
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 cache: RecurrentState | None = None) -> torch.Tensor:
+        """Outputs of the last recurrent layer (B, T, H): what the output layer and task heads read.
 
-        Padding must be on the right (the way task heads pad): a token never depends on later ones.
+        With ``cache`` the sequence continues from its state and the state advances. Padding must be
+        on the right (the way task heads pad): a token never depends on later ones.
         """
-        out, _ = self._recur(self.drop(self.embed(idx)), idx, None)
+        x = self.drop(self.embed(idx))  # (B, T, d_model)
+        out, h = self._recur(x, idx, cache.h if cache is not None else None)  # (B, T, H)
+        if cache is not None:
+            cache.h, cache.pos = h, cache.pos + idx.size(1)
         return out
 
     def _recur(self, x: torch.Tensor, idx: torch.Tensor, h):

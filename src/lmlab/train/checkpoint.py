@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ import torch
 import torch.nn as nn
 
 from lmlab import __version__
-from lmlab.config import ModelConfig, from_dict
+from lmlab.config import ModelConfig, atomic_dir, from_dict
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, LmlabError
-from lmlab.finetune.lora import base_view, has_lora, load_adapter, save_adapter
+from lmlab.finetune.lora import base_view, has_lora, load_adapter, write_model_adapter
 from lmlab.models.registry import build_model
 
 FORMAT = "lmlab-checkpoint"
@@ -61,17 +60,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
                     info: dict | None = None) -> Path:
     """Write model weights, tokenizer, optional training state and manifest to folder ``path``, atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(path) as tmp:
         with base_view(model):  # LoRA adapters go to their own files, in PEFT's format
             safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         if has_lora(model):
-            save_adapter(model, tmp / "adapter", task_type="SEQ_CLS" if hasattr(model, "head_config") else "CAUSAL_LM")
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                os.replace(tmp / "adapter" / name, tmp / name)
-            (tmp / "adapter").rmdir()
+            write_model_adapter(tmp, model, "SEQ_CLS" if hasattr(model, "head_config") else "CAUSAL_LM")
         tokenizer.save(tmp / "tokenizer.json")
         if train_state is not None:
             torch.save(train_state, tmp / "state.pt")
@@ -86,16 +79,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
             "files": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
