@@ -1,9 +1,19 @@
 import pytest
 import torch
 
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmlab.config import ModelConfig
+from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import ConfigError, LmlabError
-from lmlab.generate.engine import generate_text, generate_tokens
-from lmlab.generate.sampling import SamplingParams, apply_top_k, apply_top_p, next_token
+from lmlab.generate.engine import (BatchGeneration, TextStream, beam_search, fit_prompt, generate_text, generate_texts,
+                                   generate_tokens)
+from lmlab.generate.sampling import (Sampler, SamplingParams, TokenHistory, apply_min_p, apply_top_k, apply_top_p,
+                                     frequency_penalty, presence_penalty, repetition_penalty)
+from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import load_checkpoint
 
 
@@ -53,6 +63,15 @@ def test_prompt_longer_than_context_is_refused(ckpt):
         generate_text(ckpt.model, ckpt.tokenizer, "x" * 40, SamplingParams())
 
 
+def test_long_prompt_truncated_from_the_left_by_flag(ckpt):
+    assert fit_prompt(list(range(40)), 32, 10, truncate=True) == list(range(18, 40))  # 22 kept + 10 new = 32
+    with pytest.raises(LmlabError, match="max new tokens"):
+        fit_prompt([1, 2], 32, 32, truncate=True)
+    text = generate_text(ckpt.model, ckpt.tokenizer, "the quick " * 4, SamplingParams(max_new_tokens=5, temperature=0),
+                         truncate=True)
+    assert 1 <= len(text) <= 5
+
+
 def test_top_k_and_top_p_on_hand_made_logits():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
@@ -61,10 +80,165 @@ def test_top_k_and_top_p_on_hand_made_logits():
     assert kept.tolist() == [[True, True, False, False]]
     kept = ~torch.isinf(apply_top_p(probs.log(), 0.5))
     assert kept.tolist() == [[True, False, False, False]]
-    assert next_token(logits, SamplingParams(temperature=0), None).tolist() == [1]
+    sampler = Sampler([SamplingParams(temperature=0)], [[0]], 4, torch.device("cpu"))
+    assert sampler.pick(logits).tolist() == [1]
 
 
 def test_invalid_sampling_values():
-    for bad in [dict(temperature=-1), dict(top_p=1.5), dict(top_k=0), dict(max_new_tokens=0)]:
+    for bad in [dict(temperature=-1), dict(top_p=1.5), dict(top_k=0), dict(max_new_tokens=0), dict(min_p=2.0),
+                dict(repetition_penalty=0), dict(presence_penalty=3), dict(frequency_penalty=-2.5), dict(stop=[""])]:
         with pytest.raises(ConfigError):
             SamplingParams(**bad).validate()
+
+
+def tiny_model(**kw):
+    """A random tiny decoder (no training needed to compare generation paths)."""
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=2, d_model=32, block_size=48, vocab_size=50)
+    cfg.update(kw)
+    return build_model(ModelConfig(**cfg)).eval()
+
+
+PROMPTS = [[5, 9, 2, 7, 7, 1, 30, 12, 4, 4, 8, 19], [3], [11, 40, 2, 2, 6]]
+MODELS = {
+    "gpt2": dict(preset="gpt2"),
+    "llama": dict(preset="llama", n_kv_head=1),
+    "lstm": dict(family="lstm", reset_token=0),
+    "gru": dict(family="gru"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_batched_generation_equals_one_by_one(kind):
+    """Prompts of different lengths, padded on the left in one batch, give what each gives alone."""
+    model = tiny_model(**MODELS[kind])
+    params = [SamplingParams(max_new_tokens=15, temperature=0),
+              SamplingParams(max_new_tokens=9, temperature=1.0, top_k=20, seed=1, stop_tokens=[3]),
+              SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=2)]
+    generation = BatchGeneration(model, PROMPTS, params)
+    batched = [[] for _ in PROMPTS]
+    for step in generation:
+        for row, token in enumerate(step):
+            if token is not None:
+                batched[row].append(token)
+    alone = [list(generate_tokens(model, p, q)) for p, q in zip(PROMPTS, params)]
+    assert batched == alone
+    assert [len(b) for b in batched] == [15, len(alone[1]), 20] and generation.finish_reason[0] == "length"
+    recomputed = BatchGeneration(model, PROMPTS, params, use_cache=False)
+    rows = [[] for _ in PROMPTS]
+    for step in recomputed:
+        for row, token in enumerate(step):
+            if token is not None:
+                rows[row].append(token)
+    assert rows == alone
+
+
+def test_left_padding_gives_finite_outputs_and_the_same_logits():
+    model = tiny_model(preset="llama", n_kv_head=1)
+    short = torch.tensor([[4, 8, 15]])
+    padded = torch.tensor([[0, 0, 0, 4, 8, 15]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    alone, _ = model(short)
+    batched, _ = model(padded, attention_mask=mask)
+    assert torch.isfinite(batched).all()
+    assert torch.allclose(batched[:, 3:], alone, atol=1e-5)
+
+
+def test_greedy_is_argmax_in_a_batch_with_sampled_rows():
+    model = tiny_model()
+    params = [SamplingParams(max_new_tokens=6, temperature=0), SamplingParams(max_new_tokens=6, seed=3)]
+    tokens = [t[0] for t in BatchGeneration(model, [[1, 2, 3], [4]], params)]
+    ids = [1, 2, 3]
+    for t in tokens:
+        assert int(model(torch.tensor([ids]))[0][0, -1].argmax()) == t
+        ids.append(t)
+
+
+def test_penalties_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    history = TokenHistory([[0, 1]], 4, torch.device("cpu"))  # prompt saw tokens 0 and 1
+    history.add(torch.tensor([2]))
+    history.add(torch.tensor([2]))  # token 2 generated twice
+    pen = torch.tensor([[2.0]])
+    assert repetition_penalty(logits, pen, history).tolist() == [[1.0, -2.0, 0.25, 1.0]]
+    assert presence_penalty(logits, torch.tensor([[0.5]]), history).tolist() == [[2.0, -1.0, 0.0, 1.0]]
+    assert frequency_penalty(logits, torch.tensor([[0.5]]), history).tolist() == [[2.0, -1.0, -0.5, 1.0]]
+
+
+def test_min_p_and_per_row_top_k_on_hand_made_logits():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = ~torch.isinf(apply_min_p(probs.log(), 0.2))  # keep p >= 0.1
+    assert kept.tolist() == [[True, True, True, False]]
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    kept = ~torch.isinf(apply_top_k(logits, torch.tensor([[1], [3]])))
+    assert kept.tolist() == [[False, True, False, False], [True, True, True, False]]
+
+
+def test_processors_compose_in_the_sampler():
+    """A repetition penalty strong enough turns the greedy choice away from a token already seen."""
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    plain = Sampler([SamplingParams(temperature=0)], [[0]], 3, torch.device("cpu"))
+    penalised = Sampler([SamplingParams(temperature=0, repetition_penalty=2.0)], [[0]], 3, torch.device("cpu"))
+    assert plain.pick(logits).tolist() == [0] and penalised.pick(logits).tolist() == [1]
+    # top-k 1 then any temperature: always the argmax
+    sampler = Sampler([SamplingParams(temperature=5.0, top_k=1, seed=0)], [[0]], 3, torch.device("cpu"))
+    assert {sampler.pick(logits).item() for _ in range(20)} == {0}
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    return train_tokenizer("byte", [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(min_size=0, max_size=30), stop=st.text(min_size=1, max_size=4))
+def test_text_stream_never_splits_characters_and_cuts_at_stop_strings(byte_tokenizer, text, stop):
+    ids = byte_tokenizer.encode(text)
+    stream, pieces = TextStream(byte_tokenizer, [stop]), []
+    for i in ids:
+        pieces.append(stream.push(i))
+        if stream.stopped:
+            break
+    pieces.append(stream.close())
+    expected = text.split(stop)[0]
+    assert "".join(pieces) == expected
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+
+
+def test_streaming_equals_non_streaming_and_stop_strings_end_rows(ckpt):
+    tok, model = ckpt.tokenizer, ckpt.model
+    params = [SamplingParams(max_new_tokens=20, temperature=0), SamplingParams(max_new_tokens=20, seed=5)]
+    streamed: dict[int, list[str]] = {0: [], 1: []}
+    done = {}
+    result = generate_texts(model, tok, ["the quick ", "a "], params, on_text=lambda r, p: streamed[r].append(p),
+                            on_done=lambda r, c: done.setdefault(r, c))
+    assert ["".join(streamed[r]) for r in (0, 1)] == [c.text for c in result]
+    assert done == dict(enumerate(result))
+    alone = generate_text(model, tok, "the quick ", params[0])
+    assert alone == result[0].text
+    cut = alone[3:5]
+    stopped = generate_texts(model, tok, ["the quick "], [SamplingParams(max_new_tokens=20, temperature=0, stop=[cut])])
+    assert stopped[0].text == alone.split(cut)[0] and stopped[0].finish_reason == "stop"
+
+
+def test_beam_search_finds_the_most_likely_sequence():
+    """With beams enough to keep every prefix, beam search is exact: it matches brute force."""
+    model = tiny_model(vocab_size=5, block_size=16)
+    prompt, n = [1, 2], 3
+
+    @torch.no_grad()
+    def logprob(seq):
+        logits, _ = model(torch.tensor([prompt + list(seq)]))
+        lp = logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        return sum(float(lp[i, t]) for i, t in enumerate(seq))
+
+    best = max(itertools.product(range(5), repeat=n), key=logprob)
+    assert beam_search(model, prompt, num_beams=25, max_new_tokens=n, length_penalty=0.0) == list(best)
+    greedy = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=n, temperature=0)))
+    assert beam_search(model, prompt, num_beams=1, max_new_tokens=n) == greedy
+
+
+def test_beam_search_ends_sequences_at_stop_tokens():
+    model = tiny_model(vocab_size=5, block_size=16)
+    out = beam_search(model, [1, 2], num_beams=3, max_new_tokens=10, stop_tokens=[0, 1, 2, 3, 4])
+    assert len(out) == 1  # every token stops: the best one-token sequence

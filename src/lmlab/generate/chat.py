@@ -16,7 +16,7 @@ import torch.nn as nn
 from lmlab.data.chat import end_of_turn_id, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
-from lmlab.generate.engine import generate_tokens
+from lmlab.generate.engine import generate_text
 from lmlab.generate.sampling import SamplingParams
 
 
@@ -47,18 +47,8 @@ class ChatSession:
         while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
             self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
             ids = self.prompt_ids()
-        params = dataclasses.replace(self.params, stop_tokens=[self.end_id, self.tokenizer.eot_id])
-        decoder, pieces = self.tokenizer.stream_decoder(), []
-        for tid in generate_tokens(self.model, ids, params):
-            if tid in params.stop_tokens:
-                break
-            pieces.append(decoder.step(tid))
-            if pieces[-1] and on_text is not None:
-                on_text(pieces[-1])
-        pieces.append(decoder.flush())
-        if pieces[-1] and on_text is not None:
-            on_text(pieces[-1])
-        answer = "".join(pieces)
+        params = dataclasses.replace(self.params, stop_tokens=[*self.params.stop_tokens, self.end_id])
+        answer = generate_text(self.model, self.tokenizer, ids, params, on_text=on_text)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 

@@ -91,19 +91,24 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens (default: the context).
+
+        Left-padded batches may need more than the context: padding takes cache slots, not positions.
+        """
         cfg, p = self.config, self.tok_emb.weight
-        max_len = min(max_len or cfg.block_size, cfg.block_size)
+        max_len = max_len or cfg.block_size
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head, p.device, p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                only_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                only_last: bool = False, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids idx (B, T), and the mean cross-entropy if targets are given.
 
         With ``cache``, idx holds the next tokens after the cached ones and the cache advances.
         Targets equal to -100 are ignored. ``only_last`` computes logits for the last position only.
+        ``attention_mask`` marks real tokens when rows are padded (see ``features``).
         """
-        x = self.features(idx, cache=cache)  # (B, T, C)
+        x = self.features(idx, attention_mask, cache)  # (B, T, C)
         if only_last:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -116,21 +121,29 @@ class GPT(nn.Module):
                  cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C) of idx (B, T): what the LM head and task heads read.
 
-        ``attention_mask`` (B, T) is 1 for real tokens; with right padding (the way task heads pad)
-        causal attention never sees the padding anyway, so only other paddings need it.
+        ``attention_mask`` is 1 for real tokens and 0 for padding, over every key: (B, T), or
+        (B, cached + T) with a cache. Padding may be on either side: a row's positions count only its
+        real tokens, and no token attends to padding. (Batched generation pads prompts on the left.)
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.block_size}")
+        key_mask = positions = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()  # (B, start + T)
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T): real tokens before, per row
+        length = start + T if positions is None else int(positions[:, -1].max()) + 1
+        if length > self.block_size:
+            raise ValueError(f"sequence of {length} tokens exceeds the context of {self.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[start:start + T]  # (T, C): the rows of positions start..start+T-1
+            # (T, C) rows of positions start..start+T-1, or (B, T, C) with per-row positions
+            x = x + (self.pos_emb.weight[start:start + T] if positions is None else self.pos_emb(positions))
+        elif positions is None:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # each (T, d/2)
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # each (B, 1, T, d/2)
         x = self.drop(x)
-        key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, key_mask)
         if cache is not None:

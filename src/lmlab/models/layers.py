@@ -95,6 +95,10 @@ class KVCache:
         values.narrow(2, self.pos, T).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the sequences at these batch indices, in this order (repeats allowed: beam search)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
 
 class Attention(nn.Module):
     """Self-attention: multi-head, or grouped-query when n_kv_head < n_head; causal (decoders) or not (encoders).
@@ -141,7 +145,11 @@ class Attention(nn.Module):
         elif key_mask is not None:
             mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
             if self.causal and T > 1:
-                mask = mask & torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+                query_pos = torch.arange(past, past + T, device=q.device)[:, None]  # (T, 1)
+                key_pos = torch.arange(past + T, device=q.device)  # (S,)
+                # causal, and every query sees at least itself: a padding query with no visible key
+                # would give NaN, which would then leak into real tokens through the values
+                mask = (mask & (key_pos <= query_pos)) | (key_pos == query_pos)  # (B, 1, T, S)
         gqa = {}
         if self.n_kv_head != self.n_head:
             if _SDPA_HAS_GQA:

@@ -39,6 +39,13 @@ class RecurrentState:
         """Restore what ``state_dict`` returned."""
         self.h, self.pos = state["h"], state["pos"]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the sequences at these batch indices, in this order (repeats allowed: beam search)."""
+        if isinstance(self.h, tuple):
+            self.h = tuple(t[:, rows] for t in self.h)
+        elif self.h is not None:
+            self.h = self.h[:, rows]
+
     def detach(self) -> None:
         """Cut the gradient history (truncated backpropagation through time) but keep the values."""
         if isinstance(self.h, tuple):
@@ -90,12 +97,14 @@ class RecurrentLM(nn.Module):
         return RecurrentState()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: RecurrentState | None = None,
-                only_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                only_last: bool = False, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for idx (B, T), and the mean cross-entropy if targets are given.
 
         With ``cache``, the sequence continues from the state it holds and the state advances.
+        ``attention_mask`` marks real tokens when rows are padded (see ``features``).
         """
-        out = self.features(idx, cache=cache)  # (B, T, H)
+        out = self.features(idx, attention_mask, cache)  # (B, T, H)
         if only_last:
             out = out[:, -1:]
         logits = self.head(self.drop(out))  # (B, T, vocab)
@@ -119,28 +128,40 @@ class RecurrentLM(nn.Module):
                  cache: RecurrentState | None = None) -> torch.Tensor:
         """Outputs of the last recurrent layer (B, T, H): what the output layer and task heads read.
 
-        With ``cache`` the sequence continues from its state and the state advances. Padding must be
-        on the right (the way task heads pad): a token never depends on later ones.
+        With ``cache`` the sequence continues from its state and the state advances.
+        ``attention_mask`` (B, T), or (B, cached + T) with a cache, is 0 for padding: right padding
+        never reaches the real tokens before it; after left padding a row's state starts from zero at
+        its first real token, as if the padding were not there.
         """
         x = self.drop(self.embed(idx))  # (B, T, d_model)
-        out, h = self._recur(x, idx, cache.h if cache is not None else None)  # (B, T, H)
+        out, h = self._recur(x, self._starts(idx, attention_mask), cache.h if cache is not None else None)
         if cache is not None:
             cache.h, cache.pos = h, cache.pos + idx.size(1)
         return out
 
-    def _recur(self, x: torch.Tensor, idx: torch.Tensor, h):
-        """Run the recurrent layers over x (B, T, d), zeroing a row's state where a document starts.
-
-        A document starts at each ``config.reset_token`` (end-of-text) in idx: the state is zeroed
-        before that token, so no text leaks from one document into the next. The time axis is cut
-        at those positions; with no boundary in the batch this is a single call of the fused layer.
-        """
+    def _starts(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T) True where a row's state must restart from zero: at each ``config.reset_token``
+        (end-of-text: no text leaks from one document into the next) and at the first real token
+        after left padding. None if nowhere."""
         reset = self.config.reset_token
         starts = idx == reset if reset is not None and reset >= 0 else None  # (B, T) bool
+        if attention_mask is not None and not bool(attention_mask.all()):
+            real = attention_mask.bool()  # (B, S)
+            after_pad = real & ~F.pad(real, (1, 0), value=True)[:, :-1]  # a 0 -> 1 step along the row
+            after_pad = after_pad[:, -idx.size(1):]  # (B, T)
+            starts = after_pad if starts is None else starts | after_pad
+        return starts
+
+    def _recur(self, x: torch.Tensor, starts: torch.Tensor | None, h):
+        """Run the recurrent layers over x (B, T, d), zeroing a row's state before each of its ``starts``.
+
+        The time axis is cut at those positions; with none in the batch this is a single call of the
+        fused layer.
+        """
         if starts is None or not starts.any():
             return self.rnn(x, h)
         cuts = starts.any(0).nonzero().flatten().tolist()
-        bounds = sorted({0, *cuts, idx.size(1)})
+        bounds = sorted({0, *cuts, x.size(1)})
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             if h is not None and a in cuts:
