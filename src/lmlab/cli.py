@@ -59,9 +59,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"step {summary['step']}: val loss {val}, {summary['elapsed_s']:.0f} s, peak memory {summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from lmlab.generate.engine import generate_text, print_stream
+def sampling_params(args: argparse.Namespace):
+    """The SamplingParams that the sampling flags (see add_sampling_flags) ask for."""
     from lmlab.generate.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop or [])
+    params.validate()
+    return params
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from lmlab.generate.engine import beam_search, fit_prompt, generate_text, generate_texts, print_stream
     from lmlab.train.checkpoint import load_checkpoint
     from lmlab.train.trainer import resolve_device
 
@@ -69,19 +82,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if prompt is None:
         raise LmlabError("give a prompt with --prompt TEXT or --prompt-file FILE")
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
+    model, tok = ckpt.model, ckpt.tokenizer
+    params = sampling_params(args)
+    ids = tok.encode(prompt)
+    fitted = fit_prompt(ids, getattr(model, "block_size", None), params.max_new_tokens, args.truncate_prompt)
+    if len(fitted) < len(ids):
+        print(f"note: prompt truncated from the left to its last {len(fitted)} of {len(ids)} tokens", file=sys.stderr)
+        prompt = tok.decode(fitted)
+    if args.num_beams > 1:
+        new = beam_search(model, fitted, args.num_beams, params.max_new_tokens, [tok.eot_id], args.length_penalty)
+        print(prompt + tok.decode([t for t in new if t != tok.eot_id]))
+        return
+    if args.num_samples > 1:  # one batch, each sample with its own seed; printed when all are done
+        samples = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+                   for i in range(args.num_samples)]
+        for i, done in enumerate(generate_texts(model, tok, [fitted] * args.num_samples, samples)):
             print(f"--- sample {i + 1} ---")
-        if params.seed is not None and i:
-            params.seed += 1
-        if args.no_stream:
-            print(prompt + generate_text(ckpt.model, ckpt.tokenizer, prompt, params))
-        else:
-            print_stream(prompt)
-            generate_text(ckpt.model, ckpt.tokenizer, prompt, params, on_text=print_stream)
-            print()
+            print(prompt + done.text)
+        return
+    if args.no_stream:
+        print(prompt + generate_text(model, tok, fitted, params))
+    else:
+        print_stream(prompt)
+        generate_text(model, tok, fitted, params, on_text=print_stream)
+        print()
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
@@ -173,13 +197,11 @@ def cmd_finetune_sft(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import ChatSession, run_repl
     from lmlab.generate.engine import print_stream
-    from lmlab.generate.sampling import SamplingParams
     from lmlab.train.checkpoint import load_checkpoint
     from lmlab.train.trainer import resolve_device
 
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = sampling_params(args)
     session = ChatSession(ckpt.model, ckpt.tokenizer, params, system=args.system)
     if args.message:
         for message in args.message:
@@ -187,6 +209,30 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print()
         return
     run_repl(session)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
+                       top_p: float | None) -> None:
+    """The flags that choose how tokens are picked (one set for generate, chat and serve)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens to generate at most (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature; 0 = greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling: smallest set of tokens with probability >= p (default: {top_p})")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than min-p times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the prompt or output less likely (default: 1.0, off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token already generated (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times the count of each token already generated (default: 0)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,12 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="system prompt (kept across /reset)")
     ch.add_argument("--message", action="append", default=None, metavar="TEXT",
                     help="send this message and print the answer instead of starting the interactive chat (repeatable)")
-    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
-    ch.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
-    ch.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    ch.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
+    add_sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_p=0.9)
     ch.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     ch.set_defaults(func=cmd_chat)
 
@@ -308,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    add_sampling_flags(g, max_new_tokens=200, temperature=0.8, top_p=None)
+    g.add_argument("--truncate-prompt", action="store_true",
+                   help="drop the oldest prompt tokens so that prompt + max new tokens fit the context "
+                        "(default: refuse a prompt that does not fit)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, off)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: score = log-prob / length ** this; > 0 favours longer output (default: 1.0)")
     g.add_argument("--num-samples", type=int, default=1, help="how many samples to draw (default: 1)")
     g.add_argument("--no-stream", action="store_true", help="print each sample when complete")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
