@@ -211,6 +211,34 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_repl(session)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import dataclasses
+    import os
+
+    import uvicorn
+
+    from lmlab.config import ServeConfig
+    from lmlab.serve.app import create_app
+    from lmlab.train.checkpoint import load_checkpoint
+    from lmlab.train.trainer import resolve_device
+
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    cfg.api_key = args.api_key or os.environ.get("LMLAB_API_KEY") or None
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    cfg.model_name = cfg.model_name or Path(args.checkpoint).resolve().name
+    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens", "default_max_tokens"):
+        if getattr(cfg, name) < 1:
+            raise LmlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
+              f"(set --api-key or LMLAB_API_KEY)", file=sys.stderr)
+    app = create_app(ckpt.model, ckpt.tokenizer, cfg)
+    print(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)",
+          file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
                        top_p: float | None) -> None:
     """The flags that choose how tokens are picked (one set for generate, chat and serve)."""
@@ -344,6 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_p=0.9)
     ch.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a web chat page")
+    sv.add_argument("checkpoint", help="checkpoint folder or run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMLAB_API_KEY, else none)")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="sequences generated together (default: 8)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="sequences allowed to wait; more are refused with 429 (default: 64)")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the model's context)")
+    sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default: 1024)")
+    sv.add_argument("--default-max-tokens", type=int, default=256,
+                    help="max_tokens of chat requests that do not say (default: 256)")
+    sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails with 504 (default: 300)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default: info)")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    sv.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (uses its newest checkpoint)")

@@ -171,6 +171,23 @@ class SftConfig:
 
 
 @dataclass
+class ServeConfig:
+    """How ``lmlab serve`` runs: where it listens, who may call it, and the limits on every request."""
+
+    host: str = "127.0.0.1"  # localhost only unless asked
+    port: int = 8000
+    model_name: str | None = None  # the id clients name in "model" (default: the checkpoint folder's name)
+    api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
+    max_batch_size: int = 8  # sequences generated together in one batch
+    max_queue: int = 64  # sequences waiting; more gets 429
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    max_prompt_tokens: int | None = None  # default: the model's context
+    max_new_tokens: int = 1024  # the most max_tokens a request may ask for
+    default_max_tokens: int = 256  # chat completions that do not say
+    request_timeout: float = 300.0  # seconds; a request still running then gets 504 (or an error event)
+
+
+@dataclass
 class RunConfig:
     """Everything ``lmlab train`` needs: the model, the data and the training recipe."""
 

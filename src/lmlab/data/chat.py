@@ -113,3 +113,25 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int:
     if i is None:
         raise ConfigError("the tokenizer has no chat tokens; instruction-tune the model first (lmlab finetune sft)")
     return i
+
+
+def has_chat_tokens(tokenizer: Tokenizer) -> bool:
+    """True if the tokenizer has lmlab's chat tokens (the model was instruction-tuned with lmlab)."""
+    return all(tokenizer.tk.token_to_id(t) is not None for t in CHAT_TOKENS)
+
+
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[str]]:
+    """What to generate the assistant's next turn from: (prompt ids, stop token ids, stop strings).
+
+    An instruction-tuned model gets its chat template and stops at <|end|>. A base model, which has
+    no chat tokens, gets a plain transcript ("User: ...", "Assistant:") and stops where it would
+    start the user's next line, so chat front ends work with any checkpoint.
+    """
+    if has_chat_tokens(tokenizer):
+        ids, _ = render(tokenizer, messages, add_generation_prompt=True)
+        return ids, [end_of_turn_id(tokenizer)], []
+    text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    return tokenizer.encode(text, allow_special=False), [], ["\nUser:", "\nSystem:"]

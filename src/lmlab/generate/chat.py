@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 import torch.nn as nn
 
-from lmlab.data.chat import end_of_turn_id, render
+from lmlab.data.chat import chat_prompt
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
 from lmlab.generate.engine import generate_text
@@ -25,29 +25,28 @@ class ChatSession:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
         self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
-        self.end_id = end_of_turn_id(tokenizer)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt_ids(self) -> list[int]:
-        """The history in the chat template, ending in an open assistant turn."""
-        ids, _ = render(self.tokenizer, self.messages, add_generation_prompt=True)
-        return ids
+    def prompt(self) -> tuple[list[int], list[int], list[str]]:
+        """The history in the model's chat format ending in an open assistant turn, and what ends that turn."""
+        return chat_prompt(self.tokenizer, self.messages)
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Generate the assistant's answer to ``text`` (streamed to ``on_text``) and add both to the history."""
         if not text.strip():
             raise DataError("empty message")
         self.messages.append({"role": "user", "content": text})
-        ids = self.prompt_ids()
+        ids, stop_tokens, stop = self.prompt()
         context = getattr(self.model, "block_size", None)
         while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
             self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
-            ids = self.prompt_ids()
-        params = dataclasses.replace(self.params, stop_tokens=[*self.params.stop_tokens, self.end_id])
+            ids, stop_tokens, stop = self.prompt()
+        params = dataclasses.replace(self.params, stop_tokens=[*self.params.stop_tokens, *stop_tokens],
+                                     stop=[*self.params.stop, *stop])
         answer = generate_text(self.model, self.tokenizer, ids, params, on_text=on_text)
         self.messages.append({"role": "assistant", "content": answer})
         return answer

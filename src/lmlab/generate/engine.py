@@ -197,12 +197,13 @@ class Completion:
 def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | list[int]],
                    params: list[SamplingParams], on_text: Callable[[int, str], None] | None = None,
                    on_done: Callable[[int, Completion], None] | None = None, truncate: bool = False,
-                   ) -> list[Completion]:
+                   cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
     """Continue several prompts (text or token ids) in one batch; returns a Completion per prompt.
 
     ``on_text(row, piece)`` receives each row's text as it is produced and ``on_done(row, completion)``
     fires as soon as a row finishes. End-of-text, ``params.stop_tokens`` and ``params.stop`` strings
     end a row and are not part of its text. ``truncate`` cuts prompts that do not fit from the left.
+    A row for which ``cancelled(row)`` turns true stops with finish reason "cancelled".
     """
     block_size = getattr(model, "block_size", None)
     ids = [fit_prompt(tokenizer.encode(p) if isinstance(p, str) else list(p), block_size, q.max_new_tokens, truncate)
@@ -230,6 +231,8 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | l
                 emit(row, streams[row].push(token))
                 if streams[row].stopped:
                     generation.finish(row)
+            if cancelled is not None and generation.finish_reason[row] is None and cancelled(row):
+                generation.finish(row, "cancelled")
             if generation.finish_reason[row] is not None:
                 emit(row, streams[row].close())
                 done[row] = Completion("".join(texts[row]), new_ids[row], generation.finish_reason[row],
