@@ -5,7 +5,13 @@ Everything is built here, in temporary folders; tests never download and never r
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -68,3 +74,40 @@ def trained_run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_run_config(prepared, out, max_steps=40, eval_interval=20, checkpoint_interval=40))
     return out
+
+
+@contextlib.contextmanager
+def live_server(checkpoint, *flags: str):
+    """Run ``lmlab serve CHECKPOINT`` in a subprocess on a free port; yields its base URL.
+
+    Waits until /health answers; stops the server afterwards. Fails with the server's output if it dies.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lmlab.cli", "serve", str(checkpoint), "--port", str(port), "--log-level", "warning",
+           *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmlab serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("lmlab serve did not answer /health within 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -100,7 +100,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     app.router.add_event_handler("shutdown", scheduler.close)
     created = int(time.time())
     context = getattr(model, "block_size", None)
-    prompt_limits = [x for x in (cfg.max_prompt_tokens, context) if x is not None]
+    prompt_limits = [x for x in (cfg.max_prompt_tokens, context and context - 1) if x is not None]  # room for 1 token
     max_prompt = min(prompt_limits) if prompt_limits else None
 
     @app.exception_handler(APIError)
@@ -167,7 +167,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{cfg.model_name}'",
                            type="not_found_error", param="model", code="model_not_found")
         if max_prompt is not None and len(prompt_ids) > max_prompt:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server allows at most {max_prompt}",
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server allows at most {max_prompt}"
+                                f"{f' (the model context is {context} tokens)' if context else ''}",
                            param="prompt", code="context_length_exceeded")
         try:
             fit_prompt(prompt_ids, context, max_tokens)
