@@ -6,10 +6,12 @@ Everything is built here, in temporary folders; tests never download and never r
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -80,34 +82,42 @@ def trained_run(prepared, tmp_path_factory):
 def live_server(checkpoint, *flags: str):
     """Run ``lmlab serve CHECKPOINT`` in a subprocess on a free port; yields its base URL.
 
-    Waits until /health answers; stops the server afterwards. Fails with the server's output if it dies.
+    Waits until /health answers; stops the server afterwards. Fails with the server's output if it
+    dies. LMLAB_API_KEY is not passed on: a key is used only when the flags give one.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lmlab.cli", "serve", str(checkpoint), "--port", str(port), "--log-level", "warning",
            *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmlab serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("lmlab serve did not answer /health within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
+    env = {k: v for k, v in os.environ.items() if k != "LMLAB_API_KEY"}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        url = f"http://127.0.0.1:{port}"
+
+        def output() -> str:
+            log.seek(0)
+            return log.read()[-4000:]
+
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"lmlab serve exited with {proc.returncode}:\n{output()}")
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"lmlab serve did not answer /health within 60 s:\n{output()}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,5 +1,6 @@
 """Tokenizers: exact round trips, save/load, streaming decode, determinism, errors."""
 
+import random
 import json
 import time
 
@@ -274,3 +275,18 @@ def test_word_from_files_and_cli_kinds(tmp_path):
     (tmp_path / "a.txt").write_text("".join(WORDS), encoding="utf-8")
     tok = train_tokenizer_from_files("word", [str(tmp_path / "a.txt")], min_freq=2)
     assert tok.kind == "word" and tok.vocab_size == 6
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte", "char"])
+def test_stream_decoder_survives_any_id_sequence(toks, kind):
+    """A sampled model can emit byte tokens that form no valid text: streaming must not fail, and the
+    pieces are what it shows (never taken back), ending the same way as decode() when the text is valid."""
+    tok = toks[kind]
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+        sd = tok.stream_decoder()
+        text = "".join(sd.step(i) for i in ids) + sd.flush()
+        assert isinstance(text, str)
+        if "\ufffd" not in tok.decode(ids):
+            assert text == tok.decode(ids)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import live_server
 
 
 def _find(names: list[str]) -> str | None:
@@ -31,13 +28,12 @@ def _find(names: list[str]) -> str | None:
 CHROMIUM = _find(["/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"])
 CHROMEDRIVER = _find(["/usr/bin/chromedriver", "chromedriver"])
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless browser test needs the chromium and chromedriver binaries "
-           "(Debian/Ubuntu: apt-get install chromium chromium-driver)",
-)
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.skip("headless browser test needs the chromium and chromedriver binaries "
+                "(Debian/Ubuntu: apt-get install chromium chromium-driver)", allow_module_level=True)
 
-webdriver = pytest.importorskip("selenium.webdriver")
+# With a browser present, selenium is required (it is a test dependency), so a missing one fails loudly.
+from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -46,50 +42,11 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 ANSWER_TIMEOUT = 30
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory):
+def server(trained_run):
     """``lmlab serve`` on the tiny checkpoint, on a free port; yields its base URL."""
-    port = _free_port()
-    logs = tmp_path_factory.mktemp("serve_logs")
-    out, err = open(logs / "stdout.txt", "wb"), open(logs / "stderr.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "serve", str(trained_run), "--port", str(port)],
-                            stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def stderr_text() -> str:
-        err.flush()
-        return (logs / "stderr.txt").read_text(errors="replace")[-4000:]
-
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmlab serve exited with code {proc.returncode}:\n{stderr_text()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmlab serve did not answer GET /health within 60 s:\n{stderr_text()}")
-            time.sleep(0.3)
+    with live_server(trained_run) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
-        err.close()
 
 
 @pytest.fixture(scope="module")

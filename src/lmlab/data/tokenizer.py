@@ -30,7 +30,6 @@ from typing import Iterable, Sequence
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-from tokenizers.decoders import DecodeStream
 
 from lmlab.errors import ConfigError, DataError
 
@@ -189,33 +188,49 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental decoding: ``step(id)`` returns the text that id completes (maybe ""), ``flush()`` the rest.
 
-    Built on tokenizers' DecodeStream, which holds back output while it ends in a partial UTF-8
-    character. DecodeStream also holds back text that genuinely ends in U+FFFD, so call ``flush()``
-    at the end: "".join(steps) + flush() == tokenizer.decode(all ids).
+    The ids since the last clean boundary are decoded after a few ids of context (decoders that
+    join or space tokens look at their neighbours). Trailing U+FFFD is held back: it may be a
+    character whose bytes are split over several tokens (a byte-level token can even end one
+    character and start the next). If decoding the ids together changes text before them (a byte
+    sequence that turned out invalid), the new ids are decoded on their own: streamed text never
+    takes back what it showed. For valid text, "".join(steps) + flush() == tokenizer.decode(all ids).
     """
+
+    CONTEXT = 4  # ids kept before the new ones
 
     def __init__(self, tk: tokenizers.Tokenizer):
         tk.no_padding()  # tokenizer.json files from elsewhere may pad or truncate every encoding:
         tk.no_truncation()  # lmlab pads and cuts where it needs to, itself
         self.tk = tk
-        self.stream = DecodeStream(skip_special_tokens=False)
-        self.pending: list[int] = []  # ids fed since the last text came out
+        self.context: list[int] = []  # the last few ids before the pending ones
+        self.pending: list[int] = []  # ids since the last clean boundary
+        self.given = 0  # characters of the pending ids' text already returned
 
     def step(self, token_id: int) -> str:
         """Feed one id; return the newly completed text ("" while a character is incomplete)."""
         self.pending.append(int(token_id))
-        out = self.stream.step(self.tk, int(token_id))
-        if out is None:
-            return ""
-        self.pending.clear()
-        return out
+        return self._take(final=False)
 
     def flush(self) -> str:
         """Return whatever is held back (incomplete bytes decode to U+FFFD) and start afresh."""
-        out = self.tk.decode(self.pending, skip_special_tokens=False) if self.pending else ""
-        self.pending.clear()
-        self.stream = DecodeStream(skip_special_tokens=False)
+        out = self._take(final=True) if self.pending else ""
+        self.context = []
         return out
+
+    def _take(self, final: bool) -> str:
+        before = self._decode(self.context)
+        text = self._decode(self.context + self.pending)
+        body = text[len(before):] if text.startswith(before) else self._decode(self.pending)
+        stable = body if final else body.rstrip("\ufffd")
+        out = stable[self.given:]
+        self.given = max(self.given, len(stable))
+        if final or not body.endswith("\ufffd"):  # a clean boundary: the pending ids become context
+            self.context = (self.context + self.pending)[-self.CONTEXT:]
+            self.pending, self.given = [], 0
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=False) if ids else ""
 
 
 def bytes_to_unicode() -> dict[int, str]:
