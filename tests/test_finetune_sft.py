@@ -98,6 +98,6 @@ train: {{out_dir: {tmp_path / 'sft'}, batch_size: 8, max_steps: 150, lr: 3.0e-3,
     assert len(session.messages) == 2  # only the turns after /reset
 
 
-def test_chat_refuses_a_model_without_chat_tokens(trained_run, capsys):
-    assert main(["chat", str(trained_run), "--message", "hello"]) == 1
+def test_chat_with_a_base_model_uses_a_plain_transcript_and_says_so(trained_run, capsys):
+    assert main(["chat", str(trained_run), "--message", "hello", "--max-new-tokens", "5"]) == 0
     assert "lmlab finetune sft" in capsys.readouterr().err

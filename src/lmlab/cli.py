@@ -195,6 +195,7 @@ def cmd_finetune_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from lmlab.data.chat import has_chat_tokens
     from lmlab.generate.chat import ChatSession, run_repl
     from lmlab.generate.engine import print_stream
     from lmlab.train.checkpoint import load_checkpoint
@@ -202,6 +203,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     params = sampling_params(args)
+    if not has_chat_tokens(ckpt.tokenizer):
+        print("note: this model has no chat tokens (it was not tuned with lmlab finetune sft); chatting in a plain "
+              "'User: / Assistant:' transcript", file=sys.stderr)
     session = ChatSession(ckpt.model, ckpt.tokenizer, params, system=args.system)
     if args.message:
         for message in args.message:
