@@ -96,6 +96,7 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     total = time.perf_counter() - started
     print(f"done in {total / 60:.1f} minutes. Loss curve: {out / 'run' / 'plots' / 'loss.png'}")
     print(f"try: lmlab generate {out / 'run'} --prompt 'def main(' --top-k 50")
+    print(f"     lmlab serve {out / 'run'}   (then open http://127.0.0.1:8000 to chat with it)")
     sys.stdout.flush()
     return {"val_loss": summary["val_loss"], "perplexity": report["perplexity"], "bits_per_byte": report["bits_per_byte"],
             "minutes": total / 60, "steps": summary["step"]}
