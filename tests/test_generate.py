@@ -11,8 +11,9 @@ from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.generate.engine import (BatchGeneration, TextStream, beam_search, fit_prompt, generate_text, generate_texts,
                                    generate_tokens)
-from lmlab.generate.sampling import (Sampler, SamplingParams, TokenHistory, apply_min_p, apply_top_k, apply_top_p,
-                                     frequency_penalty, presence_penalty, repetition_penalty)
+from lmlab.generate.sampling import (Sampler, SamplingParams, TokenHistory, apply_min_p, apply_temperature,
+                                     apply_top_k, apply_top_p, frequency_penalty, presence_penalty,
+                                     repetition_penalty)
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import load_checkpoint
 
@@ -163,6 +164,12 @@ def test_penalties_on_hand_made_logits():
     assert repetition_penalty(logits, pen, history).tolist() == [[1.0, -2.0, 0.25, 1.0]]
     assert presence_penalty(logits, torch.tensor([[0.5]]), history).tolist() == [[2.0, -1.0, 0.0, 1.0]]
     assert frequency_penalty(logits, torch.tensor([[0.5]]), history).tolist() == [[2.0, -1.0, -0.5, 1.0]]
+
+
+def test_temperature_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0], [2.0, -1.0]])
+    scaled = apply_temperature(logits, torch.tensor([[2.0], [0.0]]))  # row 2 is greedy: left as it is
+    assert scaled.tolist() == [[1.0, -0.5], [2.0, -1.0]]
 
 
 def test_min_p_and_per_row_top_k_on_hand_made_logits():

@@ -368,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_examples=2000")
     fs.set_defaults(func=cmd_finetune_sft)
 
-    ch = sub.add_parser("chat", help="chat with an instruction-tuned model in the terminal (streams answers)")
-    ch.add_argument("checkpoint", help="checkpoint or run folder of a model tuned with lmlab finetune sft")
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (streams answers)",
+                        description="Chat with a model: one tuned with lmlab finetune sft answers in its chat "
+                                    "template; any other checkpoint chats in a plain 'User: / Assistant:' transcript.")
+    ch.add_argument("checkpoint", help="checkpoint or run folder (ideally one tuned with lmlab finetune sft)")
     ch.add_argument("--system", default=None, help="system prompt (kept across /reset)")
     ch.add_argument("--message", action="append", default=None, metavar="TEXT",
                     help="send this message and print the answer instead of starting the interactive chat (repeatable)")
