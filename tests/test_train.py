@@ -6,6 +6,7 @@ import torch
 from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
 from lmlab.train.logger import read_metrics
+from lmlab.config import TrainConfig
 from lmlab.train.optim import lr_factor
 from lmlab.train.trainer import train
 
@@ -140,3 +141,18 @@ def test_step_schedule_and_sgd(prepared, tmp_path):
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     with pytest.raises(ConfigError, match="train.optimizer"):
         build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="lion"), "cpu")
+
+
+def test_optimizer_groups_learning_rates_by_name_prefix():
+    """A new head can learn faster than a pretrained body; decay still skips biases and norm gains."""
+    from lmlab.train.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    tc = TrainConfig(lr=1e-4, weight_decay=0.1)
+    opt = build_optimizer(model, tc, "cpu", lr_by_prefix={"2.": 1e-3})
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model[2].weight)] == lr_of[id(model[2].bias)] == 1e-3
+    assert lr_of[id(model[0].weight)] == lr_of[id(model[1].weight)] == 1e-4
+    assert decay_of[id(model[0].weight)] == decay_of[id(model[2].weight)] == 0.1
+    assert decay_of[id(model[0].bias)] == decay_of[id(model[1].weight)] == 0.0

@@ -125,6 +125,7 @@ class BaseModelConfig:
     path: str = ""  # lmlab checkpoint or run folder, Hugging Face folder, or a pretrained name (all-MiniLM-L6-v2)
     pooling: str | None = None  # classify: cls | mean | last; None = cls for encoders, last for decoders
     dropout: float = 0.1  # before the classifier
+    head_lr: float | None = None  # classify: learning rate of the new classifier layer (None = train.lr)
 
 
 @dataclass

@@ -138,8 +138,9 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
         return {"val_loss": reports[-1]["loss"], "val_accuracy": reports[-1]["accuracy"],
                 "val_macro_f1": reports[-1]["macro_f1"]}
 
+    head_lr = {"classifier.": cfg.model.head_lr} if cfg.model.head_lr is not None else None
     result = run_loop(model, tc, logger, device, precision, loss_of, evaluate if val_examples else None,
-                      examples_per_step=tc.batch_size)
+                      examples_per_step=tc.batch_size, lr_by_prefix=head_lr)
     logger.close()
     step, train_seconds, interrupted = result.steps, result.seconds, result.interrupted
     report = reports[-1] if reports else None

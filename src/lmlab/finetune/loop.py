@@ -63,9 +63,12 @@ class LoopResult:
 
 def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: torch.device, precision: str,
              loss_of: Callable[[int], tuple[torch.Tensor, int]],
-             evaluate: Callable[[int], dict] | None = None, examples_per_step: int | None = None) -> LoopResult:
-    """Train the trainable parameters of ``model`` for ``tc.max_steps`` (or ``tc.max_minutes``)."""
-    optimizer = build_optimizer(model, tc, device.type)
+             evaluate: Callable[[int], dict] | None = None, examples_per_step: int | None = None,
+             lr_by_prefix: dict[str, float] | None = None) -> LoopResult:
+    """Train the trainable parameters of ``model`` for ``tc.max_steps`` (or ``tc.max_minutes``).
+
+    ``lr_by_prefix``: learning rates of parameters whose names start with a prefix (see build_optimizer)."""
+    optimizer = build_optimizer(model, tc, device.type, lr_by_prefix)
     scheduler = build_scheduler(optimizer, tc)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()

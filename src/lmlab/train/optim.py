@@ -11,19 +11,26 @@ from lmlab.config import TrainConfig
 from lmlab.errors import ConfigError
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
+                    lr_by_prefix: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW (or SGD) with two groups: weight matrices and embeddings decay; biases and norm gains do not.
 
-    Uses the fused kernel where this torch has one for the device (CPU and CUDA in torch >= 2.4).
-    SGD is there to reproduce classic recipes (the recurrent LMs of Zaremba et al. used plain SGD).
+    ``lr_by_prefix`` gives parameters whose names start with a prefix their own learning rate (e.g.
+    a new classifier head that must learn faster than the pretrained body); the schedule scales
+    every group alike. Uses the fused kernel where this torch has one for the device (CPU and CUDA
+    in torch >= 2.4). SGD is there to reproduce classic recipes (Zaremba et al.'s recurrent LMs).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    lr_by_prefix = lr_by_prefix or {}
+
+    def lr_of(name: str) -> float:
+        return next((lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)), cfg.lr)
+
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.dim() >= 2, lr_of(name)), []).append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": lr}
+              for (decays, lr), params in groups.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer != "adamw":
