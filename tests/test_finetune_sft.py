@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lmlab.cli import main
-from lmlab.data.chat import END, ROLE_TOKENS, add_chat_tokens, conversation_of, render
+from lmlab.data.chat import END, ROLE_TOKENS, add_chat_tokens, conversation_of, read_conversations, render
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import DataError
 from lmlab.finetune.sft import IGNORE, training_rows
@@ -59,6 +59,18 @@ def test_conversation_shapes_and_errors():
         conversation_of({"messages": [{"role": "robot", "content": "q"}]}, "f.jsonl:3")
     with pytest.raises(DataError, match="expected"):
         conversation_of({"question": "q"}, "f.jsonl:3")
+
+
+def test_records_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": ""},
+            {"instruction": "d", "input": "", "output": "e"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    assert [c[1]["content"] for c in read_conversations(path)] == ["b", "e"]
+    assert "skipped 1 conversation" in capsys.readouterr().err
+    path.write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no conversations"):
+        read_conversations(path)
 
 
 def test_adding_chat_tokens_grows_the_model(trained_run):
