@@ -134,6 +134,31 @@ def test_batched_generation_equals_one_by_one(kind):
     assert rows == alone
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_rows_joining_a_running_batch_get_what_they_get_alone(kind):
+    """Continuous batching: sequences added mid-generation, shorter or longer than the running ones."""
+    model = tiny_model(**MODELS[kind])
+    late_long = [7, 3, 9, 21, 4, 4, 18, 2, 33, 5, 6, 12, 40, 1, 1, 9, 22, 30, 8, 2]  # longer than the batch so far
+    jobs = [(PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0)),
+            (PROMPTS[1], SamplingParams(max_new_tokens=10, temperature=0.9, seed=4, presence_penalty=0.5)),
+            (late_long, SamplingParams(max_new_tokens=8, temperature=0)),
+            (PROMPTS[2], SamplingParams(max_new_tokens=6, top_k=10, seed=6))]
+    generation = BatchGeneration(model)
+    out: dict[int, list[int]] = {}
+    generation.add(*jobs[0])
+    for step in range(30):
+        if step == 2:
+            generation.add(*jobs[1])
+            generation.add(*jobs[2])
+        if step == 5:
+            generation.add(*jobs[3])
+        for row, token in generation.step():
+            out.setdefault(row, []).append(token)
+    assert not generation.active
+    alone = [list(generate_tokens(model, prompt, params)) for prompt, params in jobs]
+    assert [out[i] for i in range(4)] == alone
+
+
 def test_left_padding_gives_finite_outputs_and_the_same_logits():
     model = tiny_model(preset="llama", n_kv_head=1)
     short = torch.tensor([[4, 8, 15]])

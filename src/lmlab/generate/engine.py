@@ -15,12 +15,14 @@ Every decoder family makes its own cache (``model.make_cache``) and steps on it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
@@ -52,83 +54,183 @@ def fit_prompt(prompt_ids: list[int], block_size: int | None, max_new_tokens: in
 
 
 class BatchGeneration:
-    """Generate continuations of several token-id prompts at once, each row with its own ``SamplingParams``.
+    """Generate continuations of token-id prompts together, each row with its own ``SamplingParams``.
 
-    Iterating yields, per step, a list with the new token of each row (None once a row has
-    finished). ``finish_reason[row]`` becomes "stop" (a stop token, or ``finish(row)`` was called,
-    e.g. for a stop string) or "length" (max new tokens, or the context is full).
-    ``use_cache=False`` recomputes every sequence at each step: slow, the reference the cache is
-    tested against.
+    ``step()`` advances every running row by one token and returns the (row, token) pairs.
+    ``add(prompt, params)`` queues another row at any time: at the next step it is prefilled and
+    joins the running batch (continuous batching), its cache right-aligned with the others'.
+    Iterating yields, per step, a list with the new token of each row (None for rows that produced
+    none). ``finish_reason[row]`` becomes "stop" (a stop token, or ``finish(row)`` was called, e.g.
+    for a stop string) or "length" (max new tokens, or the context is full); finished rows leave
+    the batch. ``use_cache=False`` recomputes every sequence at each step: slow, the reference the
+    cache is tested against (it takes no rows once started).
     """
 
-    def __init__(self, model: nn.Module, prompts: list[list[int]], params: list[SamplingParams],
+    def __init__(self, model: nn.Module, prompts: list[list[int]] = (), params: list[SamplingParams] = (),
                  use_cache: bool = True):
-        if len(prompts) != len(params) or not prompts:
-            raise ValueError("give one SamplingParams per prompt, and at least one prompt")
-        block_size = getattr(model, "block_size", None)
-        for p, ids in zip(params, prompts):
-            p.validate()
-            fit_prompt(ids, block_size, p.max_new_tokens)
-        self.model, self.prompts, self.params, self.use_cache = model, prompts, params, use_cache
-        room = [p.max_new_tokens if block_size is None else min(p.max_new_tokens, block_size - len(ids))
-                for p, ids in zip(params, prompts)]
-        self.limits = room  # most tokens each row may add
-        self.counts = [0] * len(prompts)  # tokens generated so far, per row
-        self.finish_reason: list[str | None] = [None] * len(prompts)
+        if len(prompts) != len(params):
+            raise ValueError("give one SamplingParams per prompt")
+        self.model, self.use_cache = model, use_cache
+        self.block_size = getattr(model, "block_size", None)
+        self.device = next(model.parameters()).device
+        self.prompts: list[list[int]] = []
+        self.params: list[SamplingParams] = []
+        self.limits: list[int] = []  # most tokens each row may add
+        self.counts: list[int] = []  # tokens generated so far, per row
+        self.finish_reason: list[str | None] = []
+        self.waiting: list[int] = []  # rows added but not yet in the batch
+        self.rows: list[int] = []  # the original row of each batch row
+        self.cache = self.mask = self.ids = self.sampler = self.next_input = None
+        self.padded = False  # whether some running row has padding (then the model needs the mask)
+        self.started = False
+        for prompt, p in zip(prompts, params):
+            self.add(prompt, p)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a sequence; it joins the batch at the next step. Returns its row number."""
+        params.validate()
+        fit_prompt(prompt_ids, self.block_size, params.max_new_tokens)
+        if self.started and not self.use_cache:
+            raise ValueError("the recompute reference (use_cache=False) takes no rows once started")
+        self.prompts.append(list(prompt_ids))
+        self.params.append(params)
+        room = params.max_new_tokens if self.block_size is None else self.block_size - len(prompt_ids)
+        self.limits.append(min(params.max_new_tokens, room))
+        self.counts.append(0)
+        self.finish_reason.append(None)
+        self.waiting.append(len(self.prompts) - 1)
+        return len(self.prompts) - 1
+
+    @property
+    def active(self) -> int:
+        """Rows running or waiting to join."""
+        return len(self.rows) + len(self.waiting)
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """Stop generating for ``row`` (it leaves the batch at the next step)."""
         self.finish_reason[row] = reason
+        if row in self.waiting:
+            self.waiting.remove(row)
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        while self.active:
+            out: list[int | None] = [None] * len(self.prompts)
+            for row, token in self.step():
+                out[row] = token
+            yield out
 
     @torch.inference_mode()  # like no_grad, and cheaper per operation (no autograd bookkeeping at all)
-    def __iter__(self) -> Iterator[list[int | None]]:
-        model, B = self.model, len(self.prompts)
-        device = next(model.parameters()).device
-        longest, steps = max(map(len, self.prompts)), max(self.limits)
-        ids = torch.zeros(B, longest, dtype=torch.long, device=device)  # (B, T0), padded on the left
-        mask = torch.ones(B, longest + steps, dtype=torch.bool, device=device)  # (B, T0 + steps): False = padding
-        for row, prompt in enumerate(self.prompts):
-            ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, :longest - len(prompt)] = False
-        padded = not bool(mask.all())
-        sampler = Sampler(self.params, self.prompts, model.config.vocab_size, device)
-        cache = model.make_cache(B, longest + steps) if self.use_cache else None
-        rows = list(range(B))  # the original row of each batch row (finished rows leave the batch)
-        step_input, length = ids, longest
-        for _ in range(steps):
-            attention_mask = mask[:, :length] if padded else None
-            logits, _ = model(step_input if self.use_cache else ids, cache=cache, only_last=True,
-                              attention_mask=attention_mask)
-            tokens = sampler.pick(logits[:, -1])  # (b,)
-            yield self._record(rows, tokens.tolist())
-            keep = [j for j, row in enumerate(rows) if self.finish_reason[row] is None]
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows from every batched tensor
-                index = torch.tensor(keep, device=device)
-                rows, tokens, mask, ids = [rows[j] for j in keep], tokens[index], mask[index], ids[index]
-                sampler.select(index)
-                if cache is not None:
-                    cache.select(index)
-                padded = padded and not bool(mask.all())
-            step_input = tokens[:, None]  # (b, 1)
-            if cache is None:
-                ids = torch.cat([ids, step_input], dim=1)
-            length += 1
+    def step(self) -> list[tuple[int, int]]:
+        """Advance every running row by one token (prefilling rows that join); returns (row, token) pairs."""
+        self.started = True
+        if not self.use_cache:
+            logits = self._recompute()
+        else:
+            parts = [self._decode()] if self.rows else []
+            if self.waiting:
+                parts.append(self._join())
+            if not parts:
+                return []
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # (b, V): running rows, then joining ones
+        tokens = self.sampler.pick(logits)  # (b,)
+        out = self._record(tokens.tolist())
+        self._drop_finished(tokens)
+        return out
 
-    def _record(self, rows: list[int], tokens: list[int]) -> list[int | None]:
-        """Count each row's new token, mark rows that are done; the tokens by original row."""
-        out: list[int | None] = [None] * len(self.prompts)
-        for row, token in zip(rows, tokens):
+    def _decode(self) -> torch.Tensor:
+        """Feed each running row its last token; logits (b, V) of the next."""
+        length = self.cache.pos + 1
+        logits, _ = self.model(self.next_input, cache=self.cache, only_last=True,
+                               attention_mask=self.mask[:, :length] if self.padded else None)
+        return logits[:, -1]
+
+    def _join(self) -> torch.Tensor:
+        """Prefill the waiting rows (one left-padded batch) and merge them into the running batch."""
+        new, self.waiting = self.waiting, []
+        ids, mask = self._left_padded([self.prompts[r] for r in new])
+        length = ids.size(1)
+        remaining = max(self.limits[r] - self.counts[r] for r in self.rows + new)
+        capacity = length + remaining if not self.rows else length  # joined below into a larger cache
+        cache = self.model.make_cache(len(new), capacity)
+        padded = not bool(mask.all())
+        logits, _ = self.model(ids, cache=cache, only_last=True, attention_mask=mask if padded else None)
+        sampler = Sampler([self.params[r] for r in new], [self.prompts[r] for r in new],
+                          self.model.config.vocab_size, self.device)
+        if not self.rows:
+            self.cache, self.sampler, self.rows = cache, sampler, new
+            self.mask = torch.ones(len(new), length + remaining, dtype=torch.bool, device=self.device)
+            self.mask[:, :length] = mask
+            self.padded = padded
+            return logits[:, -1]
+        joined = max(self.cache.pos, length)
+        self.mask = torch.cat([_right_aligned(self.mask[:, :self.cache.pos], joined, joined + remaining),
+                               _right_aligned(mask, joined, joined + remaining)])
+        self.cache = self.cache.join(cache, joined + remaining)
+        self.padded = not bool(self.mask[:, :joined].all())
+        self.sampler.extend(sampler)
+        self.rows = self.rows + new
+        return logits[:, -1]
+
+    def _recompute(self) -> torch.Tensor:
+        """The reference path: the whole of every sequence through the model, no cache."""
+        if self.ids is None:
+            self.rows, self.waiting = self.waiting, []
+            self.ids, self.mask = self._left_padded([self.prompts[r] for r in self.rows])
+            self.sampler = Sampler([self.params[r] for r in self.rows], [self.prompts[r] for r in self.rows],
+                                   self.model.config.vocab_size, self.device)
+        else:
+            self.ids = torch.cat([self.ids, self.next_input], dim=1)
+            self.mask = F.pad(self.mask, (0, 1), value=True)
+        padded = not bool(self.mask.all())
+        logits, _ = self.model(self.ids, only_last=True, attention_mask=self.mask if padded else None)
+        return logits[:, -1]
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (b, T) padded on the left, and the mask (b, T) that is False on the padding."""
+        longest = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        mask = torch.ones(len(prompts), longest, dtype=torch.bool, device=self.device)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, :longest - len(prompt)] = False
+        return ids, mask
+
+    def _record(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """Count each row's new token and mark rows that are done; (row, token) pairs."""
+        out = []
+        for row, token in zip(self.rows, tokens):
             if self.finish_reason[row] is not None:  # finished from outside during the last step
                 continue
-            out[row] = token
+            out.append((row, token))
             self.counts[row] += 1
             if token in self.params[row].stop_tokens:
                 self.finish_reason[row] = "stop"
             elif self.counts[row] >= self.limits[row]:
                 self.finish_reason[row] = "length"
         return out
+
+    def _drop_finished(self, tokens: torch.Tensor) -> None:
+        """Keep only unfinished rows in every batched tensor; their tokens are the next input."""
+        keep = [j for j, row in enumerate(self.rows) if self.finish_reason[row] is None]
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.rows = [self.rows[j] for j in keep]
+            tokens, self.mask = tokens[index], self.mask[index]
+            self.sampler.select(index)
+            if self.cache is not None:
+                self.cache.select(index)
+            if self.ids is not None:
+                self.ids = self.ids[index]
+            self.padded = self.padded and not bool(self.mask[:, :self.cache.pos if self.cache else None].all())
+        self.next_input = tokens[:, None]  # (b, 1)
+
+
+def _right_aligned(mask: torch.Tensor, end: int, width: int) -> torch.Tensor:
+    """``mask`` (b, n) moved to end at column ``end``: False before it, True after it, ``width`` columns."""
+    out = torch.ones(mask.size(0), width, dtype=torch.bool, device=mask.device)
+    out[:, :end - mask.size(1)] = False
+    out[:, end - mask.size(1):end] = mask
+    return out
 
 
 def generate_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParams,
@@ -194,52 +296,91 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass
+class _TextRow:
+    stream: TextStream
+    prompt_tokens: int
+    on_text: Callable[[str], None] | None
+    on_done: Callable[[Completion], None] | None
+    cancelled: Callable[[], bool] | None
+    pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+class TextGeneration:
+    """Text in, text out, over one BatchGeneration: prompts are encoded, each row's output is decoded
+    as it streams (TextStream) and ends at end-of-text, a stop token or a stop string. Rows may be
+    added while others run (``add``); ``step()`` advances them all by one token."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, truncate: bool = False):
+        self.tokenizer, self.truncate = tokenizer, truncate
+        self.block_size = getattr(model, "block_size", None)
+        self.generation = BatchGeneration(model)
+        self.rows: dict[int, _TextRow] = {}
+
+    def add(self, prompt: str | list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
+            on_done: Callable[[Completion], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> int:
+        """Queue a prompt; ``on_text(piece)`` gets its text as it comes, ``on_done(completion)`` fires when it
+        ends, and it stops with finish reason "cancelled" once ``cancelled()`` is true. Returns its row."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = fit_prompt(ids, self.block_size, params.max_new_tokens, self.truncate)
+        params = dataclasses.replace(params, stop_tokens=list(dict.fromkeys([*params.stop_tokens,
+                                                                             self.tokenizer.eot_id])))
+        row = self.generation.add(ids, params)
+        self.rows[row] = _TextRow(TextStream(self.tokenizer, params.stop), len(ids), on_text, on_done, cancelled)
+        return row
+
+    @property
+    def active(self) -> int:
+        """Rows running or waiting to join."""
+        return self.generation.active
+
+    def step(self) -> None:
+        """Generate one more token for every running row; stream its text; finish rows that are done."""
+        generation = self.generation
+        for row, token in generation.step():
+            text = self.rows[row]
+            if token not in generation.params[row].stop_tokens:
+                text.token_ids.append(token)
+                self._emit(text, text.stream.push(token))
+                if text.stream.stopped:
+                    generation.finish(row)
+            if text.cancelled is not None and generation.finish_reason[row] is None and text.cancelled():
+                generation.finish(row, "cancelled")
+            if generation.finish_reason[row] is not None:
+                self._emit(text, text.stream.close())
+                text.completion = Completion("".join(text.pieces), text.token_ids, generation.finish_reason[row],
+                                             text.prompt_tokens, generation.counts[row])
+                if text.on_done is not None:
+                    text.on_done(text.completion)
+
+    @staticmethod
+    def _emit(text: _TextRow, piece: str) -> None:
+        if piece:
+            text.pieces.append(piece)
+            if text.on_text is not None:
+                text.on_text(piece)
+
+
 def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | list[int]],
                    params: list[SamplingParams], on_text: Callable[[int, str], None] | None = None,
                    on_done: Callable[[int, Completion], None] | None = None, truncate: bool = False,
-                   cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+                   ) -> list[Completion]:
     """Continue several prompts (text or token ids) in one batch; returns a Completion per prompt.
 
     ``on_text(row, piece)`` receives each row's text as it is produced and ``on_done(row, completion)``
     fires as soon as a row finishes. End-of-text, ``params.stop_tokens`` and ``params.stop`` strings
     end a row and are not part of its text. ``truncate`` cuts prompts that do not fit from the left.
-    A row for which ``cancelled(row)`` turns true stops with finish reason "cancelled".
     """
-    block_size = getattr(model, "block_size", None)
-    ids = [fit_prompt(tokenizer.encode(p) if isinstance(p, str) else list(p), block_size, q.max_new_tokens, truncate)
-           for p, q in zip(prompts, params)]
-    params = [dataclasses.replace(q, stop_tokens=list(dict.fromkeys([*q.stop_tokens, tokenizer.eot_id])))
-              for q in params]
-    generation = BatchGeneration(model, ids, params)
-    streams = [TextStream(tokenizer, q.stop) for q in params]
-    texts: list[list[str]] = [[] for _ in ids]
-    new_ids: list[list[int]] = [[] for _ in ids]
-    done: list[Completion | None] = [None] * len(ids)
-
-    def emit(row: int, piece: str) -> None:
-        if piece:
-            texts[row].append(piece)
-            if on_text is not None:
-                on_text(row, piece)
-
-    for step in generation:
-        for row, token in enumerate(step):
-            if token is None:
-                continue
-            if token not in params[row].stop_tokens:
-                new_ids[row].append(token)
-                emit(row, streams[row].push(token))
-                if streams[row].stopped:
-                    generation.finish(row)
-            if cancelled is not None and generation.finish_reason[row] is None and cancelled(row):
-                generation.finish(row, "cancelled")
-            if generation.finish_reason[row] is not None:
-                emit(row, streams[row].close())
-                done[row] = Completion("".join(texts[row]), new_ids[row], generation.finish_reason[row],
-                                       len(ids[row]), generation.counts[row])
-                if on_done is not None:
-                    on_done(row, done[row])
-    return done
+    generation = TextGeneration(model, tokenizer, truncate)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        generation.add(prompt, p, on_text=None if on_text is None else functools.partial(on_text, i),
+                       on_done=None if on_done is None else functools.partial(on_done, i))
+    while generation.active:
+        generation.step()
+    return [generation.rows[i].completion for i in range(len(prompts))]
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams,

@@ -142,20 +142,27 @@ class Sampler:
     """
 
     def __init__(self, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self.params = list(params)
+        uses_penalty = any(getattr(p, name) != neutral for p in params for name, _, neutral in PROCESSORS
+                           if name in PENALTIES)
+        self.history = TokenHistory(prompts, vocab_size, device) if uses_penalty else None
+        self.generators = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+                           for p in params]
+        self._build()
+
+    def _build(self) -> None:
+        """The processors some row uses, each with its value per row (B, 1); which rows are greedy."""
         self.steps: list[tuple[str, Callable, torch.Tensor]] = []
         for name, fn, neutral in PROCESSORS:
-            values = [neutral if getattr(p, name) is None else float(getattr(p, name)) for p in params]
+            values = [neutral if getattr(p, name) is None else float(getattr(p, name)) for p in self.params]
             if all(v == neutral for v in values):
                 continue
             if name == "top_k":
-                values = [min(v, vocab_size) for v in values]
-            self.steps.append((name, fn, torch.tensor(values, device=device)[:, None]))  # (B, 1)
-        uses_penalty = any(name in PENALTIES for name, _, _ in self.steps)
-        self.history = TokenHistory(prompts, vocab_size, device) if uses_penalty else None
-        self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)  # (B,)
+                values = [min(v, self.vocab_size) for v in values]
+            self.steps.append((name, fn, torch.tensor(values, device=self.device)[:, None]))  # (B, 1)
+        self.greedy = torch.tensor([p.temperature == 0 for p in self.params], device=self.device)  # (B,)
         self.all_greedy = bool(self.greedy.all())
-        self.generators = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
-                           for p in params]
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Run the processors on logits (B, V) in order; returns float32 logits."""
@@ -179,9 +186,21 @@ class Sampler:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch)."""
-        self.steps = [(name, fn, values[rows]) for name, fn, values in self.steps]
-        self.greedy = self.greedy[rows]
         keep = rows.tolist()
+        self.params = [self.params[i] for i in keep]
         self.generators = [self.generators[i] for i in keep]
         if self.history is not None:
             self.history.select(rows)
+        self._build()
+
+    def extend(self, other: "Sampler") -> None:
+        """Append ``other``'s rows after these (sequences joining a running batch)."""
+        if self.history is not None or other.history is not None:
+            def history_of(sampler: Sampler) -> TokenHistory:
+                return sampler.history or TokenHistory([[]] * len(sampler.params), self.vocab_size, self.device)
+            mine, theirs = history_of(self), history_of(other)
+            mine.seen, mine.counts = torch.cat([mine.seen, theirs.seen]), torch.cat([mine.counts, theirs.counts])
+            self.history = mine
+        self.params += other.params
+        self.generators += other.generators
+        self._build()

@@ -100,6 +100,24 @@ class KVCache:
         """Keep the sequences at these batch indices, in this order (repeats allowed: beam search)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
+    def join(self, other: "KVCache", max_len: int) -> "KVCache":
+        """A cache of ``max_len`` positions holding this cache's sequences, then ``other``'s, both
+        right-aligned at the longer one's length. The slots before a shorter group's keys are zeros
+        (padding, masked out by the caller; zeros, not garbage, so they cannot carry NaN into the
+        attention's weighted sum)."""
+        n_layer, _, n_kv, _, d = self.k.shape
+        pos = max(self.pos, other.pos)
+        out = KVCache(n_layer, self.k.size(1) + other.k.size(1), n_kv, max_len, d, self.k.device, self.k.dtype)
+        rows = 0
+        for part in (self, other):
+            b = part.k.size(1)
+            for mine, theirs in ((out.k, part.k), (out.v, part.v)):
+                mine[:, rows:rows + b, :, :pos - part.pos].zero_()
+                mine[:, rows:rows + b, :, pos - part.pos:pos] = theirs[:, :, :, :part.pos]
+            rows += b
+        out.pos = pos
+        return out
+
 
 class Attention(nn.Module):
     """Self-attention: multi-head, or grouped-query when n_kv_head < n_head; causal (decoders) or not (encoders).

@@ -46,6 +46,16 @@ class RecurrentState:
         elif self.h is not None:
             self.h = self.h[:, rows]
 
+    def join(self, other: "RecurrentState", max_len: int | None = None) -> "RecurrentState":
+        """One state holding this state's sequences, then ``other``'s (a state has no length to align)."""
+        if isinstance(self.h, tuple):
+            h = tuple(torch.cat([a, b], dim=1) for a, b in zip(self.h, other.h))
+        else:
+            h = torch.cat([self.h, other.h], dim=1)
+        joined = RecurrentState(h)
+        joined.pos = max(self.pos, other.pos)
+        return joined
+
     def detach(self) -> None:
         """Cut the gradient history (truncated backpropagation through time) but keep the values."""
         if isinstance(self.h, tuple):

@@ -1,23 +1,26 @@
 """The request queue between the HTTP server and the generation engine.
 
 Requests arrive on the server's event loop; the model runs in one worker thread, so the server
-keeps answering (health checks, new requests, streaming) while a batch generates. The worker
-takes every waiting request that fits in ``max_batch_size`` sequences and generates them as one
-batch (``engine.generate_texts``); requests that arrive meanwhile form the next batch. Each
-sequence reports its text pieces and its end to its request through an asyncio queue.
+keeps answering (health checks, new requests, streaming) while the batch generates. Batching is
+continuous: between two decoding steps the worker lets waiting requests join the running batch
+(``engine.TextGeneration.add``) as long as it holds at most ``max_batch_size`` sequences, so a
+new request starts at the next step instead of waiting for the batch to end, and finished rows
+leave at once. Each sequence reports its text pieces and its end to its request through an
+asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import threading
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.generate.engine import generate_texts
+from lmlab.generate.engine import TextGeneration
 from lmlab.generate.sampling import SamplingParams
 
 
@@ -73,31 +76,37 @@ class Scheduler:
             self.closed = True
             self.lock.notify()
 
-    def _next_batch(self) -> list[Sequence] | None:
-        """Block until requests wait; take as many whole requests as fit in one batch (at least one)."""
+    def _admit(self, running: int) -> list[Sequence] | None:
+        """Wait while there is nothing to do; then take the waiting requests that fit beside ``running``
+        sequences (a request larger than the batch still goes alone into an empty batch). None: closed."""
         with self.lock:
-            while not self.waiting and not self.closed:
+            while not self.waiting and not running and not self.closed:
                 self.lock.wait()
             if self.closed:
                 return None
-            batch = list(self.waiting.popleft())
-            while self.waiting and len(batch) + len(self.waiting[0]) <= self.max_batch_size:
-                batch.extend(self.waiting.popleft())
-            return [s for s in batch if not s.cancelled]
+            admitted: list[Sequence] = []
+            while self.waiting and (running + len(admitted) + len(self.waiting[0]) <= self.max_batch_size
+                                    or running + len(admitted) == 0):
+                admitted.extend(self.waiting.popleft())
+            return [s for s in admitted if not s.cancelled]
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            self.running = len(batch)
+        generation = TextGeneration(self.model, self.tokenizer)
+        members: dict[int, Sequence] = {}  # row of the generation -> its sequence
+        while (admitted := self._admit(generation.active)) is not None:
+            for s in admitted:
+                row = generation.add(s.prompt_ids, s.params, on_text=functools.partial(s.send, "text", s.index),
+                                     on_done=functools.partial(s.send, "done", s.index),
+                                     cancelled=lambda s=s: s.cancelled)
+                members[row] = s
+            self.running = generation.active
             try:
-                generate_texts(self.model, self.tokenizer, [s.prompt_ids for s in batch], [s.params for s in batch],
-                               on_text=lambda i, piece: batch[i].send("text", batch[i].index, piece),
-                               on_done=lambda i, done: batch[i].send("done", batch[i].index, done),
-                               cancelled=lambda i: batch[i].cancelled)
+                generation.step()
             except Exception as e:  # a failing batch must not take the server down: report it to its requests
-                for s in batch:
-                    s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                self.running = 0
-
+                for row, s in members.items():
+                    if generation.generation.finish_reason[row] is None:
+                        s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")
+                generation, members = TextGeneration(self.model, self.tokenizer), {}
+            if not generation.active:  # all done: start afresh (row numbers, cache)
+                generation, members = TextGeneration(self.model, self.tokenizer), {}
+            self.running = generation.active
