@@ -188,9 +188,9 @@ def main() -> None:
              f"tokens, {args.requests} requests per level; each client sends its next request when the last one "
              f"ends. Model: {'checkpoint ' + args.checkpoint if args.checkpoint else 'GPT-2 preset 6x384, context 512, random init, byte tokenizer'}; "
              f"CPU fp32, {torch.get_num_threads()} torch threads; server and clients share the machine. The batched "
-             f"server takes up to {args.max_batch_size} waiting sequences per batch (a batch runs to its end; requests "
-             f"arriving meanwhile form the next batch). Latency: request sent to [DONE]; first token: to the first "
-             f"non-empty text event.")
+             f"server runs up to {args.max_batch_size} sequences at once with continuous batching (waiting requests "
+             f"join the running batch between two decoding steps). Latency: request sent to [DONE]; first token: to "
+             f"the first non-empty text event.")
     write_results("serve_load", rows, summary, notes=notes)
 
 
