@@ -1,11 +1,12 @@
 """The generation engine behind every front end (``generate``, ``chat``, the HTTP server, the page).
 
-- ``BatchGeneration``: several prompts of different lengths at once. Prompts are padded on the left
-  and an attention mask hides the padding (a row's positions count only its real tokens), so each
-  row comes out as it would alone. One preallocated cache; rows that finish leave the batch.
-- ``generate_texts`` / ``generate_text``: the same with text in and out: prompts encoded, output
-  decoded as it streams (never splitting a character that spans several byte-level tokens), cut
-  at stop strings.
+- ``BatchGeneration``: several prompts of different lengths at once, step by step. Prompts are
+  padded on the left and an attention mask hides the padding (a row's positions count only its
+  real tokens), so each row comes out as it would alone. One preallocated cache; rows that finish
+  leave the batch, and new rows can join it between steps (continuous batching).
+- ``TextGeneration`` / ``generate_texts`` / ``generate_text``: the same with text in and out:
+  prompts encoded, output decoded as it streams (never splitting a character that spans several
+  byte-level tokens), cut at stop strings.
 - ``beam_search``: the highest-scoring continuation among ``num_beams`` kept at each step.
 
 Every decoder family makes its own cache (``model.make_cache``) and steps on it
