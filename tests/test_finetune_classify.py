@@ -139,3 +139,23 @@ def test_metrics_match_scikit_learn():
     assert report["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(gold, pred))
     assert (report["macro_precision"], report["macro_recall"], report["macro_f1"]) == pytest.approx((p, r, f))
     assert report["confusion_matrix"] == sklearn_metrics.confusion_matrix(gold, pred).tolist()
+
+
+def test_head_learning_rate_and_layer_wise_decay():
+    """model.head_lr speeds up the new classifier; layer_lr_decay slows each lower layer, embeddings most."""
+    from lmlab.config import ClassifyConfig
+    from lmlab.finetune.classify import build_classifier, learning_rates
+    from lmlab.train.optim import build_optimizer
+
+    backbone = build_model(ModelConfig(family="encoder", n_layer=3, n_head=2, d_model=16, block_size=16, vocab_size=30))
+    model = build_classifier(backbone, ["a", "b"], "cls", 0.1)
+    cfg = ClassifyConfig()
+    cfg.train.lr, cfg.model.head_lr, cfg.model.layer_lr_decay = 1e-4, 1e-3, 0.5
+    opt = build_optimizer(model, cfg.train, "cpu", learning_rates(model, cfg))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["classifier.weight"])] == 1e-3
+    assert [lr_of[id(params[f"backbone.layers.{i}.attn.qkv.weight"])] for i in range(3)] == [2.5e-5, 5e-5, 1e-4]
+    assert lr_of[id(params["backbone.tok_emb.weight"])] == 1.25e-5
+    cfg.model.head_lr, cfg.model.layer_lr_decay = None, 1.0
+    assert learning_rates(model, cfg) == {}

@@ -126,6 +126,7 @@ class BaseModelConfig:
     pooling: str | None = None  # classify: cls | mean | last; None = cls for encoders, last for decoders
     dropout: float = 0.1  # before the classifier
     head_lr: float | None = None  # classify: learning rate of the new classifier layer (None = train.lr)
+    layer_lr_decay: float = 1.0  # classify: < 1 gives each layer below the top this times the lr of the one above
 
 
 @dataclass

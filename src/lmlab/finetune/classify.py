@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -40,6 +41,24 @@ def sorted_labels(examples: list[Example]) -> list[str]:
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
+
+
+def learning_rates(model: SequenceClassifier, cfg: ClassifyConfig) -> dict[str, float]:
+    """Learning rates by parameter-name prefix: ``model.head_lr`` for the new classifier, and with
+    ``model.layer_lr_decay`` < 1 layer-wise decay: the top layer trains at train.lr, each layer below
+    at ``decay`` times the one above, the embeddings below them all."""
+    rates = {"classifier.": cfg.model.head_lr} if cfg.model.head_lr is not None else {}
+    decay = cfg.model.layer_lr_decay
+    if decay != 1.0:
+        layers = {m.group(1, 2) for name, _ in model.backbone.named_parameters()
+                  if (m := re.match(r"(layers|blocks)\.(\d+)\.", name))}  # {(stack name, index)}
+        depth = max((int(i) for _, i in layers), default=-1) + 1
+        for stack, i in layers:
+            rates[f"backbone.{stack}.{i}."] = cfg.train.lr * decay ** (depth - 1 - int(i))
+        for name, _ in model.backbone.named_parameters():
+            if "emb" in name.split(".")[0]:
+                rates[f"backbone.{name}"] = cfg.train.lr * decay ** depth
+    return rates
 
 
 def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None, dropout: float) -> SequenceClassifier:
@@ -138,9 +157,8 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
         return {"val_loss": reports[-1]["loss"], "val_accuracy": reports[-1]["accuracy"],
                 "val_macro_f1": reports[-1]["macro_f1"]}
 
-    head_lr = {"classifier.": cfg.model.head_lr} if cfg.model.head_lr is not None else None
     result = run_loop(model, tc, logger, device, precision, loss_of, evaluate if val_examples else None,
-                      examples_per_step=tc.batch_size, lr_by_prefix=head_lr)
+                      examples_per_step=tc.batch_size, lr_by_prefix=learning_rates(model, cfg))
     logger.close()
     step, train_seconds, interrupted = result.steps, result.seconds, result.interrupted
     report = reports[-1] if reports else None
