@@ -229,11 +229,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     cfg.api_key = args.api_key or os.environ.get("LMLAB_API_KEY") or None
+    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens", "default_max_tokens",
+                 "request_timeout"):
+        if getattr(cfg, name) <= 0:
+            raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     cfg.model_name = cfg.model_name or Path(args.checkpoint).resolve().name
-    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens", "default_max_tokens"):
-        if getattr(cfg, name) < 1:
-            raise LmlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
               f"(set --api-key or LMLAB_API_KEY)", file=sys.stderr)
@@ -241,6 +243,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)",
           file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """One-line error if ``host:port`` cannot be listened on (bad port, unknown host, port taken)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise LmlabError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+    except OSError as e:
+        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
