@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from lmlab.config import ModelConfig
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import ConfigError, LmlabError
-from lmlab.generate.engine import (BatchGeneration, TextStream, beam_search, fit_prompt, generate_text, generate_texts,
-                                   generate_tokens)
+from lmlab.generate.engine import (BatchGeneration, TextGeneration, TextStream, beam_search, fit_prompt, generate_text,
+                                   generate_texts, generate_tokens)
 from lmlab.generate.sampling import (Sampler, SamplingParams, TokenHistory, apply_min_p, apply_temperature,
                                      apply_top_k, apply_top_p, frequency_penalty, presence_penalty,
                                      repetition_penalty)
@@ -274,3 +274,21 @@ def test_beam_search_ends_sequences_at_stop_tokens():
     model = tiny_model(vocab_size=5, block_size=16)
     out = beam_search(model, [1, 2], num_beams=3, max_new_tokens=10, stop_tokens=[0, 1, 2, 3, 4])
     assert len(out) == 1  # every token stops: the best one-token sequence
+
+
+def test_a_cancelled_row_stops_and_leaves_the_batch(ckpt):
+    """What the server does when a client goes away: the row ends at the next step, the others go on."""
+    generation = TextGeneration(ckpt.model, ckpt.tokenizer)
+    steps = {"n": 0}
+    done = {}
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_tokens=[], stop=[])
+    gone = generation.add("the ", params, on_done=lambda c: done.setdefault("gone", c),
+                          cancelled=lambda: steps["n"] >= 3)
+    stays = generation.add("a ", params, on_done=lambda c: done.setdefault("stays", c))
+    while generation.active:
+        generation.step()
+        steps["n"] += 1
+        if steps["n"] == 5:  # cancelled during step 4: computed no further, gone from the batch
+            assert generation.generation.rows == [stays]
+    assert done["gone"].finish_reason == "cancelled" and done["gone"].completion_tokens == 4
+    assert done["stays"].finish_reason in ("length", "stop") and gone != stays

@@ -104,8 +104,8 @@ class BatchGeneration:
 
     @property
     def active(self) -> int:
-        """Rows running or waiting to join."""
-        return len(self.rows) + len(self.waiting)
+        """Unfinished rows, running or waiting to join."""
+        return sum(self.finish_reason[r] is None for r in self.rows) + len(self.waiting)
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """Stop generating for ``row`` (it leaves the batch at the next step)."""
@@ -124,6 +124,7 @@ class BatchGeneration:
     def step(self) -> list[tuple[int, int]]:
         """Advance every running row by one token (prefilling rows that join); returns (row, token) pairs."""
         self.started = True
+        self._drop_finished()
         if not self.use_cache:
             logits = self._recompute()
         else:
@@ -134,9 +135,8 @@ class BatchGeneration:
                 return []
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # (b, V): running rows, then joining ones
         tokens = self.sampler.pick(logits)  # (b,)
-        out = self._record(tokens.tolist())
-        self._drop_finished(tokens)
-        return out
+        self.next_input = tokens[:, None]  # (b, 1)
+        return self._record(tokens.tolist())
 
     def _decode(self) -> torch.Tensor:
         """Feed each running row its last token; logits (b, V) of the next."""
@@ -210,20 +210,20 @@ class BatchGeneration:
                 self.finish_reason[row] = "length"
         return out
 
-    def _drop_finished(self, tokens: torch.Tensor) -> None:
-        """Keep only unfinished rows in every batched tensor; their tokens are the next input."""
+    def _drop_finished(self) -> None:
+        """Rows that finished since the last step (a stop, a limit, or ``finish()``) leave every batched tensor."""
         keep = [j for j, row in enumerate(self.rows) if self.finish_reason[row] is None]
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.rows = [self.rows[j] for j in keep]
-            tokens, self.mask = tokens[index], self.mask[index]
-            self.sampler.select(index)
-            if self.cache is not None:
-                self.cache.select(index)
-            if self.ids is not None:
-                self.ids = self.ids[index]
-            self.padded = self.padded and not bool(self.mask[:, :self.cache.pos if self.cache else None].all())
-        self.next_input = tokens[:, None]  # (b, 1)
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[j] for j in keep]
+        self.next_input, self.mask = self.next_input[index], self.mask[index]
+        self.sampler.select(index)
+        if self.cache is not None:
+            self.cache.select(index)
+        if self.ids is not None:
+            self.ids = self.ids[index]
+        self.padded = self.padded and not bool(self.mask[:, :self.cache.pos if self.cache else None].all())
 
 
 def _right_aligned(mask: torch.Tensor, end: int, width: int) -> torch.Tensor:
