@@ -262,7 +262,7 @@ def check_can_listen(host: str, port: int) -> None:
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
                        top_p: float | None) -> None:
-    """The flags that choose how tokens are picked (one set for generate, chat and serve)."""
+    """The flags that choose how tokens are picked (one set for generate and chat)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"tokens to generate at most (default: {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=temperature,

@@ -54,6 +54,11 @@ def fit_prompt(prompt_ids: list[int], block_size: int | None, max_new_tokens: in
     return prompt_ids
 
 
+def new_token_limit(block_size: int | None, prompt_len: int, max_new_tokens: int) -> int:
+    """Most tokens a prompt may get: max_new_tokens, or fewer if the context fills up first."""
+    return max_new_tokens if block_size is None else min(max_new_tokens, block_size - prompt_len)
+
+
 class BatchGeneration:
     """Generate continuations of token-id prompts together, each row with its own ``SamplingParams``.
 
@@ -95,8 +100,7 @@ class BatchGeneration:
             raise ValueError("the recompute reference (use_cache=False) takes no rows once started")
         self.prompts.append(list(prompt_ids))
         self.params.append(params)
-        room = params.max_new_tokens if self.block_size is None else self.block_size - len(prompt_ids)
-        self.limits.append(min(params.max_new_tokens, room))
+        self.limits.append(new_token_limit(self.block_size, len(prompt_ids), params.max_new_tokens))
         self.counts.append(0)
         self.finish_reason.append(None)
         self.waiting.append(len(self.prompts) - 1)
@@ -155,13 +159,10 @@ class BatchGeneration:
         cache = self.model.make_cache(len(new), capacity)
         padded = not bool(mask.all())
         logits, _ = self.model(ids, cache=cache, only_last=True, attention_mask=mask if padded else None)
-        sampler = Sampler([self.params[r] for r in new], [self.prompts[r] for r in new],
-                          self.model.config.vocab_size, self.device)
+        sampler = self._sampler_for(new)
         if not self.rows:
             self.cache, self.sampler, self.rows = cache, sampler, new
-            self.mask = torch.ones(len(new), length + remaining, dtype=torch.bool, device=self.device)
-            self.mask[:, :length] = mask
-            self.padded = padded
+            self.mask, self.padded = _right_aligned(mask, length, length + remaining), padded
             return logits[:, -1]
         joined = max(self.cache.pos, length)
         self.mask = torch.cat([_right_aligned(self.mask[:, :self.cache.pos], joined, joined + remaining),
@@ -177,14 +178,18 @@ class BatchGeneration:
         if self.ids is None:
             self.rows, self.waiting = self.waiting, []
             self.ids, self.mask = self._left_padded([self.prompts[r] for r in self.rows])
-            self.sampler = Sampler([self.params[r] for r in self.rows], [self.prompts[r] for r in self.rows],
-                                   self.model.config.vocab_size, self.device)
+            self.sampler = self._sampler_for(self.rows)
         else:
             self.ids = torch.cat([self.ids, self.next_input], dim=1)
             self.mask = F.pad(self.mask, (0, 1), value=True)
         padded = not bool(self.mask.all())
         logits, _ = self.model(self.ids, only_last=True, attention_mask=self.mask if padded else None)
         return logits[:, -1]
+
+    def _sampler_for(self, rows: list[int]) -> Sampler:
+        """A sampler for these rows, with their params and prompts (penalties look at the prompt)."""
+        return Sampler([self.params[r] for r in rows], [self.prompts[r] for r in rows],
+                       self.model.config.vocab_size, self.device)
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (b, T) padded on the left, and the mask (b, T) that is False on the padding."""
@@ -316,7 +321,6 @@ class TextGeneration:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, truncate: bool = False):
         self.tokenizer, self.truncate = tokenizer, truncate
-        self.block_size = getattr(model, "block_size", None)
         self.generation = BatchGeneration(model)
         self.rows: dict[int, _TextRow] = {}
 
@@ -326,7 +330,7 @@ class TextGeneration:
         """Queue a prompt; ``on_text(piece)`` gets its text as it comes, ``on_done(completion)`` fires when it
         ends, and it stops with finish reason "cancelled" once ``cancelled()`` is true. Returns its row."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        ids = fit_prompt(ids, self.block_size, params.max_new_tokens, self.truncate)
+        ids = fit_prompt(ids, self.generation.block_size, params.max_new_tokens, self.truncate)
         params = dataclasses.replace(params, stop_tokens=list(dict.fromkeys([*params.stop_tokens,
                                                                              self.tokenizer.eot_id])))
         row = self.generation.add(ids, params)
@@ -405,7 +409,7 @@ def beam_search(model: nn.Module, prompt_ids: list[int], num_beams: int, max_new
         raise LmlabError(f"num beams must be at least 1, got {num_beams}")
     block_size = getattr(model, "block_size", None)
     prompt_ids = fit_prompt(prompt_ids, block_size, max_new_tokens)
-    limit = max_new_tokens if block_size is None else min(max_new_tokens, block_size - len(prompt_ids))
+    limit = new_token_limit(block_size, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     cache = model.make_cache(1, len(prompt_ids) + limit)
     logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, only_last=True)

@@ -25,12 +25,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
     def lr_of(name: str) -> float:
         return next((lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)), cfg.lr)
 
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    by_kind: dict[tuple[bool, float], list[nn.Parameter]] = {}  # (decays, lr) -> parameters
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((p.dim() >= 2, lr_of(name)), []).append(p)
+            by_kind.setdefault((p.dim() >= 2, lr_of(name)), []).append(p)
     groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": lr}
-              for (decays, lr), params in groups.items()]
+              for (decays, lr), params in by_kind.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer != "adamw":
