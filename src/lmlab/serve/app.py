@@ -214,6 +214,20 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    async def chunks_of(sequences: list[Sequence], head: dict, opening: list[dict], choice, include_usage: bool,
+                        prompts: list[list[int]], n: int) -> AsyncIterator[dict]:
+        """The chunks of a streamed response: ``opening`` ones, then one per event, the choice shaped by
+        ``choice(kind, index, value)``; then, if asked, a last chunk with the usage."""
+        for chunk in opening:
+            yield chunk
+        done: dict[int, Completion] = {}
+        async for kind, i, value in events_of(sequences):
+            if kind == "done":
+                done[i] = value
+            yield {**head, "choices": [choice(kind, i, value)]}
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage(prompts, done, n)}
+
     def streamed(chunks: AsyncIterator[dict], sequences: list[Sequence]) -> StreamingResponse:
         async def body():
             try:
@@ -246,19 +260,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
         echo = [tokenizer.decode(p) if req.echo else "" for p in prompts]
 
         if req.stream:
-            async def chunks():
-                done: dict[int, Completion] = {}
-                for i, text in enumerate(echo):
-                    if text:
-                        yield {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
-                async for kind, i, value in events_of(sequences):
-                    if kind == "done":
-                        done[i] = value
-                    yield {**head, "choices": [{"index": i, "text": value if kind == "text" else "", "logprobs": None,
-                                                "finish_reason": value.finish_reason if kind == "done" else None}]}
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": usage(prompts, done, req.n)}
-            return streamed(chunks(), sequences)
+            def choice(kind, i, value):
+                return {"index": i, "text": value if kind == "text" else "", "logprobs": None,
+                        "finish_reason": value.finish_reason if kind == "done" else None}
+            opening = [{**head, "choices": [choice("text", i, text)]} for i, text in enumerate(echo) if text]
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return streamed(chunks_of(sequences, head, opening, choice, include_usage, prompts, req.n), sequences)
 
         done = {i: c async for kind, i, c in events_of(sequences) if kind == "done"}
         choices = [{"index": i, "text": echo[i] + done[i].text, "logprobs": None,
@@ -280,22 +287,15 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": cfg.model_name}
 
         if req.stream:
-            async def chunks():
-                chunk = {**head, "object": "chat.completion.chunk"}
-                for i in range(req.n):
-                    yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]}
-                done: dict[int, Completion] = {}
-                async for kind, i, value in events_of(sequences):
-                    if kind == "text":
-                        choice = {"index": i, "delta": {"content": value}, "logprobs": None, "finish_reason": None}
-                    else:
-                        done[i] = value
-                        choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": value.finish_reason}
-                    yield {**chunk, "choices": [choice]}
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**chunk, "choices": [], "usage": usage(prompts, done, req.n)}
-            return streamed(chunks(), sequences)
+            def choice(kind, i, value):
+                if kind == "text":
+                    return {"index": i, "delta": {"content": value}, "logprobs": None, "finish_reason": None}
+                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": value.finish_reason}
+            chunk = {**head, "object": "chat.completion.chunk"}
+            opening = [{**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]} for i in range(req.n)]
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return streamed(chunks_of(sequences, chunk, opening, choice, include_usage, prompts, req.n), sequences)
 
         done = {i: c async for kind, i, c in events_of(sequences) if kind == "done"}
         choices = [{"index": i, "message": {"role": "assistant", "content": done[i].text}, "logprobs": None,
