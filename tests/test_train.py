@@ -17,19 +17,18 @@ def train_losses(run_dir):
     return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r}
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "llama"])
-def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset):
-    cfg = dict(max_steps=16, checkpoint_interval=100, dropout_free=None)
-    cfg.pop("dropout_free")
-    full = tiny_run_config(prepared, tmp_path / "full", preset, **cfg)
-    full.model.dropout = 0.1  # dropout consumes the RNG: resume must restore it
-    train(full)
-
-    part = tiny_run_config(prepared, tmp_path / "part", preset, **cfg)
-    part.model.dropout = 0.1
-    first = train(part, stop_after=7)
+@pytest.mark.parametrize("preset,ema_decay", [("gpt2", 0.0), ("llama", 0.0), ("gpt2", 0.9)])
+def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_decay):
+    """Stopping at step 7 and resuming gives the same losses and weights (the weight average too)."""
+    runs = {}
+    for name in ("full", "part"):
+        runs[name] = tiny_run_config(prepared, tmp_path / name, preset, max_steps=16, checkpoint_interval=100)
+        runs[name].model.dropout = 0.1  # dropout consumes the RNG: resume must restore it
+        runs[name].train.ema_decay = ema_decay
+    train(runs["full"])
+    first = train(runs["part"], stop_after=7)
     assert first["step"] == 7
-    second = train(part, resume=True)
+    second = train(runs["part"], resume=True)
     assert second["step"] == 16
 
     a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
@@ -38,6 +37,25 @@ def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset):
     wa = load_checkpoint(tmp_path / "full").model.state_dict()
     wb = load_checkpoint(tmp_path / "part").model.state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_weight_average_is_what_the_checkpoint_holds(prepared, tmp_path):
+    """With train.ema_decay the saved weights are the average: close to, but not, the raw weights."""
+    from lmlab.train.checkpoint import load_train_state
+
+    cfg = tiny_run_config(prepared, tmp_path / "ema", max_steps=12, checkpoint_interval=100)
+    cfg.train.ema_decay = 0.8
+    train(cfg)
+    ckpt = list_checkpoints(tmp_path / "ema")[-1]
+    saved = load_checkpoint(ckpt).model
+    raw = load_train_state(ckpt)["ema"]["raw"]
+    trainable = [p for p in saved.parameters() if p.requires_grad]
+    assert len(raw) == len(trainable)
+    assert not all(torch.equal(p, r) for p, r in zip(trainable, raw))
+    cfg.train.ema_decay = 1.0
+    cfg.train.out_dir = str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        train(cfg)
 
 
 def test_training_learns_and_writes_its_files(trained_run):

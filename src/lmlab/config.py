@@ -94,6 +94,7 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (e.g. 0.999)
     batching: str = "random"  # random windows, or sequential: rows of the text read in order
     carry_state: bool = False  # recurrent models: carry the hidden state across batches (truncated BPTT; needs sequential)
     eval_interval: int = 250

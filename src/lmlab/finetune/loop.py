@@ -4,11 +4,13 @@ The task supplies ``loss_of(step) -> (loss, tokens)`` (it builds the step's batc
 and, optionally, ``evaluate(step) -> dict`` of metrics to log; the loop does the rest: AdamW and the
 schedule, mixed precision, gradient clipping, logging to metrics.jsonl with tokens/s and peak
 memory, a progress bar with ETA, periodic evaluation, ``max_minutes``, and Ctrl-C (stops cleanly so
-the caller can save what was trained).
+the caller can save what was trained), and with ``train.ema_decay`` an average of the weights that
+evaluation and the saved model use (see train/ema.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,13 +27,16 @@ from lmlab.train.logger import MetricsLogger
 from lmlab.train.optim import build_optimizer, build_scheduler
 from lmlab.errors import ConfigError
 from lmlab.train.checkpoint import list_checkpoints
+from lmlab.train.ema import check_ema_decay, weight_average
 from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 
 def check_run(tc: TrainConfig) -> tuple[torch.device, str]:
-    """Refuse an out_dir that already holds a run, apply train.threads; return the device and precision."""
+    """Refuse an out_dir that already holds a run or a bad train.ema_decay, apply train.threads; return the
+    device and precision."""
     if list_checkpoints(tc.out_dir):
         raise ConfigError(f"{tc.out_dir} already holds a run; choose another train.out_dir or delete it")
+    check_ema_decay(tc.ema_decay)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
@@ -71,6 +76,7 @@ def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: t
     optimizer = build_optimizer(model, tc, device.type, lr_by_prefix)
     scheduler = build_scheduler(optimizer, tc)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = weight_average(model, tc.ema_decay)
     model.train()
     started = window_start = time.perf_counter()
     step, window_loss, window_n, window_tokens = 0, 0.0, 0, 0
@@ -86,6 +92,8 @@ def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: t
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:
+                ema.update()
             step += 1
             bar.update(1)
             window_loss, window_n, window_tokens = window_loss + loss.item(), window_n + 1, window_tokens + tokens
@@ -103,7 +111,8 @@ def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: t
             out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
             last = step == tc.max_steps or out_of_time
             if evaluate is not None and (step % tc.eval_interval == 0 or last):
-                metrics = evaluate(step)
+                with ema.applied() if ema is not None else contextlib.nullcontext():
+                    metrics = evaluate(step)
                 model.train()
                 logger.log({"step": step, **metrics, "elapsed_s": time.perf_counter() - started, "time": time.time()})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -115,5 +124,7 @@ def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: t
         bar.write(f"interrupted at step {step}: saving what was trained so far")
     finally:
         bar.close()
+    if ema is not None:
+        ema.copy_to_model()
     result.steps, result.seconds = step, time.perf_counter() - started
     return result

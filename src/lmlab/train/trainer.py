@@ -27,6 +27,7 @@ from lmlab.eval.perplexity import stateful_nll
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import (list_checkpoints, load_train_state, read_manifest, prune_checkpoints,
                                     save_checkpoint)
+from lmlab.train.ema import weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
 
@@ -157,6 +158,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self.carry = self._make_carry()
+        self.ema = weight_average(self.model, self.tc.ema_decay)
         self.logger = MetricsLogger(self.out_dir, self.tc.tensorboard)
         if resume:
             self._restore()
@@ -215,11 +217,16 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.carry is not None:
             self.carry.load_state_dict(state["carry"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
+            self.ema.load_raw_state(state["ema"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
         self.logger.truncate_after(self.step)
 
     def save(self) -> Path:
-        """Checkpoint the current step (weights, tokenizer, optimizer/scheduler/RNG/data state)."""
+        """Checkpoint the current step (weights, tokenizer, optimizer/scheduler/RNG/data state). With
+        train.ema_decay the checkpoint's weights are the average, the raw ones go with the training state."""
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -232,8 +239,11 @@ class Trainer:
         }
         if self.carry is not None:
             state["carry"] = self.carry.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.raw_state()
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
-        save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
+        with self.averaged_weights():
+            save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
         prune_checkpoints(self.out_dir, self.tc.keep_checkpoints)
         return path
 
@@ -261,6 +271,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         if self.carry is not None:
             self.carry.detach()  # truncated BPTT: keep the values, drop the history
         self.step += 1
@@ -277,8 +289,14 @@ class Trainer:
             self.carry = self.model.make_cache(tc.batch_size)  # each epoch starts from a zero state
         return x, y
 
+    def averaged_weights(self):
+        """A context in which the model holds the weight average (train.ema_decay), or its own weights."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self) -> float:
-        return estimate_loss(self.model, self.val_data, self.tc, self.model.config.block_size, self.device, self.precision)
+        """Validation loss (of the weight average with train.ema_decay)."""
+        with self.averaged_weights():
+            return estimate_loss(self.model, self.val_data, self.tc, self.model.config.block_size, self.device, self.precision)
 
     def run(self) -> dict:
         """Train until max_steps, max_minutes or stop_after; checkpoint, plot and return a summary."""
