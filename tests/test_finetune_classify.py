@@ -97,6 +97,30 @@ def test_lora_finetune_trains_few_parameters(toy, full_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["accuracy"])
 
 
+def test_rdrop_adds_the_disagreement_of_two_dropout_passes(toy, tmp_path):
+    """Without dropout R-Drop is plain cross-entropy; with it the KL term is positive; training with it learns."""
+    from lmlab.finetune.classify import build_classifier, rdrop_loss
+    from lmlab.data.labeled import pad_batch
+
+    torch.manual_seed(0)
+    backbone = build_model(ModelConfig(family="encoder", n_layer=2, n_head=2, d_model=16, block_size=16,
+                                       vocab_size=40, dropout=0.3))
+    model = build_classifier(backbone, ["0", "1"], "mean", 0.3)
+    x, mask = pad_batch([[3, 4, 5], [6, 7], [8, 9, 10, 11]], 0)
+    y = torch.tensor([0, 1, 1])
+    model.eval()
+    assert rdrop_loss(model, x, mask, y, alpha=5.0).item() == pytest.approx(model(x, mask, y)[1].item(), abs=1e-6)
+    model.train()
+    torch.manual_seed(1)
+    plain = rdrop_loss(model, x, mask, y, alpha=0.0)
+    torch.manual_seed(1)
+    assert rdrop_loss(model, x, mask, y, alpha=1.0) > plain + 1e-4
+    out = tmp_path / "rdrop"
+    assert finetune(toy, out, "model.rdrop=1.0") == 0
+    assert json.loads((out / "results.json").read_text())["accuracy"] >= 0.95
+    assert finetune(toy, tmp_path / "bad", "model.rdrop=-1") == 1
+
+
 def test_bad_classification_input_is_one_line_errors(toy, tmp_path, capsys):
     unseen = write_tsv(tmp_path / "unseen.tsv", [("a fine film", "2")])
     assert finetune(toy, tmp_path / "a", f"data.val={unseen}") == 1

@@ -128,6 +128,7 @@ class BaseModelConfig:
     dropout: float = 0.1  # before the classifier
     head_lr: float | None = None  # classify: learning rate of the new classifier layer (None = train.lr)
     layer_lr_decay: float = 1.0  # classify: < 1 gives each layer below the top this times the lr of the one above
+    rdrop: float = 0.0  # classify: R-Drop weight; > 0 runs each batch twice and penalises disagreement (2x compute)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmlab.config import ClassifyConfig, atomic_write_text
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
@@ -59,6 +60,19 @@ def learning_rates(model: SequenceClassifier, cfg: ClassifyConfig) -> dict[str, 
             if "emb" in name.split(".")[0]:
                 rates[f"backbone.{name}"] = cfg.train.lr * decay ** depth
     return rates
+
+
+def rdrop_loss(model: SequenceClassifier, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+               alpha: float) -> torch.Tensor:
+    """R-Drop (Liang et al., 2021): the batch goes through the model twice, under two dropout masks;
+    the loss is the mean cross-entropy of both passes plus ``alpha`` times the symmetric KL divergence
+    between their predictions, which keeps full fine-tuning from leaning on any one dropout pattern."""
+    logits, _ = model(torch.cat([x, x]), torch.cat([mask, mask]))  # (2B, n_labels): both passes in one batch
+    log_p, log_q = logits.float().log_softmax(-1).chunk(2)  # (B, n_labels) each
+    cross_entropy = (F.nll_loss(log_p, y) + F.nll_loss(log_q, y)) / 2
+    kl = (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+          + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
+    return cross_entropy + alpha * kl
 
 
 def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None, dropout: float) -> SequenceClassifier:
@@ -116,6 +130,8 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
         raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
     if not dc.train:
         raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
+    if cfg.model.rdrop < 0:
+        raise ConfigError(f"model.rdrop must be 0 (off) or a positive weight, e.g. 1.0; got {cfg.model.rdrop}")
     device, precision = check_run(tc)
     train_examples = read_examples(dc.train, dc.text_field, dc.label_field)
     val_examples = read_examples(dc.val, dc.text_field, dc.label_field) if dc.val else []
@@ -148,8 +164,10 @@ def finetune_classifier(cfg: ClassifyConfig) -> dict:
             batches.extend(length_grouped_batches(lengths, tc.batch_size, tc.seed, step // steps_per_epoch))
         batch = batches.pop()
         x, mask = pad_batch([train_ids[i] for i in batch], tokenizer.pad_id)
-        y = torch.tensor([train_y[i] for i in batch])
-        return model(x.to(device), mask.to(device), y.to(device))[1], int(mask.sum())
+        x, mask, y = x.to(device), mask.to(device), torch.tensor([train_y[i] for i in batch], device=device)
+        if cfg.model.rdrop > 0:
+            return rdrop_loss(model, x, mask, y, cfg.model.rdrop), int(mask.sum())
+        return model(x, mask, y)[1], int(mask.sum())
 
     def evaluate(step: int) -> dict:
         reports.append(evaluate_classifier(model, tokenizer, val_examples, dc.max_length,
