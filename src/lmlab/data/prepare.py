@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from array import array
 from bisect import bisect_right
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from lmlab.config import atomic_dir
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
@@ -132,18 +132,11 @@ def prepare(
     def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
         return _unique(iter_documents(paths, field=field, split_lines=split_lines), dedupe, counts)
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # the folder appears whole, or the old one stays as it was
         meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens)
         _check_sizes(meta, min_split_tokens, sources)
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -412,16 +405,6 @@ def _check_replaceable(out: Path) -> None:
         raise DataError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise DataError(f"{out}: folder exists and is not a prepared data folder; refusing to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _write_json(path: Path, obj: dict) -> None:
