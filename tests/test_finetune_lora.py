@@ -1,5 +1,6 @@
 """LoRA: injection, freezing, merge/unmerge, PEFT-format adapters that peft itself loads after export."""
 
+import dataclasses
 import json
 
 import pytest
@@ -93,6 +94,8 @@ def test_adapter_round_trip_in_peft_format(tmp_path):
     folder = save_adapter(model, tmp_path / "adapter")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    peft = pytest.importorskip("peft")
+    assert set(config) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}  # peft warns about unknown keys
     fresh = tiny()
     load_adapter(fresh, folder)
     assert torch.allclose(fresh.eval()(x())[0], expected, atol=1e-6)

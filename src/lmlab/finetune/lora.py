@@ -19,7 +19,6 @@ import fnmatch
 import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import safetensors.torch
@@ -186,12 +185,12 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_config(cfg: LoraConfig, target_modules: list[str], keep: list[str], task_type: str,
                    base: str | None = None, fan_in_fan_out: bool = False) -> dict:
-    """PEFT's adapter_config.json for these adapters (the fields peft reads for plain LoRA)."""
+    """PEFT's adapter_config.json for these adapters (the fields peft reads for plain LoRA; nothing else,
+    so that peft loads it without warnings about unknown keys)."""
     return {"peft_type": "LORA", "task_type": task_type, "r": cfg.r, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "target_modules": sorted(target_modules),
             "modules_to_save": keep or None, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base,
-            "lmlab": asdict(cfg)}
+            "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base}
 
 
 def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -235,9 +234,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     """
     config, tensors = read_adapter(folder)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
-    cfg = LoraConfig(**config["lmlab"]) if "lmlab" in config else LoraConfig(
-        r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        rslora=config.get("use_rslora", False))
+    cfg = LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                     rslora=config.get("use_rslora", False))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     params = dict(model.named_parameters())
     for key, value in tensors.items():  # check everything before touching the model
