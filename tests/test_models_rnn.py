@@ -94,6 +94,18 @@ def test_generation_with_state_equals_recompute(family):
         assert list(generate_tokens(model, [1, 2, 3], params)) == list(generate_tokens(model, [1, 2, 3], params, use_cache=False))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_token_steps_equal_one_pass_and_leave_the_backend_flag_alone(family):
+    """Decoding steps (one token per call, oneDNN bypassed) give what one call over the sequence gives."""
+    model = make(family)
+    x = torch.randint(0, 40, (2, 12))
+    full, _ = model(x)
+    state = model.make_cache(2)
+    steps = [model(x[:, t:t + 1], cache=state)[0] for t in range(12)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert torch.backends.mkldnn.enabled
+
+
 def test_no_context_limit_in_generation():
     model = make("lstm")
     assert len(list(generate_tokens(model, [1] * 20, SamplingParams(max_new_tokens=40, temperature=0, stop_tokens=[])))) == 40
