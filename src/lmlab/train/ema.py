@@ -1,7 +1,7 @@
 """Exponential moving average (EMA) of a model's trainable weights.
 
 Fine-tuning a small model on a small dataset makes the weights, and the dev score, wander from one
-evaluation to the next; the average of the recent weights is steadier and usually a little better
+evaluation to the next; the average of the recent weights is steadier, and often a little better
 (Polyak averaging). ``train.ema_decay`` = 0.999 averages roughly the last 1,000 steps. Evaluation and
 the saved checkpoint use the averaged weights; training continues on the raw ones.
 
