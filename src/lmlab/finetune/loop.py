@@ -10,7 +10,6 @@ evaluation and the saved model use (see train/ema.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -27,7 +26,7 @@ from lmlab.train.logger import MetricsLogger
 from lmlab.train.optim import build_optimizer, build_scheduler
 from lmlab.errors import ConfigError
 from lmlab.train.checkpoint import list_checkpoints
-from lmlab.train.ema import check_ema_decay, weight_average
+from lmlab.train.ema import averaged, check_ema_decay, weight_average
 from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 
@@ -111,7 +110,7 @@ def run_loop(model: nn.Module, tc: TrainConfig, logger: MetricsLogger, device: t
             out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
             last = step == tc.max_steps or out_of_time
             if evaluate is not None and (step % tc.eval_interval == 0 or last):
-                with ema.applied() if ema is not None else contextlib.nullcontext():
+                with averaged(ema):
                     metrics = evaluate(step)
                 model.train()
                 logger.log({"step": step, **metrics, "elapsed_s": time.perf_counter() - started, "time": time.time()})

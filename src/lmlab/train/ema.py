@@ -12,6 +12,7 @@ model, every step); this keeps a copy of the trainable parameters only.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 
 import torch
@@ -30,6 +31,11 @@ def weight_average(model: nn.Module, decay: float) -> "WeightAverage | None":
     """A WeightAverage of ``model`` when ``decay`` > 0 (train.ema_decay), else None."""
     check_ema_decay(decay)
     return WeightAverage(model, decay) if decay > 0 else None
+
+
+def averaged(ema: "WeightAverage | None"):
+    """A context in which the model holds the weight average, or its own weights when there is none."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 class WeightAverage:

@@ -27,7 +27,7 @@ from lmlab.eval.perplexity import stateful_nll
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import (list_checkpoints, load_train_state, read_manifest, prune_checkpoints,
                                     save_checkpoint)
-from lmlab.train.ema import weight_average
+from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
 
@@ -242,7 +242,7 @@ class Trainer:
         if self.ema is not None:
             state["ema"] = self.ema.raw_state()
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
-        with self.averaged_weights():
+        with averaged(self.ema):
             save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
         prune_checkpoints(self.out_dir, self.tc.keep_checkpoints)
         return path
@@ -289,13 +289,9 @@ class Trainer:
             self.carry = self.model.make_cache(tc.batch_size)  # each epoch starts from a zero state
         return x, y
 
-    def averaged_weights(self):
-        """A context in which the model holds the weight average (train.ema_decay), or its own weights."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
     def evaluate(self) -> float:
         """Validation loss (of the weight average with train.ema_decay)."""
-        with self.averaged_weights():
+        with averaged(self.ema):
             return estimate_loss(self.model, self.val_data, self.tc, self.model.config.block_size, self.device, self.precision)
 
     def run(self) -> dict:
