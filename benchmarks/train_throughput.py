@@ -45,7 +45,7 @@ def peak_rss_mib() -> float:
     """Peak resident set size of this process (MiB), as lmlab's trainer reports it."""
     import torch
 
-    from lmlab.train.trainer import peak_memory_mib
+    from lmlab.runtime import peak_memory_mib
 
     return peak_memory_mib(torch.device("cpu"))
 

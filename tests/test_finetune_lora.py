@@ -10,7 +10,8 @@ import torch.nn as nn
 from lmlab.config import LoraConfig, ModelConfig
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.finetune.lora import (LoraLinear, count_parameters, inject_lora, load_adapter, lora_modules, merge_lora,
+from lmlab.models.interface import count_parameters
+from lmlab.models.lora import (LoraLinear, inject_lora, load_adapter, lora_modules, merge_lora,
                                  remove_lora, save_adapter, unmerge_lora)
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.registry import build_model

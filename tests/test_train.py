@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmlab.errors import CheckpointError, ConfigError, DataError
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.runs import list_checkpoints
+from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.logger import read_metrics
 from lmlab.config import TrainConfig
 from lmlab.train.optim import lr_factor

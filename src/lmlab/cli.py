@@ -75,17 +75,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from lmlab.generate.engine import beam_search, fit_prompt, generate_text, generate_texts, print_stream
-    from lmlab.train.checkpoint import load_checkpoint
-    from lmlab.train.trainer import resolve_device
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
     if prompt is None:
         raise LmlabError("give a prompt with --prompt TEXT or --prompt-file FILE")
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     model, tok = ckpt.model, ckpt.tokenizer
     params = sampling_params(args)
     ids = tok.encode(prompt)
-    fitted = fit_prompt(ids, getattr(model, "block_size", None), params.max_new_tokens, args.truncate_prompt)
+    fitted = fit_prompt(ids, model.context_length, params.max_new_tokens, args.truncate_prompt)
     if len(fitted) < len(ids):
         print(f"note: prompt truncated from the left to its last {len(fitted)} of {len(ids)} tokens", file=sys.stderr)
         prompt = tok.decode(fitted)
@@ -110,10 +110,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from lmlab.eval.perplexity import evaluate_perplexity, write_report
-    from lmlab.train.checkpoint import load_checkpoint
-    from lmlab.train.trainer import resolve_device
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data, stride=args.stride, split=args.split,
                                  field=args.field, batch_size=args.batch_size)
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
@@ -124,11 +124,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop.hf import describe, export_hf, import_hf
-    from lmlab.train.checkpoint import is_lmlab_checkpoint, load_checkpoint, save_checkpoint
+    from lmlab.interop import load_model
+    from lmlab.train.checkpoint import is_lmlab_checkpoint, save_checkpoint
 
     to = args.to or ("hf" if is_lmlab_checkpoint(args.source) else "lmlab")
     if to == "hf":
-        ckpt = load_checkpoint(args.source)
+        ckpt = load_model(args.source)
         out = export_hf(ckpt.model, ckpt.tokenizer, args.output, merge=args.merge)
         adapter = " + PEFT adapter in adapter/" if (out / "adapter").is_dir() else ""
         print(f"wrote {out}: Hugging Face folder{adapter} ({describe(ckpt.model)})")
@@ -198,10 +199,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lmlab.data.chat import has_chat_tokens
     from lmlab.generate.chat import ChatSession, run_repl
     from lmlab.generate.engine import print_stream
-    from lmlab.train.checkpoint import load_checkpoint
-    from lmlab.train.trainer import resolve_device
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     params = sampling_params(args)
     if not has_chat_tokens(ckpt.tokenizer):
         print("note: this model has no chat tokens (it was not tuned with lmlab finetune sft); chatting in a plain "
@@ -223,8 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from lmlab.config import ServeConfig
     from lmlab.serve.app import create_app
-    from lmlab.train.checkpoint import load_checkpoint
-    from lmlab.train.trainer import resolve_device
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -234,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if getattr(cfg, name) <= 0:
             raise LmlabError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     cfg.model_name = cfg.model_name or Path(args.checkpoint).resolve().name
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "

@@ -8,21 +8,19 @@ instead of a silent default.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import os
-import shutil
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from lmlab.errors import ConfigError
+from lmlab.runs import atomic_write_text
 
 
 @dataclass
@@ -110,7 +108,7 @@ class TrainConfig:
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters (see finetune/lora.py); ``r = 0`` means none: full fine-tuning."""
+    """Low-rank adapters (see models/lora.py); ``r = 0`` means none: full fine-tuning."""
 
     r: int = 0
     alpha: float = 16.0
@@ -245,43 +243,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write a config as YAML, atomically."""
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
-
-    A failure (or Ctrl-C) inside the block deletes the temporary folder and leaves ``path`` as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def describe_config(cls: type = RunConfig) -> str:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from lmlab.config import atomic_dir
+from lmlab.runs import atomic_dir
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lmlab.config import atomic_write_text
+from lmlab.runs import atomic_write_text
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
@@ -46,10 +46,10 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
                        progress: bool = False) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of ids[1:] given what precedes, and the count of scored tokens.
 
-    A model without a context limit (``block_size`` None: recurrent models) reads the text once,
+    A model without a context limit (``context_length`` None: recurrent models) reads the text once,
     carrying its state from chunk to chunk, so every token sees the whole history; stride is unused.
     """
-    context = model.block_size
+    context = model.context_length
     if context is None:
         return stateful_nll(model, ids, progress=progress)
     if not 1 <= stride <= context:
@@ -133,7 +133,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
                         split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True) -> dict:
     """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder."""
     inputs = [data] if isinstance(data, str) else list(data)
-    stride = stride or model.block_size
+    stride = stride or model.context_length
     if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
         from lmlab.data.loader import TokenShards
 
@@ -145,5 +145,5 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
     total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
-    return {**perplexity_report(total, count, n_bytes), "stride": stride if model.block_size else None,
-            "context": model.block_size or "unlimited (recurrent state)"}
+    return {**perplexity_report(total, count, n_bytes), "stride": stride if model.context_length else None,
+            "context": model.context_length or "unlimited (recurrent state)"}

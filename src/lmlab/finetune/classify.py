@@ -20,18 +20,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.config import ClassifyConfig, atomic_write_text
+from lmlab.config import ClassifyConfig
+from lmlab.runs import atomic_write_text
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
                                 sequential_batches)
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.metrics import classification_report, confusion_text, plot_confusion
-from lmlab.finetune.lora import count_parameters, inject_lora
+from lmlab.models.interface import count_parameters
+from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
-from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+from lmlab.interop import load_model as load_checkpoint
+from lmlab.train.checkpoint import save_checkpoint
 from lmlab.finetune.loop import begin_run, check_run, run_loop
 from lmlab.train.logger import plot_losses
-from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device
+from lmlab.runtime import autocast_context, peak_memory_mib, resolve_device
 
 
 def sorted_labels(examples: list[Example]) -> list[str]:
@@ -117,7 +120,7 @@ def evaluate_classifier(model: SequenceClassifier, tokenizer: Tokenizer, example
 
 
 def check_max_length(model: nn.Module, max_length: int) -> None:
-    context = getattr(model, "block_size", None)
+    context = model.context_length
     if context is not None and max_length > context:
         raise ConfigError(f"data.max_length {max_length} exceeds the model's context of {context} tokens")
 
@@ -227,4 +230,4 @@ def max_length_of(ckpt) -> int:
             return int(yaml.safe_load(config.read_text())["data"]["max_length"])
         except (KeyError, TypeError, ValueError, yaml.YAMLError):
             pass
-    return min(getattr(ckpt.model, "block_size", None) or 512, 512)
+    return min(ckpt.model.context_length or 512, 512)

@@ -25,9 +25,9 @@ from lmlab.config import TrainConfig, save_config
 from lmlab.train.logger import MetricsLogger
 from lmlab.train.optim import build_optimizer, build_scheduler
 from lmlab.errors import ConfigError
-from lmlab.train.checkpoint import list_checkpoints
+from lmlab.runs import list_checkpoints
 from lmlab.train.ema import averaged, check_ema_decay, weight_average
-from lmlab.train.trainer import autocast_context, peak_memory_mib, resolve_device, resolve_precision
+from lmlab.runtime import autocast_context, peak_memory_mib, resolve_device, resolve_precision
 
 
 def check_run(tc: TrainConfig) -> tuple[torch.device, str]:

@@ -18,11 +18,13 @@ from lmlab.config import SftConfig
 from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
-from lmlab.finetune.lora import count_parameters, inject_lora
+from lmlab.models.interface import count_parameters
+from lmlab.models.lora import inject_lora
 from lmlab.finetune.loop import begin_run, check_run, run_loop
-from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+from lmlab.interop import load_model as load_checkpoint
+from lmlab.train.checkpoint import save_checkpoint
 from lmlab.train.logger import plot_losses
-from lmlab.train.trainer import autocast_context, peak_memory_mib
+from lmlab.runtime import autocast_context, peak_memory_mib
 
 IGNORE = -100  # target value the loss skips
 
@@ -98,7 +100,7 @@ def finetune_sft(cfg: SftConfig) -> dict:
         raise ConfigError("instruction tuning needs a decoder (a gpt or recurrent language model)")
     torch.manual_seed(tc.seed)
     added = add_chat_tokens(tokenizer, model)
-    block = model.block_size or model.config.block_size
+    block = model.context_length or model.config.block_size
     rows = training_rows(tokenizer, conversations, block, dc.pack)
     val_rows = training_rows(tokenizer, val_conversations, block, pack=False) if val_conversations else []
     if not rows:

@@ -41,7 +41,7 @@ class ChatSession:
             raise DataError("empty message")
         self.messages.append({"role": "user", "content": text})
         ids, stop_tokens, stop = self.prompt()
-        context = getattr(self.model, "block_size", None)
+        context = self.model.context_length
         while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
             self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
             ids, stop_tokens, stop = self.prompt()

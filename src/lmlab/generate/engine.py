@@ -30,7 +30,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate.sampling import Sampler, SamplingParams
 
 
-def fit_prompt(prompt_ids: list[int], block_size: int | None, max_new_tokens: int,
+def fit_prompt(prompt_ids: list[int], context: int | None, max_new_tokens: int,
                truncate: bool = False) -> list[int]:
     """The prompt to generate from, or a clear error if it cannot fit the model's context.
 
@@ -40,23 +40,23 @@ def fit_prompt(prompt_ids: list[int], block_size: int | None, max_new_tokens: in
     """
     if not prompt_ids:
         raise LmlabError("the prompt is empty; give at least one token of text")
-    if block_size is None:
+    if context is None:
         return prompt_ids
     if truncate:
-        keep = block_size - max_new_tokens
+        keep = context - max_new_tokens
         if keep < 1:
-            raise LmlabError(f"max new tokens ({max_new_tokens}) must be below the model's context ({block_size}) "
+            raise LmlabError(f"max new tokens ({max_new_tokens}) must be below the model's context ({context}) "
                              f"to leave room for the prompt")
         return prompt_ids[-keep:]
-    if len(prompt_ids) >= block_size:
-        raise LmlabError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {block_size}; "
+    if len(prompt_ids) >= context:
+        raise LmlabError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
                          f"shorten the prompt or truncate it from the left (--truncate-prompt)")
     return prompt_ids
 
 
-def new_token_limit(block_size: int | None, prompt_len: int, max_new_tokens: int) -> int:
+def new_token_limit(context: int | None, prompt_len: int, max_new_tokens: int) -> int:
     """Most tokens a prompt may get: max_new_tokens, or fewer if the context fills up first."""
-    return max_new_tokens if block_size is None else min(max_new_tokens, block_size - prompt_len)
+    return max_new_tokens if context is None else min(max_new_tokens, context - prompt_len)
 
 
 class BatchGeneration:
@@ -77,7 +77,7 @@ class BatchGeneration:
         if len(prompts) != len(params):
             raise ValueError("give one SamplingParams per prompt")
         self.model, self.use_cache = model, use_cache
-        self.block_size = getattr(model, "block_size", None)
+        self.context = model.context_length
         self.device = next(model.parameters()).device
         self.prompts: list[list[int]] = []
         self.params: list[SamplingParams] = []
@@ -95,12 +95,12 @@ class BatchGeneration:
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Queue a sequence; it joins the batch at the next step. Returns its row number."""
         params.validate()
-        fit_prompt(prompt_ids, self.block_size, params.max_new_tokens)
+        fit_prompt(prompt_ids, self.context, params.max_new_tokens)
         if self.started and not self.use_cache:
             raise ValueError("the recompute reference (use_cache=False) takes no rows once started")
         self.prompts.append(list(prompt_ids))
         self.params.append(params)
-        self.limits.append(new_token_limit(self.block_size, len(prompt_ids), params.max_new_tokens))
+        self.limits.append(new_token_limit(self.context, len(prompt_ids), params.max_new_tokens))
         self.counts.append(0)
         self.finish_reason.append(None)
         self.waiting.append(len(self.prompts) - 1)
@@ -330,7 +330,7 @@ class TextGeneration:
         """Queue a prompt; ``on_text(piece)`` gets its text as it comes, ``on_done(completion)`` fires when it
         ends, and it stops with finish reason "cancelled" once ``cancelled()`` is true. Returns its row."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        ids = fit_prompt(ids, self.generation.block_size, params.max_new_tokens, self.truncate)
+        ids = fit_prompt(ids, self.generation.context, params.max_new_tokens, self.truncate)
         params = dataclasses.replace(params, stop_tokens=list(dict.fromkeys([*params.stop_tokens,
                                                                              self.tokenizer.eot_id])))
         row = self.generation.add(ids, params)
@@ -407,9 +407,9 @@ def beam_search(model: nn.Module, prompt_ids: list[int], num_beams: int, max_new
     """
     if num_beams < 1:
         raise LmlabError(f"num beams must be at least 1, got {num_beams}")
-    block_size = getattr(model, "block_size", None)
-    prompt_ids = fit_prompt(prompt_ids, block_size, max_new_tokens)
-    limit = new_token_limit(block_size, len(prompt_ids), max_new_tokens)
+    context = model.context_length
+    prompt_ids = fit_prompt(prompt_ids, context, max_new_tokens)
+    limit = new_token_limit(context, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     cache = model.make_cache(1, len(prompt_ids) + limit)
     logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, only_last=True)

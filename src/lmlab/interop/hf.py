@@ -23,10 +23,11 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig, atomic_dir
+from lmlab.config import ModelConfig
+from lmlab.runs import atomic_dir
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, DataError
-from lmlab.finetune.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
+from lmlab.models.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.registry import build_model
 

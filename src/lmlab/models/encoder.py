@@ -55,7 +55,7 @@ class Encoder(nn.Module):
         cfg = resolve_config(cfg)
         assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
         self.config = cfg
-        self.block_size = cfg.block_size
+        self.context_length = cfg.block_size
         self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -76,8 +76,8 @@ class Encoder(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, d) of token ids idx (B, T); attention_mask (B, T) is 1 for real tokens."""
         B, T = idx.shape
-        if T > self.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.block_size}")
+        if T > self.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context_length}")
         x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)
         if self.type_emb is not None:  # segment A = 0 unless told otherwise
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)

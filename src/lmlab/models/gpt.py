@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.layers import (MLP, Attention, KVCache, fill_from_preset, grow_embedding, grow_linear_rows, make_norm,
                                  rope_tables)
 
@@ -60,7 +61,7 @@ class GPT(nn.Module):
         cfg = resolve_config(cfg)
         assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
         self.config = cfg
-        self.block_size = cfg.block_size
+        self.context_length = cfg.block_size
         self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
@@ -105,7 +106,7 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) for token ids idx (B, T), and the mean cross-entropy if targets are given.
 
         With ``cache``, idx holds the next tokens after the cached ones and the cache advances.
-        Targets equal to -100 are ignored. ``only_last`` computes logits for the last position only.
+        Targets equal to IGNORE_INDEX (-100) are ignored. ``only_last`` computes logits for the last position only.
         ``attention_mask`` marks real tokens when rows are padded (see ``features``).
         """
         x = self.features(idx, attention_mask, cache)  # (B, T, C)
@@ -114,7 +115,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -132,8 +133,8 @@ class GPT(nn.Module):
             key_mask = attention_mask.bool()  # (B, start + T)
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T): real tokens before, per row
         length = start + T if positions is None else int(positions[:, -1].max()) + 1
-        if length > self.block_size:
-            raise ValueError(f"sequence of {length} tokens exceeds the context of {self.block_size}")
+        if length > self.context_length:
+            raise ValueError(f"sequence of {length} tokens exceeds the context of {self.context_length}")
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:

@@ -43,7 +43,7 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         self.config = backbone.config  # the backbone's ModelConfig (what checkpoints record)
         self.head_config = head
-        self.block_size = getattr(backbone, "block_size", None)
+        self.context_length = backbone.context_length
         self.drop = nn.Dropout(head.dropout)
         self.classifier = nn.Linear(backbone.hidden_size, len(head.labels))
         nn.init.normal_(self.classifier.weight, std=0.02)

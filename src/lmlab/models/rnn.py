@@ -6,7 +6,7 @@ optionally tied to the embedding: the regularised LSTM of Zaremba et al. (2014),
 The recurrent state plays the role of the KV cache: ``make_cache`` returns an empty
 ``RecurrentState`` and ``model(idx, cache=state)`` continues from it and updates it, so the generation
 engine and the evaluator drive a recurrent model exactly as they drive a Transformer. A recurrent
-model has no context limit (``block_size`` is None); ``config.block_size`` is the length of the
+model has no context limit (``context_length`` is None); ``config.block_size`` is the length of the
 training windows (the truncated-backpropagation length).
 """
 
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.layers import grow_embedding, grow_linear_rows
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -84,7 +85,7 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
 class RecurrentLM(nn.Module):
     """A recurrent language model over token ids (see the module docstring)."""
 
-    block_size = None  # no context limit
+    context_length = None  # no context limit: the state carries everything read so far
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,7 +121,7 @@ class RecurrentLM(nn.Module):
         logits = self.head(self.drop(out))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def resize_vocab(self, vocab_size: int) -> None:

@@ -99,7 +99,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     app.state.scheduler = scheduler
     app.router.add_event_handler("shutdown", scheduler.close)
     created = int(time.time())
-    context = getattr(model, "block_size", None)
+    context = model.context_length
     prompt_limits = [x for x in (cfg.max_prompt_tokens, context and context - 1) if x is not None]  # room for 1 token
     max_prompt = min(prompt_limits) if prompt_limits else None
 

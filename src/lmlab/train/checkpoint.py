@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +24,15 @@ import torch
 import torch.nn as nn
 
 from lmlab import __version__
-from lmlab.config import ModelConfig, atomic_dir, from_dict
+from lmlab.config import ModelConfig, from_dict
+from lmlab.runs import atomic_dir, list_checkpoints
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, LmlabError
-from lmlab.finetune.lora import base_view, has_lora, load_adapter, write_model_adapter
+from lmlab.models.lora import base_view, has_lora, load_adapter, write_model_adapter
 from lmlab.models.registry import build_model
 
 FORMAT = "lmlab-checkpoint"
 VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -82,21 +80,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
     return path
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The step-N checkpoint folders of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(steps)]
-
-
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints of a run."""
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, or from a run folder (its newest checkpoint)."""
     path = Path(path)
@@ -139,16 +122,10 @@ def read_manifest(ckpt: Path, verify: bool = True) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load the model and tokenizer of a checkpoint (or of a run's newest checkpoint), in eval mode.
+    """Load the model and tokenizer of an lmlab checkpoint (or of a run's newest checkpoint), in eval mode.
 
-    A Hugging Face folder or a pretrained name (see interop/hf.py) is converted on the fly.
+    Hugging Face folders and pretrained names load through ``lmlab.interop.load_model``.
     """
-    if not is_lmlab_checkpoint(path) and _looks_like_hf(path):
-        from lmlab.interop.hf import import_hf
-
-        model, tokenizer = import_hf(path)
-        manifest = {"source": str(path), "model_config": dataclasses.asdict(model.config)}
-        return Checkpoint(model.to(device).eval(), tokenizer, manifest, Path(path))
     ckpt = resolve_checkpoint(path)
     manifest = read_manifest(ckpt)
     try:
@@ -167,12 +144,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         load_adapter(model, ckpt)
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(model.to(device).eval(), tokenizer, manifest, ckpt)
-
-
-def _looks_like_hf(path: str | Path) -> bool:
-    from lmlab.interop.hf import PRETRAINED
-
-    return str(path) in PRETRAINED or (Path(path) / "config.json").is_file()
 
 
 def load_train_state(ckpt: Path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmlab.config import atomic_write_text
+from lmlab.runs import atomic_write_text
 
 
 class MetricsLogger:

@@ -25,85 +25,13 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.perplexity import stateful_nll
 from lmlab.models.registry import build_model
-from lmlab.train.checkpoint import (list_checkpoints, load_train_state, read_manifest, prune_checkpoints,
-                                    save_checkpoint)
+from lmlab.runs import RunFolder, list_checkpoints
+from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
+                           set_rng_state)
+from lmlab.train.checkpoint import load_train_state, read_manifest, save_checkpoint
 from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but this torch sees no CUDA GPU")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` means bf16 on GPUs that support it and fp32 elsewhere (bf16 is slow on most CPUs)."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision {precision!r} is not one of auto, fp32, bf16, fp16")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
-    return precision
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far (MiB): allocated tensors on a CUDA device, else the process's peak RSS.
-
-    The peak RSS is VmHWM from /proc on Linux (``ru_maxrss`` would include a parent's peak, which
-    Linux carries over through fork and exec); other systems fall back to ``ru_maxrss``.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        pass
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
-
-
-def autocast_context(precision: str, device: torch.device):
-    """Mixed-precision autocast for bf16/fp16, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def rng_state() -> dict:
-    """Every random state a training step may consume (dropout, Python's random)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` saved."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -119,7 +47,7 @@ def estimate_loss(model: nn.Module, shards: TokenShards, cfg: TrainConfig, block
     model.eval()
     batch_size = cfg.eval_batch_size or cfg.batch_size
     with autocast_context(precision, device):
-        if getattr(model, "block_size", 0) is None:
+        if model.context_length is None:
             n_tokens = min(cfg.eval_batches * batch_size * block_size, shards.tokens - 1)
             total, count = stateful_nll(model, shards.read(0, n_tokens + 1))
             mean = total / count
@@ -173,7 +101,7 @@ class Trainer:
             return None
         if tc.batching != "sequential" or tc.grad_accum != 1:
             raise ConfigError("train.carry_state needs train.batching=sequential and train.grad_accum=1")
-        if getattr(self.model, "block_size", 0) is not None:
+        if self.model.context_length is not None:
             raise ConfigError("train.carry_state needs a model that carries a state (model.family rnn, lstm or gru)")
         return self.model.make_cache(tc.batch_size)
 
@@ -244,7 +172,7 @@ class Trainer:
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
         with averaged(self.ema):
             save_checkpoint(path, self.model, self.tokenizer, state, info={"step": self.step, "kind": "pretrain"})
-        prune_checkpoints(self.out_dir, self.tc.keep_checkpoints)
+        RunFolder(self.out_dir).prune_checkpoints(self.tc.keep_checkpoints)
         return path
 
     def elapsed(self) -> float:

@@ -25,7 +25,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from lmlab.config import LoraConfig, atomic_dir
+from lmlab.config import LoraConfig
+from lmlab.runs import atomic_dir
 from lmlab.errors import CheckpointError, ConfigError
 
 PEFT_PREFIX = "base_model.model."
@@ -155,18 +156,6 @@ def remove_lora(model: nn.Module) -> nn.Module:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared tensors once."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
