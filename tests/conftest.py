@@ -71,10 +71,10 @@ def tiny_run_config(data_dir, out_dir, preset: str = "gpt2", **train) -> RunConf
 @pytest.fixture(scope="session")
 def trained_run(prepared, tmp_path_factory):
     """A run folder with a checkpoint of a tiny GPT trained for 40 steps."""
-    from lmlab.train.trainer import train
+    from lmlab.train.lm import pretrain
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_run_config(prepared, out, max_steps=40, eval_interval=20, checkpoint_interval=40))
+    pretrain(tiny_run_config(prepared, out, max_steps=40, eval_interval=20, checkpoint_interval=40))
     return out
 
 

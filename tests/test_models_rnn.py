@@ -147,14 +147,14 @@ def test_train_checkpoint_generate_eval(family, prepared, tmp_path):
     from lmlab.eval.perplexity import evaluate_perplexity
     from lmlab.generate.engine import generate_text
     from lmlab.train.checkpoint import load_checkpoint
-    from lmlab.train.trainer import train
+    from lmlab.train.lm import pretrain
 
     cfg = tiny_run_config(prepared, tmp_path / "run", max_steps=30, lr=1e-2)
     cfg.model.family, cfg.model.n_layer, cfg.model.dropout = family, 2, 0.1
-    summary = train(cfg)
+    summary = pretrain(cfg)
     ckpt = load_checkpoint(tmp_path / "run")
     uniform = math.log(ckpt.tokenizer.vocab_size)
-    assert ckpt.model.config.family == family and summary["val_loss"] < uniform - 1.5
+    assert ckpt.model.config.family == family and summary.metrics["val_loss"] < uniform - 1.5
     x = torch.randint(0, ckpt.tokenizer.vocab_size, (1, 10))
     again = load_checkpoint(ckpt.path)
     assert torch.equal(ckpt.model(x)[0], again.model(x)[0])
@@ -167,7 +167,7 @@ def test_train_checkpoint_generate_eval(family, prepared, tmp_path):
 def test_truncated_bptt_training_resumes_exactly(prepared, tmp_path):
     from conftest import tiny_run_config
     from lmlab.train.logger import read_metrics
-    from lmlab.train.trainer import train
+    from lmlab.train.lm import pretrain
 
     def config(name):
         cfg = tiny_run_config(prepared, tmp_path / name, max_steps=14, lr=1e-2, batching="sequential",
@@ -175,9 +175,9 @@ def test_truncated_bptt_training_resumes_exactly(prepared, tmp_path):
         cfg.model.family, cfg.model.dropout, cfg.model.block_size = "lstm", 0.1, 8
         return cfg
 
-    train(config("full"))
-    train(config("part"), stop_after=5)
-    train(config("part"), resume=True)
+    pretrain(config("full"))
+    pretrain(config("part"), stop_after=5)
+    pretrain(config("part"), resume=True)
     losses = [[r["train_loss"] for r in read_metrics(tmp_path / n / "metrics.jsonl") if "train_loss" in r]
               for n in ("full", "part")]
     assert len(losses[0]) == 14 and losses[0] == losses[1]
@@ -197,11 +197,11 @@ def test_sequential_batches_continue_each_row(prepared):
 
 def test_carry_state_needs_a_recurrent_model(prepared, tmp_path):
     from conftest import tiny_run_config
-    from lmlab.train.trainer import train
+    from lmlab.train.lm import pretrain
 
     with pytest.raises(ConfigError, match="carries a state"):
-        train(tiny_run_config(prepared, tmp_path / "gpt", batching="sequential", carry_state=True))
+        pretrain(tiny_run_config(prepared, tmp_path / "gpt", batching="sequential", carry_state=True))
     with pytest.raises(ConfigError, match="sequential"):
         cfg = tiny_run_config(prepared, tmp_path / "rnn", carry_state=True)
         cfg.model.family = "rnn"
-        train(cfg)
+        pretrain(cfg)

@@ -9,7 +9,7 @@ from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.logger import read_metrics
 from lmlab.config import TrainConfig
 from lmlab.train.optim import lr_factor
-from lmlab.train.trainer import train
+from lmlab.train.lm import pretrain
 
 from conftest import tiny_run_config
 
@@ -26,11 +26,11 @@ def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_d
         runs[name] = tiny_run_config(prepared, tmp_path / name, preset, max_steps=16, checkpoint_interval=100)
         runs[name].model.dropout = 0.1  # dropout consumes the RNG: resume must restore it
         runs[name].train.ema_decay = ema_decay
-    train(runs["full"])
-    first = train(runs["part"], stop_after=7)
-    assert first["step"] == 7
-    second = train(runs["part"], resume=True)
-    assert second["step"] == 16
+    pretrain(runs["full"])
+    first = pretrain(runs["part"], stop_after=7)
+    assert first.step == 7
+    second = pretrain(runs["part"], resume=True)
+    assert second.step == 16
 
     a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 17))
@@ -46,7 +46,7 @@ def test_weight_average_is_what_the_checkpoint_holds(prepared, tmp_path):
 
     cfg = tiny_run_config(prepared, tmp_path / "ema", max_steps=12, checkpoint_interval=100)
     cfg.train.ema_decay = 0.8
-    train(cfg)
+    pretrain(cfg)
     ckpt = list_checkpoints(tmp_path / "ema")[-1]
     saved = load_checkpoint(ckpt).model
     raw = load_train_state(ckpt)["ema"]["raw"]
@@ -56,7 +56,7 @@ def test_weight_average_is_what_the_checkpoint_holds(prepared, tmp_path):
     cfg.train.ema_decay = 1.0
     cfg.train.out_dir = str(tmp_path / "bad")
     with pytest.raises(ConfigError, match="train.ema_decay"):
-        train(cfg)
+        pretrain(cfg)
 
 
 def test_training_learns_and_writes_its_files(trained_run):
@@ -110,13 +110,13 @@ def test_foreign_checkpoints_are_refused(tmp_path):
 
 def test_existing_run_needs_resume_and_context_must_fit(prepared, trained_run, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
-        train(tiny_run_config(prepared, trained_run))
+        pretrain(tiny_run_config(prepared, trained_run))
     with pytest.raises(ConfigError, match="no checkpoints"):
-        train(tiny_run_config(prepared, tmp_path / "new"), resume=True)
+        pretrain(tiny_run_config(prepared, tmp_path / "new"), resume=True)
     cfg = tiny_run_config(prepared, tmp_path / "long")
     cfg.model.block_size = 100_000
     with pytest.raises(DataError, match="context length"):
-        train(cfg)
+        pretrain(cfg)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
@@ -175,3 +175,14 @@ def test_optimizer_groups_learning_rates_by_name_prefix():
     assert lr_of[id(model[0].weight)] == lr_of[id(model[1].weight)] == 1e-4
     assert decay_of[id(model[0].weight)] == decay_of[id(model[2].weight)] == 0.1
     assert decay_of[id(model[0].bias)] == decay_of[id(model[1].weight)] == 0.0
+
+
+def test_grad_accumulation_in_the_loop_equals_one_big_batch(prepared, tmp_path):
+    """train.grad_accum=4 at batch 8 takes the same steps as batch 32: the step's windows are the same."""
+    weights = {}
+    for name, batch, accum in (("big", 32, 1), ("accum", 8, 4)):
+        cfg = tiny_run_config(prepared, tmp_path / name, max_steps=3, batch_size=batch, grad_accum=accum,
+                              checkpoint_interval=100)
+        pretrain(cfg)
+        weights[name] = load_checkpoint(tmp_path / name).model.state_dict()
+    assert all(torch.allclose(weights["big"][k], weights["accum"][k], atol=1e-5) for k in weights["big"])

@@ -1,13 +1,10 @@
-"""The exponential moving average of weights (train/ema.py) and its use by the fine-tuning loop."""
+"""The exponential moving average of weights (train/ema.py) and its use by the training loop."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lmlab.config import TrainConfig
-from lmlab.finetune.loop import run_loop
 from lmlab.train.ema import WeightAverage
-from lmlab.train.logger import MetricsLogger
 
 
 def test_average_follows_the_formula_and_skips_frozen_parameters():
@@ -48,34 +45,27 @@ def test_bad_decay_is_refused():
         WeightAverage(nn.Linear(2, 2), decay=1.0)
 
 
-def test_loop_evaluates_and_returns_the_averaged_weights(tmp_path):
-    """With train.ema_decay the loop's evaluation sees the average, and the model it leaves is the average."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    x, y = torch.randn(64, 4), torch.randn(64, 1)
-    tc = TrainConfig(max_steps=20, lr=0.1, warmup_steps=0, lr_schedule="constant", weight_decay=0.0,
-                     grad_clip=0.0, eval_interval=20, log_interval=10, progress=False, ema_decay=0.9)
+def test_loop_evaluates_and_saves_the_averaged_weights(tmp_path):
+    """With train.ema_decay the loop's evaluation sees the average, and its checkpoint holds the average."""
+    from lmlab.train.checkpoint import load_train_state
+    from loop_tasks import RegressionTask, regression_config, run_task
+
+    cfg = regression_config(tmp_path / "run", max_steps=20, lr=0.1, warmup_steps=0, lr_schedule="constant",
+                            weight_decay=0.0, grad_clip=0.0, eval_interval=20, log_interval=10, ema_decay=0.9)
+    task = RegressionTask(batch_size=64, grad_accum=1)
     raw_copy = nn.Linear(4, 1)
-    raw_copy.load_state_dict(model.state_dict())
-    seen = []
-
-    def loss_of(step):
-        return nn.functional.mse_loss(model(x), y), 64
-
-    def evaluate(step):
-        seen.append(model.weight.detach().clone())
-        return {"val_loss": 0.0}
-
-    run_loop(model, tc, MetricsLogger(tmp_path), torch.device("cpu"), "fp32", loss_of, evaluate)
+    raw_copy.load_state_dict(task.model.state_dict())
+    result = run_task(task, cfg)
     # the same 20 steps without the average, tracked by hand
     optimizer = torch.optim.AdamW(raw_copy.parameters(), lr=0.1, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
     shadow = [p.detach().clone() for p in raw_copy.parameters()]
     for n in range(1, 21):
-        nn.functional.mse_loss(raw_copy(x), y).backward()
+        nn.functional.mse_loss(raw_copy(task.x), task.y).backward()
         optimizer.step()
         optimizer.zero_grad()
         d = min(0.9, (1 + n) / (10 + n))
         shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, raw_copy.parameters())]
-    assert torch.allclose(seen[-1], shadow[0], atol=1e-5)
-    assert torch.allclose(model.weight, shadow[0], atol=1e-5)
-    assert not torch.allclose(model.weight, raw_copy.weight, atol=1e-3)
+    assert torch.allclose(task.seen[-1], shadow[0], atol=1e-5)  # what evaluation saw
+    assert torch.allclose(task.model.weight, raw_copy.weight, atol=1e-5)  # training goes on with the raw weights
+    state = load_train_state(__import__("pathlib").Path(result.checkpoint))
+    assert torch.allclose(state["ema"]["raw"][0], raw_copy.weight, atol=1e-5)

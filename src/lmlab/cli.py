@@ -51,12 +51,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.config import load_config
-    from lmlab.train.trainer import train
+    from lmlab.train.lm import pretrain
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
-    val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
-    print(f"step {summary['step']}: val loss {val}, {summary['elapsed_s']:.0f} s, peak memory {summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
+    result = pretrain(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
+    print_result(result)
+
+
+def print_result(result) -> None:
+    """One line about a finished (or stopped) training run: its step, last metrics, time, memory, checkpoint."""
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(f"step {result.step}: {metrics or f'train loss {result.train_loss:.4f}'}; {result.elapsed_s:.0f} s, "
+          f"peak memory {result.peak_mem_mib:,.0f} MiB; checkpoint {result.checkpoint}")
+    if result.interrupted:
+        raise KeyboardInterrupt
 
 
 def sampling_params(args: argparse.Namespace):
@@ -143,19 +150,19 @@ def cmd_finetune_classify(args: argparse.Namespace) -> None:
     from lmlab.config import ClassifyConfig, load_config
     from lmlab.finetune.classify import finetune_classifier
 
+    from lmlab.interop import load_model
+
     cfg = load_config(args.config, args.overrides, cls=ClassifyConfig)
-    summary = finetune_classifier(cfg)
-    val = summary.get("val")
-    scores = f"val accuracy {val['accuracy']:.4f}, macro F1 {val['macro_f1']:.4f}; " if val else ""
-    print(f"step {summary['steps']}: {scores}{summary['train_seconds']:.0f} s, "
-          f"peak memory {summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
+    print_result(finetune_classifier(cfg, load_model, resume=args.resume, stop_after=args.stop_after))
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
     from lmlab.data.labeled import read_examples
-    from lmlab.finetune.classify import evaluate_classifier, load_classifier, max_length_of, write_classification_report
+    from lmlab.finetune.classify import evaluate_classifier, max_length_of, require_classifier, write_classification_report
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
-    ckpt = load_classifier(args.checkpoint, args.device)
+    ckpt = require_classifier(load_model(args.checkpoint, resolve_device(args.device)))
     examples = read_examples(args.data, args.text_field, args.label_field)
     report = evaluate_classifier(ckpt.model, ckpt.tokenizer, examples, args.max_length or max_length_of(ckpt),
                                  args.batch_size)
@@ -167,7 +174,9 @@ def cmd_eval_classify(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.data.labeled import read_examples
-    from lmlab.finetune.classify import load_classifier, max_length_of, predict_proba
+    from lmlab.finetune.classify import max_length_of, predict_proba, require_classifier
+    from lmlab.interop import load_model
+    from lmlab.runtime import resolve_device
 
     texts = list(args.texts)
     if args.file:
@@ -176,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise LmlabError("give texts to classify as arguments or with --file")
     if any(not t.strip() for t in texts):
         raise LmlabError("cannot classify an empty text")
-    ckpt = load_classifier(args.checkpoint, args.device)
+    ckpt = require_classifier(load_model(args.checkpoint, resolve_device(args.device)))
     probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, args.max_length or max_length_of(ckpt))
     labels = ckpt.model.head_config.labels
     for text, p in zip(texts, probs):
@@ -189,10 +198,10 @@ def cmd_finetune_sft(args: argparse.Namespace) -> None:
     from lmlab.config import SftConfig, load_config
     from lmlab.finetune.sft import finetune_sft
 
-    summary = finetune_sft(load_config(args.config, args.overrides, cls=SftConfig))
-    val = f"val loss {summary['val_loss']:.4f}; " if summary["val_loss"] is not None else ""
-    print(f"step {summary['steps']}: {val}{summary['train_seconds']:.0f} s, peak memory "
-          f"{summary['peak_mem_mib']:,.0f} MiB; checkpoint {summary['checkpoint']}")
+    from lmlab.interop import load_model
+
+    cfg = load_config(args.config, args.overrides, cls=SftConfig)
+    print_result(finetune_sft(cfg, load_model, resume=args.resume, stop_after=args.stop_after))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -259,6 +268,13 @@ def check_can_listen(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """--resume and --stop-after: the flags of every command that runs the training loop."""
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop this invocation after N steps (schedule unchanged; continue with --resume)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
@@ -341,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config (see configs/)")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=500")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
-                    help="stop this invocation after N steps (schedule unchanged; continue with --resume)")
+    add_run_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders",
@@ -371,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fc.add_argument("config", help="YAML config (see configs/sst2_minilm.yaml)")
     fc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.r=8 train.lr=5e-4")
+    add_run_flags(fc)
     fc.set_defaults(func=cmd_finetune_classify)
 
     from lmlab.config import SftConfig
@@ -384,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fs.add_argument("config", help="YAML config (see configs/alpaca_sft.yaml)")
     fs.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_examples=2000")
+    add_run_flags(fs)
     fs.set_defaults(func=cmd_finetune_sft)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streams answers)",

@@ -21,7 +21,7 @@ from lmlab.eval.perplexity import evaluate_perplexity, write_report
 from lmlab.generate.engine import generate_text, print_stream
 from lmlab.generate.sampling import SamplingParams
 from lmlab.train.checkpoint import load_checkpoint
-from lmlab.train.trainer import train
+from lmlab.train.lm import pretrain
 
 PROMPTS = ["def fibonacci(", "class Stack:\n    def __init__(self", "import os\n\ndef list_files("]
 SKIP_DIRS = {"test", "tests", "idlelib", "encodings", "pydoc_data", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
@@ -78,7 +78,7 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     print(f"[3/5] pretraining a small GPT for up to {minutes:g} minutes")
     cfg = demo_config(data_dir, out / "run", minutes, seed)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts afresh each time
-    summary = train(cfg)
+    summary = pretrain(cfg)
 
     ckpt = load_checkpoint(out / "run")
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, str(data_dir), split="val", progress=False)
@@ -98,5 +98,5 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     print(f"try: lmlab generate {out / 'run'} --prompt 'def main(' --top-k 50")
     print(f"     lmlab serve {out / 'run'}   (then open http://127.0.0.1:8000 to chat with it)")
     sys.stdout.flush()
-    return {"val_loss": summary["val_loss"], "perplexity": report["perplexity"], "bits_per_byte": report["bits_per_byte"],
-            "minutes": total / 60, "steps": summary["step"]}
+    return {"val_loss": summary.metrics["val_loss"], "perplexity": report["perplexity"], "bits_per_byte": report["bits_per_byte"],
+            "minutes": total / 60, "steps": summary.step}

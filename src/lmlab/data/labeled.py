@@ -98,15 +98,19 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int) -> lis
     return [x if x else [tokenizer.eot_id] for x in ids]
 
 
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Rows of different lengths as one (B, T) int64 tensor, padded on the right with ``value``:
+    the one padding helper (token ids with the pad id, targets with the ignore index, masks with 0)."""
+    width = max(map(len, rows))
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
 def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (B, T) padded on the right with ``pad_id``, and the attention mask (B, T): 1 for real tokens."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id), pad_rows([[1] * len(row) for row in rows], 0)
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -24,6 +24,7 @@ from lmlab.runs import atomic_write_text
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
+from lmlab.train.lm import stateful_nll
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -75,25 +76,6 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
         total += nll.item()
         count += int((y != -100).sum())
     return total, count
-
-
-@torch.no_grad()
-def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 1024,
-                 progress: bool = False) -> tuple[float, int]:
-    """Total NLL of ids[1:] for a model that carries a state (its cache) across chunks of the text."""
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    if len(ids) < 2:
-        raise DataError("the text has no tokens to score")
-    device = next(model.parameters()).device
-    cache = model.make_cache(1)
-    total = 0.0
-    for begin in tqdm(range(0, len(ids) - 1, chunk), disable=not progress, unit="chunk", desc="perplexity"):
-        x = ids[begin:begin + chunk].unsqueeze(0).to(device)  # (1, T)
-        y = ids[begin + 1:begin + chunk + 1].unsqueeze(0).to(device)  # (1, T') with T' = T, or T - 1 at the end
-        logits, _ = model(x, cache=cache)
-        logits = logits[:, :y.size(1)]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-    return total, len(ids) - 1
 
 
 def text_token_ids(tokenizer: Tokenizer, inputs: list[str], field: str = "text") -> tuple[np.ndarray, int]:

@@ -12,16 +12,19 @@ Any lmlab model or Hugging Face folder can be the base: an encoder pools [CLS] t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from lmlab.config import ClassifyConfig
-from lmlab.runs import atomic_write_text
+from lmlab.runs import RunFolder, atomic_write_text
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
                                 sequential_batches)
 from lmlab.data.tokenizer import Tokenizer
@@ -30,11 +33,11 @@ from lmlab.eval.metrics import classification_report, confusion_text, plot_confu
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
-from lmlab.interop import load_model as load_checkpoint
-from lmlab.train.checkpoint import save_checkpoint
-from lmlab.finetune.loop import begin_run, check_run, run_loop
-from lmlab.train.logger import plot_losses
-from lmlab.runtime import autocast_context, peak_memory_mib, resolve_device
+from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
+from lmlab.runtime import autocast_context, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def sorted_labels(examples: list[Example]) -> list[str]:
@@ -120,79 +123,120 @@ def evaluate_classifier(model: SequenceClassifier, tokenizer: Tokenizer, example
 
 
 def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Refuse a data.max_length longer than the model's context."""
     context = model.context_length
     if context is not None and max_length > context:
         raise ConfigError(f"data.max_length {max_length} exceeds the model's context of {context} tokens")
 
 
-def finetune_classifier(cfg: ClassifyConfig) -> dict:
-    """Train a classifier as ``cfg`` says; write the run folder and return a summary (see module docstring)."""
-    tc, dc = cfg.train, cfg.data
-    out = Path(tc.out_dir)
+class ClassificationTask:
+    """Sequence classification as a task of the one training loop (train/loop.py).
+
+    The examples of step s: the epoch's examples in a seeded random order, grouped into batches of
+    batch_size * grad_accum texts of similar length (little padding), each cut into grad_accum
+    micro-batches; the loss is the mean cross-entropy over examples (with R-Drop: see rdrop_loss).
+    """
+
+    kind = "classify"
+
+    def __init__(self, cfg: ClassifyConfig, base, device: torch.device):
+        tc, dc = cfg.train, cfg.data
+        self.cfg, self.tc, self.dc = cfg, tc, dc
+        self.train_examples = read_examples(dc.train, dc.text_field, dc.label_field)
+        self.val_examples = read_examples(dc.val, dc.text_field, dc.label_field) if dc.val else []
+        self.labels = sorted_labels(self.train_examples)
+        self.train_y = label_ids(self.train_examples, self.labels)
+        if self.val_examples:
+            label_ids(self.val_examples, self.labels)  # unseen labels fail now, not after training
+        self.tokenizer = base.tokenizer
+        seed_everything(tc.seed)  # the new head's initial weights
+        self.model = build_classifier(base.model, self.labels, cfg.model.pooling, cfg.model.dropout)
+        check_max_length(self.model, dc.max_length)
+        if cfg.lora.r:
+            inject_lora(self.model, cfg.lora, keep_trainable=("classifier",))
+        self.model.to(device).train()
+        self.train_ids = encode_texts(self.tokenizer, [ex.text for ex in self.train_examples], dc.max_length)
+        self.lengths = [len(x) for x in self.train_ids]
+        self.reports: list[dict] = []
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_ids) / (self.tc.batch_size * self.tc.grad_accum))
+
+    def step_batches(self, step: int) -> list[Batch]:
+        group = self._epoch_groups(step // self.steps_per_epoch())[-1 - step % self.steps_per_epoch()]
+        size = self.tc.batch_size
+        return [self._batch(group[i:i + size]) for i in range(0, len(group), size)]
+
+    def _epoch_groups(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rows = self.tc.batch_size * self.tc.grad_accum
+            self._epoch = (epoch, length_grouped_batches(self.lengths, rows, self.tc.seed, epoch))
+        return self._epoch[1]
+
+    def _batch(self, indices: list[int]) -> Batch:
+        x, mask = pad_batch([self.train_ids[i] for i in indices], self.tokenizer.pad_id)
+        y = torch.tensor([self.train_y[i] for i in indices])
+        return Batch({"x": x, "mask": mask, "y": y}, units=len(indices), tokens=int(mask.sum()))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, mask, y = batch.tensors["x"], batch.tensors["mask"], batch.tensors["y"]
+        if self.cfg.model.rdrop > 0:
+            return rdrop_loss(model, x, mask, y, self.cfg.model.rdrop)
+        return model(x, mask, y)[1]
+
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
+        if not self.val_examples:
+            return {}
+        report = evaluate_classifier(model, self.tokenizer, self.val_examples, self.dc.max_length,
+                                     self.tc.eval_batch_size or 2 * self.tc.batch_size, precision)
+        self.reports.append(report)
+        return {"val_loss": report["loss"], "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+
+    def learning_rates(self) -> dict[str, float]:
+        return learning_rates(self.model, self.cfg)
+
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def checkpoint_info(self) -> dict:
+        return {"base": str(self.cfg.model.path), "max_length": self.dc.max_length}
+
+
+def finetune_classifier(cfg: ClassifyConfig, load_base: Callable = load_checkpoint, resume: bool = False,
+                        stop_after: int | None = None) -> RunResult:
+    """Train a classifier as ``cfg`` says; write the run folder (see the module docstring) and return what happened.
+
+    ``load_base(path)`` opens model.path (the CLI passes one that also opens Hugging Face folders and
+    pretrained names); ``resume`` continues the run in train.out_dir from its newest checkpoint.
+    """
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
-    if not dc.train:
+    if not cfg.data.train:
         raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
     if cfg.model.rdrop < 0:
         raise ConfigError(f"model.rdrop must be 0 (off) or a positive weight, e.g. 1.0; got {cfg.model.rdrop}")
-    device, precision = check_run(tc)
-    train_examples = read_examples(dc.train, dc.text_field, dc.label_field)
-    val_examples = read_examples(dc.val, dc.text_field, dc.label_field) if dc.val else []
-    labels = sorted_labels(train_examples)
-    train_y = label_ids(train_examples, labels)
-    if val_examples:
-        label_ids(val_examples, labels)  # unseen labels fail now, not after training
-
-    base = load_checkpoint(cfg.model.path)
-    tokenizer = base.tokenizer
-    torch.manual_seed(tc.seed)
-    model = build_classifier(base.model, labels, cfg.model.pooling, cfg.model.dropout)
-    check_max_length(model, dc.max_length)
-    if cfg.lora.r:
-        inject_lora(model, cfg.lora, keep_trainable=("classifier",))
-    model.to(device).train()
-    trainable, total = count_parameters(model)
-    train_ids = encode_texts(tokenizer, [ex.text for ex in train_examples], dc.max_length)
-    lengths = [len(x) for x in train_ids]
-    steps_per_epoch = math.ceil(len(train_ids) / tc.batch_size)
-    cfg, logger = begin_run(cfg, steps_per_epoch)
-    tc = cfg.train
-    print(f"{len(train_examples):,} training examples, labels {labels}; {trainable:,} of {total:,} parameters "
-          f"trainable ({100 * trainable / total:.2f}%); {tc.max_steps:,} steps")
-    batches: list[list[int]] = []
-    reports: list[dict] = []
-
-    def loss_of(step: int) -> tuple[torch.Tensor, int]:
-        if not batches:  # a new epoch: batches of similar lengths, in a seeded random order
-            batches.extend(length_grouped_batches(lengths, tc.batch_size, tc.seed, step // steps_per_epoch))
-        batch = batches.pop()
-        x, mask = pad_batch([train_ids[i] for i in batch], tokenizer.pad_id)
-        x, mask, y = x.to(device), mask.to(device), torch.tensor([train_y[i] for i in batch], device=device)
-        if cfg.model.rdrop > 0:
-            return rdrop_loss(model, x, mask, y, cfg.model.rdrop), int(mask.sum())
-        return model(x, mask, y)[1], int(mask.sum())
-
-    def evaluate(step: int) -> dict:
-        reports.append(evaluate_classifier(model, tokenizer, val_examples, dc.max_length,
-                                           tc.eval_batch_size or 2 * tc.batch_size, precision))
-        return {"val_loss": reports[-1]["loss"], "val_accuracy": reports[-1]["accuracy"],
-                "val_macro_f1": reports[-1]["macro_f1"]}
-
-    result = run_loop(model, tc, logger, device, precision, loss_of, evaluate if val_examples else None,
-                      examples_per_step=tc.batch_size, lr_by_prefix=learning_rates(model, cfg))
-    logger.close()
-    step, train_seconds, interrupted = result.steps, result.seconds, result.interrupted
-    report = reports[-1] if reports else None
-    ckpt = save_checkpoint(out / "checkpoints" / f"step-{step:06d}", model.eval(), tokenizer,
-                           info={"step": step, "kind": "classify", "base": str(cfg.model.path)})
-    summary = {"steps": step, "train_seconds": train_seconds, "trainable_params": trainable, "total_params": total,
-               "peak_mem_mib": peak_memory_mib(device), "checkpoint": str(ckpt), "interrupted": interrupted,
-               "labels": labels, "lora_r": cfg.lora.r}
-    if report is not None:
-        summary["val"] = report
-        write_classification_report(report, out, f"Validation: {dc.val}", extra=summary)
-    plot_losses(out / "metrics.jsonl", out / "plots")
-    return summary
+    device, precision = prepare_run(cfg.train, resume)
+    task = ClassificationTask(cfg, load_base(cfg.model.path), device)
+    trainable, total = count_parameters(task.model)
+    log.info("%s training examples, labels %s; %s of %s parameters trainable (%.2f%%)", f"{len(task.train_ids):,}",
+             task.labels, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    trainer = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after)
+    result = trainer.run()
+    result.extra = {"trainable_params": trainable, "total_params": total, "labels": task.labels, "lora_r": cfg.lora.r}
+    if task.reports:
+        summary = {"steps": result.step, "train_seconds": result.elapsed_s, "peak_mem_mib": result.peak_mem_mib,
+                   "checkpoint": result.checkpoint, "interrupted": result.interrupted, **result.extra}
+        write_classification_report(task.reports[-1], trainer.run_folder.root, f"Validation: {cfg.data.val}",
+                                    extra=summary)
+        result.extra["val"] = task.reports[-1]
+    return result
 
 
 def write_classification_report(report: dict, out_dir: str | Path, title: str, extra: dict | None = None) -> None:
@@ -212,20 +256,20 @@ def write_classification_report(report: dict, out_dir: str | Path, title: str, e
     plot_confusion(report, out_dir / "confusion.png", title)
 
 
-def load_classifier(path: str | Path, device: str = "auto"):
-    """A trained classifier checkpoint (or run folder, or HF BertForSequenceClassification folder)."""
-    ckpt = load_checkpoint(path, device=resolve_device(device))
+def require_classifier(ckpt):
+    """``ckpt`` itself if it holds a classifier, else a ConfigError saying what it is."""
     if not isinstance(ckpt.model, SequenceClassifier):
-        raise ConfigError(f"{path} is a language model, not a classifier (train one with lmlab finetune classify)")
+        raise ConfigError(f"{ckpt.path} is a language model, not a classifier (train one with lmlab finetune classify)")
     return ckpt
 
 
 def max_length_of(ckpt) -> int:
-    """The max_length a classifier was trained with (from its run's config.yaml), else its context or 512."""
-    config = Path(ckpt.path).parent.parent / "config.yaml"
+    """The max_length a classifier was trained with (its manifest, or its run's config.yaml for older
+    checkpoints), else its context or 512."""
+    if "max_length" in ckpt.manifest:
+        return int(ckpt.manifest["max_length"])
+    config = RunFolder.of_checkpoint(ckpt.path).config
     if config.is_file():
-        import yaml
-
         try:
             return int(yaml.safe_load(config.read_text())["data"]["max_length"])
         except (KeyError, TypeError, ValueError, yaml.YAMLError):

@@ -7,9 +7,10 @@ questions. Short conversations are packed into full context windows (``data.pack
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -18,20 +19,19 @@ from lmlab.config import SftConfig
 from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
-from lmlab.models.interface import count_parameters
+from lmlab.data.labeled import pad_rows
+from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.lora import inject_lora
-from lmlab.finetune.loop import begin_run, check_run, run_loop
-from lmlab.interop import load_model as load_checkpoint
-from lmlab.train.checkpoint import save_checkpoint
-from lmlab.train.logger import plot_losses
-from lmlab.runtime import autocast_context, peak_memory_mib
+from lmlab.runtime import seed_everything
+from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
 
-IGNORE = -100  # target value the loss skips
+log = logging.getLogger(__name__)
 
 
 def training_rows(tokenizer: Tokenizer, conversations: list[list[dict]], block_size: int,
                   pack: bool) -> list[tuple[list[int], list[int]]]:
-    """(inputs, targets) rows of at most ``block_size`` tokens; targets are IGNORE where the loss skips.
+    """(inputs, targets) rows of at most ``block_size`` tokens; targets are IGNORE_INDEX where the loss skips.
 
     Packed: conversations (each ending in end-of-text) are concatenated and cut into full windows.
     Not packed: one row per conversation, cut to the context.
@@ -40,101 +40,139 @@ def training_rows(tokenizer: Tokenizer, conversations: list[list[dict]], block_s
     for messages in conversations:
         ids, learn = render(tokenizer, messages)
         ids, learn = ids + [tokenizer.eot_id], learn + [False]
-        targets = [t if counted else IGNORE for t, counted in zip(ids[1:], learn[1:])]
+        targets = [t if counted else IGNORE_INDEX for t, counted in zip(ids[1:], learn[1:])]
         rendered.append((ids[:-1][:block_size], targets[:block_size]))
     if not pack:
-        return [r for r in rendered if any(t != IGNORE for t in r[1])]
+        return [r for r in rendered if any(t != IGNORE_INDEX for t in r[1])]
     stream_x = [t for x, _ in rendered for t in x]
     stream_y = [t for _, y in rendered for t in y]
     return [(stream_x[i:i + block_size], stream_y[i:i + block_size]) for i in range(0, len(stream_x), block_size)
-            if any(t != IGNORE for t in stream_y[i:i + block_size])]
+            if any(t != IGNORE_INDEX for t in stream_y[i:i + block_size])]
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) padded on the right, and targets (B, T) with IGNORE on the padding."""
-    width = max(len(x) for x, _ in rows)
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (inputs, targets) in enumerate(rows):
-        x[i, :len(inputs)] = torch.tensor(inputs)
-        y[i, :len(targets)] = torch.tensor(targets)
-    return x, y
+    """Inputs (B, T) padded on the right, and targets (B, T) with IGNORE_INDEX on the padding."""
+    return pad_rows([x for x, _ in rows], pad_id), pad_rows([y for _, y in rows], IGNORE_INDEX)
 
 
 @torch.no_grad()
-def sft_loss(model: nn.Module, rows, batch_size: int, pad_id: int, device, precision: str) -> float:
+def sft_loss(model: nn.Module, rows, batch_size: int, pad_id: int, device) -> float:
     """Mean loss per counted (assistant) token over ``rows``."""
-    model.eval()
     total, count = 0.0, 0
-    with autocast_context(precision, device):
-        for i in range(0, len(rows), batch_size):
-            x, y = collate(rows[i:i + batch_size], pad_id)
-            logits, _ = model(x.to(device))
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                                                       ignore_index=IGNORE, reduction="sum").item()
-            count += int((y != IGNORE).sum())
+    for i in range(0, len(rows), batch_size):
+        x, y = collate(rows[i:i + batch_size], pad_id)
+        logits, _ = model(x.to(device))
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((y != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def finetune_sft(cfg: SftConfig) -> dict:
-    """Instruction-tune a decoder as ``cfg`` says; write the run folder and return a summary."""
-    tc, dc = cfg.train, cfg.data
-    out = Path(tc.out_dir)
-    if not cfg.model.path or not dc.train:
-        raise ConfigError("model.path and data.train must be set (a decoder checkpoint and a JSONL/JSON file)")
-    device, precision = check_run(tc)
+class SftTask:
+    """Instruction tuning as a task of the one training loop (train/loop.py): the rows of step s are
+    the epoch's rows in a seeded random order, batch_size * grad_accum of them, cut into grad_accum
+    micro-batches; the loss is the mean over the assistant's tokens of the step."""
+
+    kind = "sft"
+
+    def __init__(self, cfg: SftConfig, base, device: torch.device):
+        tc, dc = cfg.train, cfg.data
+        self.cfg, self.tc = cfg, tc
+        conversations, val_conversations = _split_conversations(cfg)
+        self.model, self.tokenizer = base.model, base.tokenizer
+        if getattr(self.model, "head_config", None) is not None or self.model.config.family == "encoder":
+            raise ConfigError("instruction tuning needs a decoder (a gpt or recurrent language model)")
+        seed_everything(tc.seed)
+        self.added = add_chat_tokens(self.tokenizer, self.model)
+        self.block = self.model.context_length or self.model.config.block_size
+        self.rows = training_rows(self.tokenizer, conversations, self.block, dc.pack)
+        self.val_rows = training_rows(self.tokenizer, val_conversations, self.block, pack=False) if val_conversations else []
+        if not self.rows:
+            raise DataError(f"{dc.train}: no assistant tokens to learn from")
+        if cfg.lora.r:
+            inject_lora(self.model, cfg.lora)
+        self.model.to(device).train()
+        self.conversations = len(conversations)
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / (self.tc.batch_size * self.tc.grad_accum))
+
+    def step_batches(self, step: int) -> list[Batch]:
+        per_step = self.tc.batch_size * self.tc.grad_accum
+        order = self._epoch_order(step // self.steps_per_epoch())
+        first = (step % self.steps_per_epoch()) * per_step
+        chosen = order[first:first + per_step]
+        size = self.tc.batch_size
+        return [self._batch(chosen[i:i + size]) for i in range(0, len(chosen), size)]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(self.tc.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch = (epoch, order[::-1])
+        return self._epoch[1]
+
+    def _batch(self, indices: list[int]) -> Batch:
+        x, y = collate([self.rows[i] for i in indices], self.tokenizer.pad_id)
+        counted = int((y != IGNORE_INDEX).sum())
+        return Batch({"x": x, "y": y}, units=counted, tokens=counted)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.tensors["x"], batch.tensors["y"])[1]
+
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
+        if not self.val_rows:
+            return {}
+        loss = sft_loss(model, self.val_rows, self.tc.eval_batch_size or self.tc.batch_size, self.tokenizer.pad_id,
+                        device)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def learning_rates(self) -> dict[str, float]:
+        return {}
+
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def checkpoint_info(self) -> dict:
+        return {"chat_template": "lmlab", "base": str(self.cfg.model.path)}
+
+
+def _split_conversations(cfg: SftConfig) -> tuple[list, list]:
+    """Training and validation conversations: data.val, or a seeded held-out slice of data.train."""
+    dc = cfg.data
     conversations = read_conversations(dc.train, dc.max_examples, dc.system_prompt)
     if dc.val:
-        val_conversations = read_conversations(dc.val, None, dc.system_prompt)
-    else:  # a seeded held-out slice of train
-        order = list(range(len(conversations)))
-        random.Random(tc.seed).shuffle(order)
-        n_val = max(1, int(len(order) * dc.val_fraction)) if len(order) > 1 else 0
-        held = set(order[:n_val])
-        val_conversations = [c for i, c in enumerate(conversations) if i in held]
-        conversations = [c for i, c in enumerate(conversations) if i not in held]
+        return conversations, read_conversations(dc.val, None, dc.system_prompt)
+    order = list(range(len(conversations)))
+    random.Random(cfg.train.seed).shuffle(order)
+    n_val = max(1, int(len(order) * dc.val_fraction)) if len(order) > 1 else 0
+    held = set(order[:n_val])
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
 
-    base = load_checkpoint(cfg.model.path)
-    model, tokenizer = base.model, base.tokenizer
-    if getattr(model, "head_config", None) is not None or model.config.family == "encoder":
-        raise ConfigError("instruction tuning needs a decoder (a gpt or recurrent language model)")
-    torch.manual_seed(tc.seed)
-    added = add_chat_tokens(tokenizer, model)
-    block = model.context_length or model.config.block_size
-    rows = training_rows(tokenizer, conversations, block, dc.pack)
-    val_rows = training_rows(tokenizer, val_conversations, block, pack=False) if val_conversations else []
-    if not rows:
-        raise DataError(f"{dc.train}: no assistant tokens to learn from")
-    if cfg.lora.r:
-        inject_lora(model, cfg.lora)
-    model.to(device).train()
-    trainable, total = count_parameters(model)
-    steps_per_epoch = math.ceil(len(rows) / tc.batch_size)
-    cfg, logger = begin_run(cfg, steps_per_epoch)
-    tc = cfg.train
-    print(f"{len(conversations):,} conversations -> {len(rows):,} rows of <= {block} tokens"
-          f"{' (packed)' if dc.pack else ''}; {added} chat tokens added; {trainable:,} of {total:,} parameters "
-          f"trainable; {tc.max_steps:,} steps")
-    order: list[int] = []
 
-    def loss_of(step: int) -> tuple[torch.Tensor, int]:
-        if not order:  # a new epoch, in a seeded order
-            epoch_order = list(range(len(rows)))
-            random.Random(tc.seed * 1_000_003 + step // steps_per_epoch).shuffle(epoch_order)
-            order.extend(epoch_order)
-        batch = [rows[order.pop()] for _ in range(min(tc.batch_size, len(order)))]
-        x, y = collate(batch, tokenizer.pad_id)
-        return model(x.to(device), y.to(device))[1], int((y != IGNORE).sum())
+def finetune_sft(cfg: SftConfig, load_base: Callable = load_checkpoint, resume: bool = False,
+                 stop_after: int | None = None) -> RunResult:
+    """Instruction-tune a decoder as ``cfg`` says; write the run folder and return what happened.
 
-    def evaluate(step: int) -> dict:
-        return {"val_loss": sft_loss(model, val_rows, tc.eval_batch_size or tc.batch_size, tokenizer.pad_id,
-                                     device, precision)}
-
-    result = run_loop(model, tc, logger, device, precision, loss_of, evaluate if val_rows else None)
-    logger.close()
-    ckpt = save_checkpoint(out / "checkpoints" / f"step-{result.steps:06d}", model.eval(), tokenizer,
-                           info={"step": result.steps, "kind": "sft", "chat_template": "lmlab", "base": str(cfg.model.path)})
-    plot_losses(out / "metrics.jsonl", out / "plots")
-    return {"steps": result.steps, "train_seconds": result.seconds, "val_loss": result.last_eval.get("val_loss"),
-            "trainable_params": trainable, "total_params": total, "peak_mem_mib": peak_memory_mib(device),
-            "checkpoint": str(ckpt), "interrupted": result.interrupted}
+    ``load_base(path)`` opens model.path (the CLI passes one that also opens Hugging Face folders);
+    ``resume`` continues the run in train.out_dir from its newest checkpoint.
+    """
+    if not cfg.model.path or not cfg.data.train:
+        raise ConfigError("model.path and data.train must be set (a decoder checkpoint and a JSONL/JSON file)")
+    device, precision = prepare_run(cfg.train, resume)
+    task = SftTask(cfg, load_base(cfg.model.path), device)
+    trainable, total = count_parameters(task.model)
+    log.info("%s conversations -> %s rows of <= %d tokens%s; %d chat tokens added; %s of %s parameters trainable",
+             f"{task.conversations:,}", f"{len(task.rows):,}", task.block, " (packed)" if cfg.data.pack else "",
+             task.added, f"{trainable:,}", f"{total:,}")
+    result = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after).run()
+    result.extra = {"trainable_params": trainable, "total_params": total}
+    return result

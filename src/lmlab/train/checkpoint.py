@@ -28,7 +28,7 @@ from lmlab.config import ModelConfig, from_dict
 from lmlab.runs import atomic_dir, list_checkpoints
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, LmlabError
-from lmlab.models.lora import base_view, has_lora, load_adapter, write_model_adapter
+from lmlab.models.lora import base_view, has_lora, load_adapter, read_adapter, write_model_adapter
 from lmlab.models.registry import build_model
 
 FORMAT = "lmlab-checkpoint"
@@ -144,6 +144,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         load_adapter(model, ckpt)
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(model.to(device).eval(), tokenizer, manifest, ckpt)
+
+
+def load_weights(model: nn.Module, ckpt: Path, device: torch.device | str = "cpu") -> None:
+    """Put a checkpoint's weights into an already built ``model`` of the same shape (for --resume).
+
+    A model with LoRA adapters gets the base weights into its base layers and the adapter tensors
+    into its adapters; anything that does not fit is a CheckpointError.
+    """
+    try:
+        with base_view(model):
+            missing, unexpected = safetensors.torch.load_model(model, str(ckpt / "model.safetensors"), strict=False,
+                                                               device=str(device))
+    except (safetensors.SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt}/model.safetensors cannot be loaded ({str(e).splitlines()[0]})") from None
+    if has_lora(model):
+        _, tensors = read_adapter(ckpt)
+        missing_adapter, unexpected_adapter = model.load_state_dict(tensors, strict=False)
+        unexpected = [*unexpected, *unexpected_adapter]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}/model.safetensors does not match the model "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def load_train_state(ckpt: Path) -> dict:

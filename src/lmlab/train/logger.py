@@ -5,28 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmlab.runs import atomic_write_text
+from lmlab.errors import ConfigError
+from lmlab.runs import RunFolder, atomic_write_text
 
 
 class MetricsLogger:
-    """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard if asked."""
+    """Appends one JSON object per record to the run's ``metrics.jsonl``; mirrors scalars to TensorBoard
+    if asked. Nothing is created until the first record."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run: RunFolder, tensorboard: bool = False):
+        self.run = run
+        self.path = run.metrics
         self.tb = None
+        self.SummaryWriter = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from lmlab.errors import ConfigError
-
                 raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'lmlab[tensorboard]'") from None
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.SummaryWriter = SummaryWriter
 
     def log(self, record: dict) -> None:
         """Write one record (must contain ``step``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.SummaryWriter is not None and self.tb is None:
+            self.tb = self.SummaryWriter(str(self.run.tensorboard))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:

@@ -1,0 +1,350 @@
+"""The one training loop: every task (language modelling, classification, instruction tuning, ...)
+runs through ``Trainer``.
+
+A task (see ``Task``) supplies the model, the micro-batches of each step, the loss of a micro-batch
+and its evaluation metrics. The loop alone owns everything else:
+
+    device and precision      autocast (bf16/fp16), a GradScaler for fp16, torch.compile
+    the update                gradient accumulation (each micro-batch's loss weighted by its share of
+                              the step's loss units, so 4 x 8 examples == 1 x 32), clipping, the
+                              optimizer and the learning-rate schedule, a weight average (EMA)
+    time and stopping         max_steps (or epochs), max_minutes, --stop-after, Ctrl-C (saves first)
+    files                     config.yaml, metrics.jsonl, plots/, periodic and final checkpoints,
+                              --resume from the newest one with the same per-step losses
+    reporting                 a progress bar with tokens/s and ETA; ``.item()`` only on logging steps
+
+The batches of step s are a pure function of s (and of the task's saved state), so a resumed run
+sees exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from lmlab.config import TrainConfig, save_config
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import ConfigError, DataError
+from lmlab.progress import progress_bar
+from lmlab.runs import RunFolder
+from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
+                           seed_everything, set_rng_state, set_threads)
+from lmlab.train.checkpoint import load_train_state, load_weights, read_manifest, save_checkpoint
+from lmlab.train.ema import averaged, weight_average
+from lmlab.train.logger import MetricsLogger, plot_losses
+from lmlab.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: tensors for the task's loss (moved to the device by the loop) and its sizes."""
+
+    tensors: dict[str, torch.Tensor]
+    units: int  # what the task's loss is a mean over (target tokens, examples): weights accumulation
+    tokens: int  # tokens read, for tokens/s
+
+    @property
+    def examples(self) -> int:
+        """Sequences (rows) in the batch."""
+        return len(next(iter(self.tensors.values())))
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.units, self.tokens)
+
+
+class Task(Protocol):
+    """What a task gives the loop. ``kind`` names it in checkpoints ("pretrain", "classify", "sft")."""
+
+    kind: str
+    model: nn.Module
+    tokenizer: Tokenizer
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training data (for ``train.epochs``)."""
+
+    def step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step ``step`` (at most train.grad_accum), on the CPU."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The mean loss of ``batch`` under ``model`` (the compiled model when train.compile is on)."""
+
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
+        """Validation metrics ({} when there is no validation data); "val_loss" first by convention."""
+
+    def learning_rates(self) -> dict[str, float]:
+        """Learning rates of parameters by name prefix ({} = train.lr for all)."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to detach a carried recurrent state)."""
+
+    def state_dict(self) -> dict:
+        """What the task needs besides the step number to resume exactly (e.g. a carried state)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s output."""
+
+    def checkpoint_info(self) -> dict:
+        """Extra manifest entries of this task's checkpoints (e.g. the base model, max_length)."""
+
+
+def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps for ``epochs`` passes over data of ``steps_per_epoch`` steps each (at least 1)."""
+    return max(1, math.ceil(epochs * steps_per_epoch))
+
+
+@dataclass
+class RunResult:
+    """What a run did: steps, time, the last evaluation and where the final checkpoint is."""
+
+    step: int
+    train_loss: float
+    metrics: dict = field(default_factory=dict)  # the last evaluation
+    elapsed_s: float = 0.0
+    tokens_seen: int = 0
+    peak_mem_mib: float = 0.0
+    checkpoint: str = ""
+    plots: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)  # what a task adds (parameter counts, labels, a full report)
+
+
+def prepare_run(tc: TrainConfig, resume: bool) -> tuple[torch.device, str]:
+    """Check the output folder against --resume, apply train.threads and the seed; return device, precision.
+
+    Called by a task builder before it builds anything, so a bad run folder fails before any work.
+    """
+    run = RunFolder(tc.out_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
+    has_checkpoints = bool(run.checkpoints())
+    if resume and not has_checkpoints:
+        raise ConfigError(f"--resume: {run.root} has no checkpoints to resume from")
+    if not resume and has_checkpoints:
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it or set train.out_dir "
+                          f"to a new folder")
+    set_threads(tc.threads)
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    seed_everything(tc.seed)
+    return device, precision
+
+
+class Trainer:
+    """Runs a task for ``cfg.train.max_steps`` steps (see the module docstring); ``run()`` returns a RunResult.
+
+    ``cfg`` is the run's whole config (saved as config.yaml); its ``train`` section drives the loop.
+    The task's model must already be on ``device``.
+    """
+
+    def __init__(self, task: Task, cfg, device: torch.device, precision: str, resume: bool = False,
+                 stop_after: int | None = None):
+        if stop_after is not None and stop_after < 1:
+            raise ConfigError(f"--stop-after must be at least 1 step, got {stop_after}")
+        tc = cfg.train
+        if tc.epochs is not None:  # passes over the training data decide the step count
+            tc = dataclasses.replace(tc, max_steps=steps_for_epochs(tc.epochs, task.steps_per_epoch()))
+            cfg = dataclasses.replace(cfg, train=tc)
+        self.task, self.cfg, self.tc = task, cfg, tc
+        self.device, self.precision = device, precision
+        self.stop_after = stop_after
+        self.run_folder = RunFolder(tc.out_dir)
+        self.model = task.model
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, tc, device.type, task.learning_rates())
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.ema = weight_average(self.model, tc.ema_decay)
+        self.step, self.elapsed_before, self.tokens_seen, self.examples_seen = 0, 0.0, 0, 0
+        self.logger = MetricsLogger(self.run_folder, tc.tensorboard)
+        if resume:
+            self._restore()
+        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+
+    # ----------------------------------------------------------------------------------------
+    # one step
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over the step's micro-batches; returns the step's mean loss (a 0-d tensor)."""
+        batches = self.task.step_batches(self.step)
+        units = sum(b.units for b in batches)
+        if units == 0:
+            raise DataError(f"step {self.step} has no examples or target tokens to learn from")
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            batch = batch.to(self.device)
+            with autocast_context(self.precision, self.device):
+                loss = self.task.loss(self.forward_model, batch)
+            weighted = loss * (batch.units / units)  # the step's loss is the mean over all its units
+            self.scaler.scale(weighted).backward()
+            total += weighted.detach().float()
+            self.tokens_seen += batch.tokens
+            self.examples_seen += batch.examples
+        if self.tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.task.after_step()
+        self.step += 1
+        return total
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's validation metrics, of the weight average with train.ema_decay, in eval mode."""
+        with averaged(self.ema), torch.no_grad(), autocast_context(self.precision, self.device):
+            self.model.eval()
+            try:
+                return self.task.evaluate(self.model, self.device, self.precision)
+            finally:
+                self.model.train()
+
+    # ----------------------------------------------------------------------------------------
+    # the run
+
+    def run(self) -> RunResult:
+        """Train until max_steps, max_minutes or --stop-after; checkpoint, plot and return what happened."""
+        tc = self.tc
+        self.run_folder.root.mkdir(parents=True, exist_ok=True)
+        self.run_folder.remove_stale_temporaries()
+        save_config(self.cfg, self.run_folder.config)
+        self.started = time.perf_counter()
+        self.model.train()
+        first_step = self.step
+        result = RunResult(step=self.step, train_loss=float("nan"))
+        window = _Window(time.perf_counter(), self.tokens_seen, self.examples_seen)
+        bar = progress_bar(total=tc.max_steps, initial=self.step, unit="step", enabled=tc.progress)
+        try:
+            while self.step < tc.max_steps:
+                window.add(self.train_step())
+                bar.update(1)
+                out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
+                stopped = self.stop_after is not None and self.step - first_step >= self.stop_after
+                last = self.step == tc.max_steps or out_of_time or stopped
+                if self.step % tc.log_interval == 0 or last:
+                    result.train_loss = self._log_train(window, bar)
+                if self.step % tc.eval_interval == 0 or last:
+                    result.metrics = self._log_eval(bar) or result.metrics
+                if self.step % tc.checkpoint_interval == 0 or last:
+                    self.save()
+                if last:
+                    break
+        except KeyboardInterrupt:
+            result.interrupted = True
+            bar.write(f"interrupted: saving a checkpoint at step {self.step} (continue with --resume)")
+            self.save()
+        finally:
+            bar.close()
+            self.logger.close()
+        result.plots = [str(p) for p in plot_losses(self.run_folder.metrics, self.run_folder.plots)]
+        result.step, result.elapsed_s, result.tokens_seen = self.step, self.elapsed(), self.tokens_seen
+        result.peak_mem_mib = peak_memory_mib(self.device)
+        result.checkpoint = str(self.run_folder.checkpoints()[-1])
+        return result
+
+    def _log_train(self, window: "_Window", bar) -> float:
+        """Log the mean train loss and speed of the steps since the last log; refuse a non-finite loss."""
+        now = time.perf_counter()
+        loss = window.mean_loss()  # the only .item() of the steps in between
+        if not math.isfinite(loss):
+            raise DataError(f"loss became {loss} by step {self.step}; lower train.lr or check the data")
+        seconds = max(now - window.start, 1e-9)
+        tok_s = (self.tokens_seen - window.tokens_at_start) / seconds
+        record = {"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                  "tokens": self.tokens_seen, "tokens_per_s": tok_s,
+                  "examples_per_s": (self.examples_seen - window.examples_at_start) / seconds,
+                  "elapsed_s": self.elapsed(),
+                  "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
+        if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, for MFU
+            record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
+        self.logger.log(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        window.reset(now, self.tokens_seen, self.examples_seen)
+        return loss
+
+    def _log_eval(self, bar) -> dict:
+        metrics = self.evaluate()
+        if metrics:
+            self.logger.log({"step": self.step, **metrics, "elapsed_s": self.elapsed(), "time": time.time()})
+            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def elapsed(self) -> float:
+        """Training seconds so far, over every invocation of this run."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self) -> Path:
+        """Checkpoint the current step: weights (the average with train.ema_decay), tokenizer, and what
+        --resume needs (optimizer, schedule, scaler, RNG, the task's state, the raw weights under EMA)."""
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "task": self.task.state_dict(),
+            "elapsed_s": self.elapsed(),
+            "tokens_seen": self.tokens_seen,
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.raw_state()
+        path = self.run_folder.checkpoint(self.step)
+        info = {"step": self.step, "kind": self.task.kind, **self.task.checkpoint_info()}
+        with averaged(self.ema):
+            save_checkpoint(path, self.model, self.task.tokenizer, state, info=info)
+        self.run_folder.prune_checkpoints(self.tc.keep_checkpoints)
+        return path
+
+    def _restore(self) -> None:
+        ckpt = self.run_folder.checkpoints()[-1]
+        manifest = read_manifest(ckpt)
+        if manifest["model_config"] != dataclasses.asdict(self.model.config):
+            raise ConfigError(f"--resume: the model config differs from the one in {ckpt}")
+        load_weights(self.model, ckpt, self.device)
+        state = load_train_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.task.load_state_dict(state.get("task", {}))
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
+            self.ema.load_raw_state(state["ema"])
+        self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        self.logger.truncate_after(self.step)
+        log.info("resuming %s from step %d", self.run_folder.root, self.step)
+
+
+class _Window:
+    """Losses, tokens and examples since the last log; the losses stay on the device so that no step
+    waits for an ``.item()``."""
+
+    def __init__(self, start: float, tokens_seen: int, examples_seen: int):
+        self.reset(start, tokens_seen, examples_seen)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum.item()) / self.steps if self.steps else float("nan")
+
+    def reset(self, now: float, tokens_seen: int, examples_seen: int) -> None:
+        self.start, self.loss_sum, self.steps = now, None, 0
+        self.tokens_at_start, self.examples_at_start = tokens_seen, examples_seen

@@ -1,0 +1,75 @@
+"""A minimal task for testing the one training loop (train/loop.py) apart from any model family:
+least-squares regression with a linear layer, on fixed random data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lmlab.config import ModelConfig, TrainConfig
+from lmlab.data.tokenizer import train_tokenizer
+from lmlab.train.loop import Batch, Trainer, prepare_run
+
+
+@dataclass
+class RegressionConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def regression_config(out_dir, **train) -> RegressionConfig:
+    defaults = dict(out_dir=str(out_dir), progress=False, log_interval=1)
+    return RegressionConfig(TrainConfig(**{**defaults, **train}))
+
+
+class RegressionTask:
+    """Fit y = x @ w + noise; the examples of step s are rows [s*B*A, (s+1)*B*A) of the data, cyclically."""
+
+    kind = "test"
+
+    def __init__(self, batch_size: int, grad_accum: int, n: int = 64):
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 1)
+        self.model.config = ModelConfig()  # checkpoints record a model config; this one is only a placeholder
+        self.x, self.y = torch.randn(n, 4), torch.randn(n, 1)
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.tokenizer = train_tokenizer("char", ["abc"])
+        self.seen: list[torch.Tensor] = []
+
+    def steps_per_epoch(self) -> int:
+        return len(self.x) // (self.batch_size * self.grad_accum)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        per_step = self.batch_size * self.grad_accum
+        start = (step * per_step) % len(self.x)
+        rows = torch.arange(start, start + per_step) % len(self.x)
+        chunks = rows.split(self.batch_size)
+        return [Batch({"x": self.x[c], "y": self.y[c]}, units=len(c), tokens=len(c)) for c in chunks]
+
+    def loss(self, model, batch):
+        return nn.functional.mse_loss(model(batch.tensors["x"]), batch.tensors["y"])
+
+    def evaluate(self, model, device, precision):
+        self.seen.append(model.weight.detach().clone())
+        return {"val_loss": float(nn.functional.mse_loss(model(self.x), self.y))}
+
+    def learning_rates(self):
+        return {}
+
+    def after_step(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def checkpoint_info(self):
+        return {}
+
+
+def run_task(task, cfg, resume: bool = False, stop_after: int | None = None):
+    device, precision = prepare_run(cfg.train, resume)
+    return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after).run()
