@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
 from importlib import resources
 
 import torch.nn as nn
@@ -24,6 +25,7 @@ from pydantic.json_schema import models_json_schema
 import lmlab
 from lmlab.config import ServeConfig
 from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import LmlabError
 from lmlab.serve.errors import add_error_handlers, error_response
 from lmlab.serve.routes import ServeState, router
 from lmlab.serve.schemas import ChatCompletionChunk, ErrorResponse, TextCompletionChunk
@@ -115,3 +117,16 @@ class BodyLimit:
 class _TooLarge(Exception):
     pass
 
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raise a one-line LmlabError if ``host:port`` cannot be listened on (bad port, unknown host, port
+    taken): ``lmlab serve`` checks before it loads the model, so that it fails fast."""
+    if not 1 <= port <= 65535:
+        raise LmlabError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+    except OSError as e:
+        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
