@@ -89,8 +89,8 @@ def test_handlers_alone_in_an_app_of_their_own(ckpt):
             assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0}
             assert c.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
             key = {"Authorization": "Bearer k"}
-            assert c.get("/v1/models", headers=key).json() == {
-                "object": "list", "data": [{"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}]}
+            model = {"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}
+            assert c.get("/v1/models", headers=key).json() == {"object": "list", "data": [model]}
             answer = c.post("/v1/completions", json={"model": "solo", "prompt": "the ", "max_tokens": 3}, headers=key)
             assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == 4
         assert asyncio.run(health(state)).model == "solo"
