@@ -2,10 +2,12 @@
 
 import asyncio
 import json
+import re
 import threading
 
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from conftest import live_server
@@ -13,6 +15,8 @@ from lmlab.config import ServeConfig
 from lmlab.generate.engine import generate_text
 from lmlab.generate.sampling import SamplingParams
 from lmlab.serve.app import create_app
+from lmlab.serve.errors import add_error_handlers
+from lmlab.serve.routes import ServeState, health, models, router
 from lmlab.serve.scheduler import QueueFull, Scheduler, Sequence
 from lmlab.train.checkpoint import load_checkpoint
 
@@ -42,6 +46,59 @@ def test_health_models_and_schema(client):
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(paths)
+
+
+def test_openapi_names_the_response_schema_of_every_route(client):
+    schema = client.get("/openapi.json").json()
+    paths, components = schema["paths"], schema["components"]["schemas"]
+
+    def named(response: dict) -> str:
+        return response["content"]["application/json"]["schema"]["$ref"].removeprefix("#/components/schemas/")
+
+    for path, method, name in [("/v1/completions", "post", "TextCompletion"),
+                               ("/v1/chat/completions", "post", "ChatCompletion"),
+                               ("/v1/models", "get", "ModelList"), ("/health", "get", "Health")]:
+        responses = paths[path][method]["responses"]
+        assert named(responses["200"]) == name
+        assert all(named(r) == "ErrorResponse" for status, r in responses.items() if status != "200")
+    for path, chunk in [("/v1/completions", "TextCompletionChunk"), ("/v1/chat/completions", "ChatCompletionChunk")]:
+        responses = paths[path]["post"]["responses"]
+        assert {"400", "401", "404", "429", "504"} <= set(responses) and "422" not in responses  # 400, not 422
+        events = responses["200"]["content"]["text/event-stream"]["itemSchema"]
+        assert [r["$ref"] for r in events["properties"]["data"]["contentSchema"]["anyOf"]] == [
+            f"#/components/schemas/{chunk}", "#/components/schemas/ErrorResponse"]
+    assert set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schema))) <= set(components)  # all resolve
+    # the documented fields are the fields sent, nulls included
+    assert set(client.get("/health").json()) == set(components["Health"]["required"])
+    completion = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).json()
+    assert list(completion) == list(components["TextCompletion"]["properties"])
+    assert completion["choices"][0]["logprobs"] is None
+    error = client.post("/v1/completions", json={"model": "other", "prompt": "a"}).json()
+    assert list(error["error"]) == list(components["ErrorDetail"]["properties"]) and error["error"]["param"] == "model"
+
+
+def test_handlers_alone_in_an_app_of_their_own(ckpt):
+    """The router in a bare FastAPI app with its own state (no create_app), and handlers called directly."""
+    state = ServeState.start(ckpt.model, ckpt.tokenizer, ServeConfig(model_name="solo", api_key="k"))
+    try:
+        app = FastAPI()
+        app.state.serve = state
+        app.include_router(router)
+        add_error_handlers(app)
+        with TestClient(app) as c:
+            assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0}
+            assert c.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
+            key = {"Authorization": "Bearer k"}
+            model = {"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}
+            assert c.get("/v1/models", headers=key).json() == {"object": "list", "data": [model]}
+            answer = c.post("/v1/completions", json={"model": "solo", "prompt": "the ", "max_tokens": 3}, headers=key)
+            assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == 4
+        assert asyncio.run(health(state)).model == "solo"
+        assert [m.id for m in asyncio.run(models(state)).data] == ["solo"]
+    finally:
+        state.close()
+    with pytest.raises(ValueError, match="model_name"):
+        ServeState.start(ckpt.model, ckpt.tokenizer, ServeConfig())
 
 
 def test_completion_equals_the_engine_and_streaming_equals_non_streaming(client, ckpt):

@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lmlab.config import ServeConfig
-    from lmlab.serve.app import create_app
+    from lmlab.serve.app import check_can_listen, create_app
     from lmlab.interop import load_model
     from lmlab.runtime import resolve_device
 
@@ -253,21 +253,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)",
           file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
-
-
-def check_can_listen(host: str, port: int) -> None:
-    """One-line error if ``host:port`` cannot be listened on (bad port, unknown host, port taken)."""
-    import socket
-
-    if not 1 <= port <= 65535:
-        raise LmlabError(f"--port must be between 1 and 65535, got {port}")
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            s.bind((host, port))
-    except OSError as e:
-        raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ import torch.nn as nn
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.generate.engine import TextGeneration
 from lmlab.generate.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -103,6 +106,7 @@ class Scheduler:
             try:
                 generation.step()
             except Exception as e:  # a failing batch must not take the server down: report it to its requests
+                log.exception("generation failed; the batch's requests get an error")
                 for row, s in members.items():
                     if generation.generation.finish_reason[row] is None:
                         s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")

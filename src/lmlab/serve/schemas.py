@@ -1,9 +1,13 @@
-"""Request bodies of the OpenAI-compatible API (validated by pydantic; documented in /openapi.json).
+"""Request and response bodies of the OpenAI-compatible API (pydantic; documented in /openapi.json).
 
-Field names, defaults and ranges follow OpenAI's completions and chat completions APIs. Types are
-strict (a number sent as a string is an error, not a guess). Extra sampling fields that OpenAI
-does not have but other servers accept (top_k, min_p, repetition_penalty) are accepted too.
+Requests: field names, defaults and ranges follow OpenAI's completions and chat completions APIs.
+Types are strict (a number sent as a string is an error, not a guess). Extra sampling fields that
+OpenAI does not have but other servers accept (top_k, min_p, repetition_penalty) are accepted too.
 Unknown fields are ignored, as clients send fields a small server has no use for.
+
+Responses: the JSON OpenAI sends, field for field and in its order; fields this server always
+leaves empty (``logprobs``) are still sent, as null. Stream chunks omit what OpenAI omits there
+(``usage`` except in the last chunk, and a delta's empty fields).
 """
 
 from __future__ import annotations
@@ -71,3 +75,143 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+
+
+# ---- responses ----
+
+FinishReason = Literal["stop", "length"]  # "stop": a stop token or string; "length": max_tokens or the context
+
+
+def _is_none(value) -> bool:
+    return value is None
+
+
+class Response(BaseModel):
+    """A response body: every field is always sent (documented as required, even when null)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TextCompletionChoice(Response):
+    index: int
+    text: str
+    logprobs: None = None  # not supported
+    finish_reason: FinishReason
+
+
+class TextCompletion(Response):
+    """The answer of POST /v1/completions: one choice per prompt and per n."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
+    usage: Usage
+
+
+class TextCompletionChunkChoice(TextCompletionChoice):
+    finish_reason: FinishReason | None = None  # set in the choice's last chunk
+
+
+class TextCompletionChunk(Response):
+    """One server-sent event of a streamed POST /v1/completions; the last one, if
+    ``stream_options.include_usage``, has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextCompletionChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none)
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None  # not supported
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Response):
+    """The answer of POST /v1/chat/completions: n assistant messages."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """What a stream chunk adds to a message: the role (first chunk), text, or nothing (last chunk)."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatCompletionChunkChoice(Response):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None  # set in the choice's last chunk
+
+
+class ChatCompletionChunk(Response):
+    """One server-sent event of a streamed POST /v1/chat/completions; the last one, if
+    ``stream_options.include_usage``, has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none)
+
+
+class Model(Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lmlab"
+
+
+class ModelList(Response):
+    """The answer of GET /v1/models: the one model this server serves."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class Health(Response):
+    """The answer of GET /health: alive, what it serves, and how busy it is."""
+
+    status: Literal["ok"] = "ok"
+    model: str
+    queued: int = Field(description="sequences waiting for a batch")
+    running: int = Field(description="sequences being generated")
+
+
+class ErrorDetail(Response):
+    message: str
+    type: str = Field(description="invalid_request_error, not_found_error, rate_limit_error, timeout_error, ...")
+    param: str | None = Field(None, description="the request field at fault")
+    code: str | None = Field(None, description="a stable name for the error, e.g. context_length_exceeded")
+
+
+class ErrorResponse(Response):
+    """Every error, OpenAI-style: the status says what kind, the body says what and where."""
+
+    error: ErrorDetail
