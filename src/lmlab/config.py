@@ -1,58 +1,106 @@
-"""Typed configs: dataclasses, loaded from YAML and overridden from the command line.
+"""Typed configs: dataclasses, loaded from YAML and overridden from the command line, checked by pydantic.
 
 A run is described by one ``RunConfig`` (model + data + train sections). Users write YAML and
-override any field as ``section.key=value`` (``model.n_layer=6``); values are parsed as YAML
-scalars and checked against the field's type, so a typo or a wrong type is a one-line error
-instead of a silent default.
+override any field as ``section.key=value`` (``model.n_layer=6``); values are parsed as YAML scalars.
+
+Each field's annotation says what it accepts: a type, ``Literal[...]`` for a choice, and
+``Annotated[..., Field(ge=...)]`` for a range. ``from_dict`` checks every value with pydantic, strictly
+("3" is not an int and True is not an int, but 1 is a float, and YAML's ``3e-4``, which PyYAML reads
+as a string, is a float; NaN and infinity are refused), then the rules that tie fields together
+(``d_model`` divisible by ``n_head``, ``min_lr <= lr``, ...). ``load_config`` also refuses a model
+field set for a family it does not apply to. Every problem is a one-line ``ConfigError`` naming the
+key, raised before any work starts.
+
+The configs stay plain dataclasses: code reads ``cfg.field`` and uses ``dataclasses.replace``
+(which does not validate), and checkpoints store ``dataclasses.asdict(model_config)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from lmlab.errors import ConfigError
 from lmlab.runs import atomic_write_text
 
+RECURRENT = ("rnn", "lstm", "gru")
+TRANSFORMERS = ("gpt", "encoder")
+# The presets of each Transformer family (the first is the default) and the positions each implies;
+# models/gpt.py and models/encoder.py hold the presets in full (tests check that they agree).
+PRESETS = {"gpt": ("gpt2", "llama"), "encoder": ("bert",)}
+PRESET_POS_EMB = {"gpt2": "learned", "llama": "rope", "bert": "learned"}
+
+# Value ranges, as pydantic constraints (describe_config and the error messages show them).
+Count = Annotated[int, Field(ge=1)]  # 1, 2, ...
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # dropouts, betas, decay rates: [0, 1)
+Factor = Annotated[float, Field(gt=0, le=1)]  # a multiplier that shrinks: (0, 1]
+Name = Annotated[str, Field(min_length=1)]  # a string that must not be empty
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N | mps")]
+
+
+def only(*names: str, default: Any = None) -> Any:
+    """A dataclass field that applies only to these model families (on ModelConfig) or commands (on
+    BaseModelConfig): setting it elsewhere is a ConfigError, and ``describe_config`` says where it applies."""
+    return field(default=default, metadata={"only": names})
+
 
 @dataclass
 class ModelConfig:
-    """Architecture of a language model; ``preset`` fills the choices a family is known by."""
+    """Architecture of a language model; ``preset`` fills the choices a family is known by.
 
-    family: str = "gpt"  # registry name: gpt | rnn | lstm | gru | encoder
-    preset: str | None = None  # gpt: gpt2 (default) | llama; encoder: bert; sets the fields left as None below
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # grouped-query attention when < n_head (llama); None = n_head
-    d_model: int = 128
-    d_ff: int | None = None  # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)
-    block_size: int = 256  # the context length; for recurrent models the training window (truncated BPTT length)
-    vocab_size: int | None = None  # None = taken from the tokenizer
-    dropout: float = 0.0
-    pos_emb: str | None = None  # learned | rope
-    norm: str | None = None  # layernorm | rmsnorm
-    mlp: str | None = None  # gelu (tanh approximation, GPT-2) | gelu_exact (BERT) | swiglu
-    bias: bool | None = None  # biases in linear layers and norms
-    tie_embeddings: bool | None = None  # output layer softmax(h @ E^T) shares E with the input
-    rope_theta: float = 10000.0
-    rope_scaling: str | None = None  # null | linear | llama3 (stretches RoPE to longer contexts)
-    rope_factor: float = 1.0  # linear/llama3: how many times longer than the original context
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_context: int | None = None  # llama3: the context the model was pretrained with
-    norm_eps: float = 1e-5
-    init_std: float = 0.02  # Transformers: normal(0, init_std)
-    init_range: float | None = None  # recurrent models: uniform(-r, r); None = 0.1
-    type_vocab_size: int | None = None  # encoder: token-type (segment) embeddings; None = 2 for bert
-    reset_token: int | None = None  # recurrent models: state zeroed before this token id (a document start); None = end-of-text, -1 = never
+    The fields are grouped by the families they apply to. One marked ``only(...)`` set for another
+    family is an error (a GPT has no ``init_range``, an LSTM no ``n_head``); a value equal to the
+    default, or None, counts as not set, so complete saved configs load whatever their family.
+    """
+
+    # every family
+    family: Literal["gpt", "rnn", "lstm", "gru", "encoder"] = "gpt"  # registry name
+    n_layer: Count = 4
+    d_model: Count = 128
+    # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)
+    d_ff: Count | None = None
+    block_size: Count = 256  # the context length; for recurrent models the training window (truncated BPTT length)
+    vocab_size: Count | None = None  # None = taken from the tokenizer
+    dropout: Fraction = 0.0
+    # Transformers (gpt, encoder); preset: gpt2 (gpt's default) | llama; bert (encoder); it sets the fields left None
+    preset: Literal["gpt2", "llama", "bert"] | None = only(*TRANSFORMERS)
+    n_head: Count = only(*TRANSFORMERS, default=4)
+    n_kv_head: Count | None = only(*TRANSFORMERS)  # grouped-query attention when < n_head (llama); None = n_head
+    pos_emb: Literal["learned", "rope"] | None = only(*TRANSFORMERS)
+    norm: Literal["layernorm", "rmsnorm"] | None = only(*TRANSFORMERS)
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] | None = only(*TRANSFORMERS)  # gelu: tanh approximation (GPT-2)
+    bias: bool | None = only(*TRANSFORMERS)  # biases in linear layers and norms
+    norm_eps: Positive = only(*TRANSFORMERS, default=1e-5)
+    init_std: Positive = only(*TRANSFORMERS, default=0.02)  # normal(0, init_std)
+    # language models (not encoder): the output layer softmax(h @ E^T) shares E with the input
+    tie_embeddings: bool | None = only("gpt", *RECURRENT)
+    # rotary positions (gpt with pos_emb rope, e.g. preset llama); scaling stretches them to longer contexts
+    rope_theta: Positive = only("gpt", default=10000.0)
+    rope_scaling: Literal["linear", "llama3"] | None = only("gpt")
+    rope_factor: Positive = only("gpt", default=1.0)  # linear/llama3: how many times longer than the original context
+    rope_low_freq_factor: Positive = only("gpt", default=1.0)  # llama3
+    rope_high_freq_factor: Positive = only("gpt", default=4.0)  # llama3
+    rope_original_context: Count | None = only("gpt")  # llama3: the pretraining context (None = block_size)
+    # recurrent models (rnn, lstm, gru)
+    init_range: Positive | None = only(*RECURRENT)  # uniform(-r, r); None = 0.1
+    # the state is zeroed before this token id (a document start); None = end-of-text, -1 = never
+    reset_token: Annotated[int, Field(ge=-1)] | None = only(*RECURRENT)
+    # encoder
+    type_vocab_size: NonNegativeInt | None = only("encoder")  # token-type (segment) embeddings, 0 = none; None = 2 (bert)
 
 
 @dataclass
@@ -60,60 +108,60 @@ class DataConfig:
     """Where the prepared token shards are (the output folder of ``lmlab data prepare``)."""
 
     path: str = ""
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: Name = "train"
+    val_split: Name = "val"
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, evaluation and checkpointing of a training run."""
 
-    out_dir: str = "runs/run"
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16  (auto: bf16 on capable GPUs, fp32 on CPU)
+    out_dir: Name = "runs/run"
+    seed: NonNegativeInt = 1337
+    device: Device = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     compile: bool = False
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_steps: int = 2000
-    epochs: float | None = None  # passes over the training data; when set, it decides max_steps
-    max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
-    lr: float = 1e-3
-    min_lr: float | None = None  # None = lr / 10
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # cosine | linear | constant | step
-    lr_decay: float = 0.5  # step schedule: multiply lr by this ...
-    lr_decay_every: int = 1000  # ... every this many steps ...
-    lr_decay_start: int = 0  # ... from this step on (e.g. Zaremba et al.: x0.5 per epoch after epoch 4)
-    optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.0  # sgd only
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (e.g. 0.999)
-    batching: str = "random"  # random windows, or sequential: rows of the text read in order
+    batch_size: Count = 12
+    grad_accum: Count = 1
+    max_steps: Count = 2000
+    epochs: Positive | None = None  # passes over the training data; when set, it decides max_steps
+    max_minutes: Positive | None = None  # stop (and checkpoint) after this much wall time
+    lr: Positive = 1e-3
+    min_lr: NonNegative | None = None  # None = lr / 10
+    warmup_steps: NonNegativeInt = 100
+    lr_schedule: Literal["cosine", "linear", "constant", "step"] = "cosine"
+    lr_decay: Factor = 0.5  # step schedule: multiply lr by this ...
+    lr_decay_every: Count = 1000  # ... every this many steps ...
+    lr_decay_start: NonNegativeInt = 0  # ... from this step on (e.g. Zaremba et al.: x0.5 per epoch after epoch 4)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Fraction = 0.0  # sgd only
+    weight_decay: NonNegative = 0.1
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.99
+    eps: Positive = 1e-8
+    grad_clip: NonNegative = 1.0  # 0 disables clipping
+    ema_decay: Fraction = 0.0  # > 0: evaluate and save an exponential moving average of the weights (e.g. 0.999)
+    batching: Literal["random", "sequential"] = "random"  # random windows, or rows of the text read in order
     carry_state: bool = False  # recurrent models: carry the hidden state across batches (truncated BPTT; needs sequential)
-    eval_interval: int = 250
-    eval_batches: int = 20
-    eval_batch_size: int | None = None  # None = batch_size
-    log_interval: int = 10
-    checkpoint_interval: int = 1000  # also at the end of training
-    keep_checkpoints: int = 2
+    eval_interval: Count = 250
+    eval_batches: Count = 20
+    eval_batch_size: Count | None = None  # None = batch_size
+    log_interval: Count = 10
+    checkpoint_interval: Count = 1000  # also at the end of training
+    keep_checkpoints: NonNegativeInt = 2  # 0 keeps them all
     tensorboard: bool = False
     progress: bool = True
-    threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+    threads: Count | None = None  # torch.set_num_threads on CPU; None = torch's default
 
 
 @dataclass
 class LoraConfig:
     """Low-rank adapters (see models/lora.py); ``r = 0`` means none: full fine-tuning."""
 
-    r: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "attn.qkv,attn.proj,mlp.up,mlp.down"  # comma-separated module-name patterns
+    r: NonNegativeInt = 0
+    alpha: Positive = 16.0
+    dropout: Fraction = 0.0
+    targets: Name = "attn.qkv,attn.proj,mlp.up,mlp.down"  # comma-separated module-name patterns
     rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r
 
 
@@ -122,11 +170,13 @@ class BaseModelConfig:
     """The pretrained model a fine-tuning run starts from, and the head it puts on it."""
 
     path: str = ""  # lmlab checkpoint or run folder, Hugging Face folder, or a pretrained name (all-MiniLM-L6-v2)
-    pooling: str | None = None  # classify: cls | mean | last; None = cls for encoders, last for decoders
-    dropout: float = 0.1  # before the classifier
-    head_lr: float | None = None  # classify: learning rate of the new classifier layer (None = train.lr)
-    layer_lr_decay: float = 1.0  # classify: < 1 gives each layer below the top this times the lr of the one above
-    rdrop: float = 0.0  # classify: R-Drop weight; > 0 runs each batch twice and penalises disagreement (2x compute)
+    pooling: Literal["cls", "mean", "last"] | None = only("classify")  # None = cls for encoders, last for decoders
+    dropout: Fraction = only("classify", default=0.1)  # before the classifier
+    head_lr: Positive | None = only("classify")  # learning rate of the new classifier layer (None = train.lr)
+    # < 1 gives each layer below the top this times the lr of the one above
+    layer_lr_decay: Factor = only("classify", default=1.0)
+    # R-Drop weight; > 0 runs each batch twice and penalises disagreement (2x compute)
+    rdrop: NonNegative = only("classify", default=0.0)
 
 
 @dataclass
@@ -135,9 +185,9 @@ class ClassifyDataConfig:
 
     train: str = ""
     val: str | None = None
-    text_field: str = "sentence"
-    label_field: str = "label"
-    max_length: int = 128  # tokens per text, template tokens ([CLS], [SEP]) included
+    text_field: Name = "sentence"
+    label_field: Name = "label"
+    max_length: Count = 128  # tokens per text, template tokens ([CLS], [SEP]) included
 
 
 @dataclass
@@ -156,15 +206,15 @@ class SftDataConfig:
 
     train: str = ""
     val: str | None = None  # None = hold out val_fraction of train
-    val_fraction: float = 0.02
-    max_examples: int | None = None  # use the first N training conversations
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    max_examples: Count | None = None  # use the first N training conversations
     system_prompt: str | None = None  # added as the system turn where a conversation has none
     pack: bool = True  # concatenate short conversations into full context windows
 
 
 @dataclass
 class SftConfig:
-    """Everything ``lmlab finetune sft`` needs (model.pooling and model.dropout do not apply)."""
+    """Everything ``lmlab finetune sft`` needs (the model fields marked classify-only do not apply)."""
 
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: SftDataConfig = field(default_factory=SftDataConfig)
@@ -176,17 +226,17 @@ class SftConfig:
 class ServeConfig:
     """How ``lmlab serve`` runs: where it listens, who may call it, and the limits on every request."""
 
-    host: str = "127.0.0.1"  # localhost only unless asked
-    port: int = 8000
+    host: Name = "127.0.0.1"  # localhost only unless asked
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
     model_name: str | None = None  # the id clients name in "model" (default: the checkpoint folder's name)
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
-    max_batch_size: int = 8  # sequences generated together in one batch
-    max_queue: int = 64  # sequences waiting; more gets 429
-    max_body_bytes: int = 1_000_000  # larger request bodies get 413
-    max_prompt_tokens: int | None = None  # default: the model's context
-    max_new_tokens: int = 1024  # the most max_tokens a request may ask for
-    default_max_tokens: int = 256  # chat completions that do not say
-    request_timeout: float = 300.0  # seconds; a request still running then gets 504 (or an error event)
+    max_batch_size: Count = 8  # sequences generated together in one batch
+    max_queue: Count = 64  # sequences waiting; more gets 429
+    max_body_bytes: Count = 1_000_000  # larger request bodies get 413
+    max_prompt_tokens: Count | None = None  # default: the model's context
+    max_new_tokens: Count = 1024  # the most max_tokens a request may ask for
+    default_max_tokens: Count = 256  # chat completions that do not say
+    request_timeout: Positive = 300.0  # seconds; a request still running then gets 504 (or an error event)
 
 
 @dataclass
@@ -204,26 +254,24 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build config dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + k for k in fields]))
-        ftype = hints[key]
-        if dataclasses.is_dataclass(ftype):
-            values[key] = from_dict(ftype, value, prefix + key + ".")
-        else:
-            values[key] = _check_type(prefix + key, value, ftype)
-    return cls(**values)
+    """Build config dataclass ``cls`` from ``data``, or raise a one-line ConfigError.
+
+    Refuses unknown keys (with a did-you-mean), values of the wrong type, outside their choices or
+    range, and combinations the models or the trainer cannot run; missing keys take their defaults.
+    ``prefix`` names the section in messages (``"model."``). Configs saved by earlier versions (every
+    field present, e.g. a checkpoint's ``model_config``) load as they are.
+    """
+    cfg = _build(cls, data, prefix)
+    _check_rules(cfg, prefix)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, and validate.
+
+    Everything ``from_dict`` checks, and also that no model field is set for a family it does not
+    apply to, so that a user's mistake fails here rather than mid-run or silently.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -237,7 +285,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: 
             raise ConfigError(f"{path}: a config must be a YAML mapping of sections")
     for item in overrides:
         _apply_override(data, item)
-    return from_dict(cls, data)
+    cfg = _build(cls, data, "")
+    _check_families(cfg)
+    _check_rules(cfg, "")
+    return cfg
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
@@ -246,17 +297,255 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def describe_config(cls: type = RunConfig) -> str:
-    """Every config key with its type and default, one per line (shown by ``lmlab train --help``)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for section in dataclasses.fields(cls):
-        lines.append(f"{section.name}:")
-        sub = hints[section.name]
-        sub_hints = typing.get_type_hints(sub)
-        for f in dataclasses.fields(sub):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section.name}.{f.name} = {default!r}  ({_type_name(sub_hints[f.name])})")
-    return "\n".join(lines)
+    """Every config key with its default, type, choices or range, and the families (or commands) it is
+    limited to, one per line: the listing of ``lmlab train --help`` and ``lmlab finetune ... --help``."""
+    return "\n".join(_describe_lines(cls, "", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# building and checking single values
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Dataclass ``cls`` from mapping ``data``, each value checked against its field's annotation."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + k for k in names]))
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _build(hints[key], value, prefix + key + ".")
+        else:
+            values[key] = _check_value(cls, key, value, prefix + key)
+    return cls(**values)
+
+
+def _check_value(cls: type, name: str, value: Any, key: str) -> Any:
+    """``value`` as field ``name`` of ``cls`` takes it (an int becomes a float), else a ConfigError for ``key``."""
+    try:
+        return _adapter(cls, name).validate_python(value)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_explain(key, value, _hints(cls)[name], e.errors()[0])) from None
+
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+@functools.cache
+def _adapter(cls: type, name: str) -> TypeAdapter:
+    """A strict pydantic validator of one field (no NaN or infinity); a float field also takes a number
+    written as text, because PyYAML reads ``3e-4`` (no dot) as a string."""
+    ftype = _hints(cls)[name]
+    if _spec(ftype).base is float:
+        ftype = Annotated[ftype, BeforeValidator(_number_from_text)]
+    return TypeAdapter(ftype, config=_STRICT)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _number_from_text(value: Any) -> Any:
+    """``float(value)`` for text that spells a number ("3e-4", "nan"), anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+_BOUNDS = ("gt", "ge", "lt", "le", "min_length")
+
+
+class _Spec(typing.NamedTuple):
+    """What a field annotation accepts, unpacked for messages and ``describe_config``."""
+
+    base: Any  # int, float, str, bool, or a Literal
+    choices: list[str]  # of a Literal, or a FieldInfo description "a | b | c"; [] when free
+    bounds: dict[str, Any]  # gt, ge, lt, le, min_length
+    nullable: bool
+
+
+def _spec(ftype: Any) -> _Spec:
+    """Unpack ``T``, ``Annotated[T, Field(...)]``, ``Literal[...]``, each optionally ``| None``."""
+    args = typing.get_args(ftype) if typing.get_origin(ftype) in (typing.Union, types.UnionType) else (ftype,)
+    (base,) = [a for a in args if a is not type(None)]
+    bounds, choices = {}, []
+    if typing.get_origin(base) is Annotated:
+        base, *infos = typing.get_args(base)
+        for info in infos:
+            choices = info.description.split(" | ") if info.description else choices
+            for constraint in info.metadata:
+                bounds.update({k: getattr(constraint, k) for k in _BOUNDS if hasattr(constraint, k)})
+    if typing.get_origin(base) is Literal:
+        choices = [str(c) for c in typing.get_args(base)]
+    return _Spec(base, choices, bounds, type(None) in args)
+
+
+def _type_text(ftype: Any) -> str:
+    """``int >= 1 or null``, ``float in [0, 1)``, ``cosine | linear | constant | step``, ..."""
+    spec = _spec(ftype)
+    if spec.choices:
+        return " | ".join(spec.choices + ["null"] * spec.nullable)
+    if spec.bounds.get("min_length"):
+        return "non-empty str"
+    return f"{spec.base.__name__} {_range_text(spec.bounds)}".strip() + " or null" * spec.nullable
+
+
+def _range_text(bounds: dict[str, Any]) -> str:
+    """``>= 1``, ``> 0``, ``in [0, 1)``, ... for pydantic's gt/ge/lt/le."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{'<=' if high[1] == ']' else '<'} {high[0]:g}"
+    return ""
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _explain(key: str, value: Any, ftype: Any, error: dict) -> str:
+    """One line for pydantic's first ``error`` about ``value`` at ``key``: the value, and what would do."""
+    spec, kind = _spec(ftype), error["type"]
+    if spec.choices:
+        return _not_one_of(key, value, spec.choices + ["null"] * spec.nullable)
+    if kind == "finite_number":
+        return f"{key} must be a finite number, got {float(value)}"
+    if kind in _RANGE_ERRORS:
+        return f"{key} must be {_range_text(spec.bounds)}, got {value!r}"
+    if kind == "string_too_short":
+        return f"{key} must not be empty"
+    return f"{key} expects {spec.base.__name__}{' or null' * spec.nullable}, got {value!r}"
+
+
+def _not_one_of(key: str, value: Any, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key} {value!r} is not one of {', '.join(choices)}{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# rules across fields
+
+
+def _check_rules(cfg: Any, prefix: str) -> None:
+    """Apply the cross-field rules of ``cfg``'s sections, then its own."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_rules(value, prefix + f.name + ".")
+    rule = _RULES.get(type(cfg))
+    if rule is not None:
+        rule(cfg, prefix)
+
+
+def _is_set(cfg: Any, f: dataclasses.Field) -> bool:
+    """Whether field ``f`` of ``cfg`` holds a value of its own: not None and not the default."""
+    return getattr(cfg, f.name) not in (None, f.default)
+
+
+def _foreign_fields(cfg: Any, where: str) -> list[dataclasses.Field]:
+    """The fields of ``cfg`` that are set though marked ``only(...)`` for places other than ``where``."""
+    return [f for f in dataclasses.fields(cfg) if where not in f.metadata.get("only", (where,)) and _is_set(cfg, f)]
+
+
+def _check_families(cfg: Any, prefix: str = "") -> None:
+    """Refuse a model field set for a family it does not apply to (``model.init_range`` on a GPT).
+
+    Only for what users write (``load_config``): model configs saved by lmlab hold values it filled in
+    itself whatever the family (the trainer records reset_token for every family, the bert preset
+    sets tie_embeddings), and must keep loading through ``from_dict``.
+    """
+    if isinstance(cfg, ModelConfig):
+        for f in _foreign_fields(cfg, cfg.family):
+            raise ConfigError(f"{prefix}{f.name} applies to {prefix}family {', '.join(f.metadata['only'])} only, "
+                              f"not {cfg.family}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_families(value, prefix + f.name + ".")
+
+
+def _model_rules(m: ModelConfig, p: str) -> None:
+    """Shapes that fit together and choices that fit the family: what the model constructors assume."""
+    if m.family in RECURRENT:
+        if m.tie_embeddings and m.d_ff not in (None, m.d_model):
+            raise ConfigError(f"{p}tie_embeddings needs {p}d_ff ({m.d_ff}) equal to {p}d_model ({m.d_model})")
+        return
+    presets = PRESETS[m.family]
+    if m.preset is not None and m.preset not in presets:
+        raise ConfigError(f"{p}preset {m.preset!r} is not a {m.family} preset; choose {' or '.join(presets)}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"{p}d_model {m.d_model} is not divisible by {p}n_head {m.n_head}")
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+        raise ConfigError(f"{p}n_head {m.n_head} is not divisible by {p}n_kv_head {m.n_kv_head}")
+    if m.family == "encoder" and m.pos_emb not in (None, "learned"):
+        raise ConfigError(f"{p}pos_emb {m.pos_emb!r} does not fit family encoder: it has learned positions (BERT)")
+    if m.family == "encoder" and m.norm not in (None, "layernorm"):
+        raise ConfigError(f"{p}norm {m.norm!r} does not fit family encoder: it has layernorm (BERT)")
+    pos_emb = m.pos_emb or PRESET_POS_EMB[m.preset or presets[0]]
+    if pos_emb == "rope":
+        if (m.d_model // m.n_head) % 2:
+            raise ConfigError(f"{p}pos_emb rope needs an even head size, but {p}d_model / {p}n_head is "
+                              f"{m.d_model // m.n_head}")
+        if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(f"{p}rope_high_freq_factor must be above {p}rope_low_freq_factor for llama3 scaling")
+        return
+    for f in dataclasses.fields(m):
+        if f.name.startswith("rope_") and _is_set(m, f):
+            raise ConfigError(f"{p}{f.name} needs rotary positions ({p}pos_emb rope or {p}preset llama), "
+                              f"but {p}pos_emb is {pos_emb}")
+
+
+def _train_rules(t: TrainConfig, p: str) -> None:
+    """A schedule that makes sense, and a carried state only where it can work."""
+    if t.min_lr is not None and t.min_lr > t.lr:
+        raise ConfigError(f"{p}min_lr {t.min_lr:g} is above {p}lr {t.lr:g}")
+    if t.epochs is None and t.warmup_steps >= t.max_steps:
+        raise ConfigError(f"{p}warmup_steps {t.warmup_steps} must be less than {p}max_steps {t.max_steps}")
+    if t.carry_state and (t.batching != "sequential" or t.grad_accum != 1):
+        raise ConfigError(f"{p}carry_state needs {p}batching=sequential and {p}grad_accum=1")
+
+
+def _run_rules(r: RunConfig, p: str) -> None:
+    """What ``lmlab train`` can train: a language model, with a carried state only if it has one."""
+    if r.model.family == "encoder":
+        raise ConfigError(f"{p}model.family encoder has no language-model head, so lmlab train cannot train it; "
+                          f"fine-tune an encoder with lmlab finetune classify")
+    if r.train.carry_state and r.model.family not in RECURRENT:
+        raise ConfigError(f"{p}train.carry_state needs a model that carries a state ({p}model.family "
+                          f"{', '.join(RECURRENT)}), not {r.model.family}")
+
+
+def _sft_rules(s: SftConfig, p: str) -> None:
+    """Instruction tuning has no classifier head: the classify-only model fields must stay unset."""
+    for f in _foreign_fields(s.model, "sft"):
+        raise ConfigError(f"{p}model.{f.name} applies to lmlab finetune classify only")
+
+
+def _serve_rules(s: ServeConfig, p: str) -> None:
+    """The default completion length must be one the server allows."""
+    if s.default_max_tokens > s.max_new_tokens:
+        raise ConfigError(f"{p}default_max_tokens {s.default_max_tokens} is above {p}max_new_tokens {s.max_new_tokens}")
+
+
+_RULES = {ModelConfig: _model_rules, TrainConfig: _train_rules, RunConfig: _run_rules, SftConfig: _sft_rules,
+          ServeConfig: _serve_rules}
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides, listings, messages
 
 
 def _apply_override(data: dict, item: str) -> None:
@@ -279,40 +568,18 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _check_type(name: str, value: Any, ftype: Any) -> Any:
-    """Return ``value`` if it fits type ``ftype`` (ints widen to floats), else raise ConfigError."""
-    origin = typing.get_origin(ftype)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(ftype)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(name, value, option)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{name} expects {_type_name(ftype)}, got {value!r}")
-    if ftype is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if ftype is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if ftype is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if ftype in (str, bool) and isinstance(value, ftype):
-        return value
-    raise ConfigError(f"{name} expects {_type_name(ftype)}, got {value!r}")
-
-
-def _type_name(ftype: Any) -> str:
-    args = typing.get_args(ftype)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return ftype.__name__
+def _describe_lines(cls: type, prefix: str, indent: str) -> list[str]:
+    """``describe_config``'s lines for ``cls``: a heading per section, then ``key = default  (type)``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        ftype = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            lines += [f"{indent}{f.name}:", *_describe_lines(ftype, prefix + f.name + ".", indent + "  ")]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        where = f"; {', '.join(f.metadata['only'])} only" if "only" in f.metadata else ""
+        lines.append(f"{indent}{prefix}{f.name} = {default!r}  ({_type_text(ftype)}{where})")
+    return lines
 
 
 def _unknown_key_message(key: str, known: list[str]) -> str:
