@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.config import RunConfig
+from lmlab.config import RECURRENT, RunConfig
 from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
@@ -152,7 +152,7 @@ def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, obj
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif model_cfg.vocab_size < tokenizer.vocab_size:
         raise DataError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if model_cfg.reset_token is None:  # documents are separated by end-of-text in prepared data
+    if model_cfg.family in RECURRENT and model_cfg.reset_token is None:  # documents end with end-of-text
         model_cfg = dataclasses.replace(model_cfg, reset_token=tokenizer.eot_id)
     return train_data, val_data, tokenizer, model_cfg
 
