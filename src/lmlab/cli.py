@@ -116,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from lmlab.eval.perplexity import evaluate_perplexity, write_report
+    from lmlab.eval.perplexity import evaluate_perplexity
+    from lmlab.eval.report import write_metrics_report
     from lmlab.interop import load_model
     from lmlab.runtime import resolve_device
 
@@ -125,7 +126,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
                                  field=args.field, batch_size=args.batch_size)
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
     if args.out:
-        write_report(report, args.out, "Perplexity")
+        write_metrics_report(report, args.out, "Perplexity")
     print(json.dumps(report, indent=2))
 
 
@@ -158,7 +159,8 @@ def cmd_finetune_classify(args: argparse.Namespace) -> None:
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
     from lmlab.data.labeled import read_examples
-    from lmlab.finetune.classify import evaluate_classifier, max_length_of, require_classifier, write_classification_report
+    from lmlab.eval.report import write_classification_report
+    from lmlab.finetune.classify import evaluate_classifier, max_length_of, require_classifier
     from lmlab.interop import load_model
     from lmlab.runtime import resolve_device
 

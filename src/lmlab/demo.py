@@ -17,7 +17,8 @@ from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizer import train_tokenizer_from_files
 from lmlab.errors import DataError
-from lmlab.eval.perplexity import evaluate_perplexity, write_report
+from lmlab.eval.perplexity import evaluate_perplexity
+from lmlab.eval.report import write_metrics_report
 from lmlab.generate.engine import generate_text, print_stream
 from lmlab.generate.sampling import SamplingParams
 from lmlab.train.checkpoint import load_checkpoint
@@ -82,7 +83,7 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
 
     ckpt = load_checkpoint(out / "run")
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, str(data_dir), split="val", progress=False)
-    write_report(report, out / "run" / "eval", "Demo validation perplexity")
+    write_metrics_report(report, out / "run" / "eval", "Demo validation perplexity")
     print(f"[4/5] validation: {report['mean_nll']:.3f} nats/token, perplexity {report['perplexity']:.1f}, "
           f"{report['bits_per_byte']:.3f} bits/byte (checkpoint {ckpt.path})")
 

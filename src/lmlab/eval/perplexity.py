@@ -11,7 +11,6 @@ with different tokenizers.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lmlab.runs import atomic_write_text
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
@@ -101,14 +99,6 @@ def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict
         report["bytes"] = n_bytes
         report["bits_per_byte"] = total_nll / math.log(2) / n_bytes
     return report
-
-
-def write_report(report: dict, out_dir: str | Path, title: str) -> None:
-    """Write results.json and a results.md table into ``out_dir``."""
-    out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
-    atomic_write_text(out_dir / "results.md", f"# {title}\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,

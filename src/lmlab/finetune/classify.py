@@ -11,11 +11,9 @@ Any lmlab model or Hugging Face folder can be the base: an encoder pools [CLS] t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,12 +22,13 @@ import torch.nn.functional as F
 import yaml
 
 from lmlab.config import ClassifyConfig
-from lmlab.runs import RunFolder, atomic_write_text
+from lmlab.runs import RunFolder
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
                                 sequential_batches)
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
-from lmlab.eval.metrics import classification_report, confusion_text, plot_confusion
+from lmlab.eval.metrics import classification_report
+from lmlab.eval.report import write_classification_report
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
@@ -237,23 +236,6 @@ def finetune_classifier(cfg: ClassifyConfig, load_base: Callable = load_checkpoi
                                     extra=summary)
         result.extra["val"] = task.reports[-1]
     return result
-
-
-def write_classification_report(report: dict, out_dir: str | Path, title: str, extra: dict | None = None) -> None:
-    """results.json, results.md (metrics, per-label table, confusion matrix) and confusion.png in ``out_dir``."""
-    out_dir = Path(out_dir)
-    payload = {**{k: v for k, v in (extra or {}).items() if k != "val"}, **report}
-    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
-    rows = [f"| {k} | {report[k]:.4f} |" for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "loss")
-            if k in report]
-    per_label = [f"| {name} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-                 for name, v in report["per_label"].items()]
-    md = (f"# {title}\n\n{report['examples']} examples\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
-          + "\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(per_label)
-          + f"\n\nConfusion matrix (rows: true label, columns: predicted):\n\n```\n{confusion_text(report)}\n```\n\n"
-          + "![confusion matrix](confusion.png)\n")
-    atomic_write_text(out_dir / "results.md", md)
-    plot_confusion(report, out_dir / "confusion.png", title)
 
 
 def require_classifier(ckpt):
