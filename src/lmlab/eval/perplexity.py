@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from lmlab.runs import atomic_write_text
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
+from lmlab.progress import progress_bar
+
+PROGRESS_EVERY = 10.0  # seconds between plain progress lines when the output is not a terminal
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -60,21 +62,29 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
     device = next(model.parameters()).device
     spans = windows(len(ids), context, stride)
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(spans), batch_size), disable=not progress, unit="batch", desc="perplexity"):
-        group = spans[i:i + batch_size]
-        width = max(end - begin - 1 for begin, end, _ in group)
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        y = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
-        for row, (begin, end, first) in enumerate(group):
-            n = end - begin - 1
-            x[row, :n] = ids[begin:end - 1]
-            y[row, first - begin - 1:n] = ids[first:end]
-        logits, _ = model(x.to(device))
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((y != -100).sum())
+    starts = range(0, len(spans), batch_size)
+    with progress_bar(len(starts), unit="batch", desc="perplexity", enabled=progress, every=PROGRESS_EVERY) as bar:
+        for i in starts:
+            batch_total, batch_count = _window_batch_nll(model, ids, spans[i:i + batch_size], device)
+            total, count = total + batch_total, count + batch_count
+            bar.update(1)
     return total, count
+
+
+def _window_batch_nll(model: nn.Module, ids: torch.Tensor, group: list[tuple[int, int, int]],
+                      device: torch.device) -> tuple[float, int]:
+    """Summed NLL and scored-token count of one batch of windows (each row padded to the widest)."""
+    width = max(end - begin - 1 for begin, end, _ in group)
+    x = torch.zeros(len(group), width, dtype=torch.long)
+    y = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
+    for row, (begin, end, first) in enumerate(group):
+        n = end - begin - 1
+        x[row, :n] = ids[begin:end - 1]
+        y[row, first - begin - 1:n] = ids[first:end]
+    logits, _ = model(x.to(device))
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return nll.item(), int((y != -100).sum())
 
 
 @torch.no_grad()
@@ -87,12 +97,16 @@ def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 102
     device = next(model.parameters()).device
     cache = model.make_cache(1)
     total = 0.0
-    for begin in tqdm(range(0, len(ids) - 1, chunk), disable=not progress, unit="chunk", desc="perplexity"):
-        x = ids[begin:begin + chunk].unsqueeze(0).to(device)  # (1, T)
-        y = ids[begin + 1:begin + chunk + 1].unsqueeze(0).to(device)  # (1, T') with T' = T, or T - 1 at the end
-        logits, _ = model(x, cache=cache)
-        logits = logits[:, :y.size(1)]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+    begins = range(0, len(ids) - 1, chunk)
+    with progress_bar(len(begins), unit="chunk", desc="perplexity", enabled=progress, every=PROGRESS_EVERY) as bar:
+        for begin in begins:
+            x = ids[begin:begin + chunk].unsqueeze(0).to(device)  # (1, T)
+            y = ids[begin + 1:begin + chunk + 1].unsqueeze(0).to(device)  # (1, T') with T' = T, or T - 1 at the end
+            logits, _ = model(x, cache=cache)
+            logits = logits[:, :y.size(1)]
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                       reduction="sum").item()
+            bar.update(1)
     return total, len(ids) - 1
 
 
