@@ -2,6 +2,7 @@
 
 import io
 import logging
+import sys
 
 import pytest
 from tqdm import tqdm
@@ -88,7 +89,10 @@ def test_every_seconds_lines_for_loops_without_postfix(progress_log):
     assert progress_log() == ["chunk 1, 0:00:00 elapsed", "chunk 3, 0:00:00 elapsed"]
 
 
-def test_console_handler_prints_to_the_current_stderr(capsys):
+@pytest.mark.parametrize("tqdm_loaded", [True, False])
+def test_console_handler_prints_to_the_current_stderr(capsys, monkeypatch, tqdm_loaded):
+    if not tqdm_loaded:  # no bar can be live: it writes to stderr directly
+        monkeypatch.delitem(sys.modules, "tqdm")
     handler = ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log = logging.getLogger("lmlab.test_progress")

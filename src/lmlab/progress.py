@@ -10,17 +10,17 @@ line per ``set_postfix`` call (a training loop calls it once per logging interva
 Every line goes through ``logging`` (logger ``lmlab.progress``, level INFO), so the command line's
 ``-q`` silences it, and a program that uses lmlab as a library sees progress only once it turns INFO
 logging on. ``ConsoleHandler`` is the logging handler for a terminal: it prints records above a
-live bar instead of through it.
+live bar instead of through it. tqdm is imported only when a live bar is made, so that importing
+this module (the command line does, to set up logging) stays cheap.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import sys
 import time
-
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def progress_bar(total: int | None = None, unit: str = "step", desc: str | None 
     """
     shown = enabled and logger.isEnabledFor(logging.INFO)
     if shown and _stderr_is_terminal():
-        return TerminalBar(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True,
-                           mininterval=0.5, file=sys.stderr)
+        return terminal_bar_class()(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True,
+                                    mininterval=0.5, file=sys.stderr)
     return PlainBar(total, unit=unit, desc=desc, enabled=shown, initial=initial, every=every)
 
 
@@ -51,12 +51,18 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-class TerminalBar(tqdm):
-    """tqdm's live bar, except that ``write`` logs its message (so ``-q`` and log handlers apply)."""
+@functools.cache
+def terminal_bar_class() -> type:
+    """``TerminalBar``: tqdm's live bar, except that ``write`` logs its message (so that ``-q`` and
+    log handlers apply to it). Made on first use, which is when tqdm is imported."""
+    from tqdm import tqdm
 
-    def write(self, message: str) -> None:  # tqdm's is a classmethod printing to stdout
-        """Log ``message`` at INFO; ``ConsoleHandler`` prints it above the bar."""
-        logger.info(message)
+    class TerminalBar(tqdm):
+        def write(self, message: str) -> None:  # tqdm's is a classmethod printing to stdout
+            """Log ``message`` at INFO; ``ConsoleHandler`` prints it above the bar."""
+            logger.info(message)
+
+    return TerminalBar
 
 
 class PlainBar:
@@ -130,8 +136,14 @@ class ConsoleHandler(logging.Handler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write the formatted record as one line."""
+        """Write the formatted record as one line (through tqdm only if it is loaded: else no bar is live)."""
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            message = self.format(record)
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is not None and hasattr(tqdm, "tqdm"):
+                tqdm.tqdm.write(message, file=sys.stderr)
+            else:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
         except Exception:  # noqa: BLE001 - logging's convention: report, never raise
             self.handleError(record)
