@@ -17,6 +17,12 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.fixture(autouse=True)
+def _no_cli_handler(monkeypatch):
+    """Take away the handler an earlier ``main()`` in this process put on the lmlab logger."""
+    monkeypatch.setattr(logging.getLogger("lmlab"), "handlers", [])
+
+
 @pytest.fixture
 def progress_log(caplog):
     """The messages of the lmlab.progress logger, with INFO let through (as the CLI does by default)."""
@@ -27,6 +33,8 @@ def progress_log(caplog):
 def test_not_a_terminal_gives_one_plain_line_per_set_postfix(monkeypatch, progress_log):
     stderr = io.StringIO()
     monkeypatch.setattr("sys.stderr", stderr)
+    handler = ConsoleHandler()  # as the CLI sets it up
+    monkeypatch.setattr(logging.getLogger("lmlab.progress"), "handlers", [handler])
     with progress_bar(200, unit="step") as bar:
         assert isinstance(bar, PlainBar)
         for step in range(1, 201):
@@ -38,7 +46,7 @@ def test_not_a_terminal_gives_one_plain_line_per_set_postfix(monkeypatch, progre
     assert lines[0].startswith("step 20/200 (10%), loss=4.80, tok_s=1,234, 0:00:00 elapsed, ETA 0:00:")
     assert lines[-1] == "step 200/200 (100%), loss=3.00, tok_s=1,234, 0:00:00 elapsed"  # done: no ETA
     assert not any("\r" in line or "\n" in line for line in lines)
-    assert stderr.getvalue() == ""  # nothing but logging writes
+    assert stderr.getvalue() == "".join(line + "\n" for line in lines)  # exactly these lines reach stderr
 
 
 def test_a_terminal_gets_a_tqdm_bar_whose_write_logs(monkeypatch, progress_log):
