@@ -1,6 +1,7 @@
 """The command line end to end: every verb on tiny data, and every bad input as a one-line error."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -99,3 +100,36 @@ def test_console_script_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(tmp_path), "--prompt", "x"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, info_shown, debug_shown", [
+    ([], True, False), (["-q"], False, False), (["-v"], True, True), (["--quiet"], False, False)])
+def test_quiet_and_verbose_say_how_much_is_logged(flags, info_shown, debug_shown, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(tiny_corpus(10)), encoding="utf-8")
+    for position in ("before", "after"):  # lmlab -q data prepare ... == lmlab data prepare -q ...
+        command = ["data", "prepare", corpus, "--kind", "char", "-o", tmp_path / position]
+        argv = [*flags, *command] if position == "before" else [*command[:2], *flags, *command[2:]]
+        code, out, err = run(argv, capsys)
+        assert code == 0 and out.startswith("wrote ")  # results on stdout, whatever the level
+        assert ("training a char tokenizer" in err) == info_shown, err  # an info line: the bare message
+        assert ("debug: arguments:" in err) == debug_shown, err
+        assert "\r" not in err
+
+
+def test_log_lines_are_plain():
+    from lmlab.cli import PlainFormatter
+
+    def line(level, message):
+        return PlainFormatter().format(logging.LogRecord("lmlab.x", level, __file__, 1, message, None, None))
+
+    assert line(logging.INFO, "note: something") == "note: something"
+    assert line(logging.WARNING, "careful") == "warning: careful"
+    assert line(logging.DEBUG, "detail") == "debug: detail"
+
+
+def test_help_documents_quiet_and_verbose(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "-q, --quiet" in out and "-v, --verbose" in out and "before or after the command" in out

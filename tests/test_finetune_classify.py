@@ -206,7 +206,7 @@ def test_classifier_training_resumes_exactly(toy, tmp_path):
 def test_classifier_grad_accumulation_equals_one_big_batch(toy, tmp_path):
     from lmlab.train.checkpoint import load_checkpoint
 
-    extra = ["train.epochs=null", "train.max_steps=3", "data.val=", "train.checkpoint_interval=100"]
+    extra = ["train.epochs=null", "train.max_steps=3", "train.warmup_steps=1", "data.val=", "train.checkpoint_interval=100"]
     assert finetune(toy, tmp_path / "big", *extra, "train.batch_size=32") == 0
     assert finetune(toy, tmp_path / "accum", *extra, "train.batch_size=8", "train.grad_accum=4") == 0
     big, accum = (load_checkpoint(tmp_path / n).model.state_dict() for n in ("big", "accum"))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -63,13 +64,14 @@ def test_conversation_shapes_and_errors():
         conversation_of({"question": "q"}, "f.jsonl:3")
 
 
-def test_records_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
+def test_records_without_an_answer_are_skipped_and_counted(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lmlab.data.chat")
     path = tmp_path / "data.jsonl"
     rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": ""},
             {"instruction": "d", "input": "", "output": "e"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     assert [c[1]["content"] for c in read_conversations(path)] == ["b", "e"]
-    assert "skipped 1 conversation" in capsys.readouterr().err
+    assert "skipped 1 conversation" in caplog.text
     path.write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="no conversations"):
         read_conversations(path)
@@ -148,7 +150,7 @@ def test_sft_resumes_exactly(trained_run, tmp_path):
 
 def test_sft_grad_accumulation_equals_one_big_batch(trained_run, tmp_path):
     """Rows hold different numbers of answer tokens: each micro-batch's loss counts by its tokens."""
-    config = sft_config(trained_run, tmp_path, max_steps=2)
+    config = sft_config(trained_run, tmp_path, max_steps=3)
     assert main(["finetune", "sft", str(config), f"train.out_dir={tmp_path / 'big'}", "train.batch_size=16"]) == 0
     assert main(["finetune", "sft", str(config), f"train.out_dir={tmp_path / 'accum'}", "train.batch_size=4",
                  "train.grad_accum=4"]) == 0

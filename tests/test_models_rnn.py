@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
@@ -94,16 +95,50 @@ def test_generation_with_state_equals_recompute(family):
         assert list(generate_tokens(model, [1, 2, 3], params)) == list(generate_tokens(model, [1, 2, 3], params, use_cache=False))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_one_token_steps_equal_one_pass_and_leave_the_backend_flag_alone(family):
-    """Decoding steps (one token per call, oneDNN bypassed) give what one call over the sequence gives."""
-    model = make(family)
+class BackendFlags(TorchFunctionMode):
+    """Records the process-wide backend flags as every torch function inside the block sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add((torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["rnn_relu"])
+def test_one_token_steps_equal_one_pass_and_leave_the_backend_flags_alone(family):
+    """Decoding steps (one token per call, through the cell kernels) give what one call over the
+    sequence gives, and no torch.backends flag changes while they run."""
+    model = make(family.removesuffix("_relu"), n_layer=3)
+    if family == "rnn_relu":  # the Elman layer's other nonlinearity: the step must follow the layer's mode
+        model.rnn = torch.nn.RNN(24, 24, num_layers=3, batch_first=True, nonlinearity="relu").eval()
     x = torch.randint(0, 40, (2, 12))
     full, _ = model(x)
+    outside = (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled)
     state = model.make_cache(2)
-    steps = [model(x[:, t:t + 1], cache=state)[0] for t in range(12)]
+    with BackendFlags() as flags:
+        steps = [model(x[:, t:t + 1], cache=state)[0] for t in range(12)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-    assert torch.backends.mkldnn.enabled
+    assert flags.seen == {outside}
+    # a prompt through the fused layer, then steps: the state hands over in both directions
+    state = model.make_cache(2)
+    prompt, _ = model(x[:, :5], cache=state)
+    rest = [model(x[:, t:t + 1], cache=state)[0] for t in range(5, 12)]
+    assert torch.allclose(torch.cat([prompt, *rest], dim=1), full, atol=1e-5)
+
+
+def test_one_token_steps_train_through_the_cells():
+    """Without dropout a training step may take the cell path too; its gradients match the fused layer's."""
+    model = make("lstm").train()
+    x = torch.randint(0, 40, (2, 1))
+    model(x, x)[1].backward()
+    stepped = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model.head(model.rnn(model.embed(x))[0])  # the fused layer, called directly
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(stepped, model.parameters()))
 
 
 def test_no_context_limit_in_generation():

@@ -1,19 +1,23 @@
 """The ``lmlab`` command line: parses arguments and calls one function per subcommand.
 
 It holds no logic of its own. Errors of the user's input (``LmlabError``) are printed as one line
-``error: ...`` with exit status 1; Ctrl-C exits with 130.
+``error: ...`` with exit status 1; Ctrl-C exits with 130. Results go to stdout; notes, status and
+progress lines are logged to stderr (``-q``: warnings and errors only; ``-v``: also debug).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.progress import ConsoleHandler
 
 KINDS = ("bpe", "byte", "char", "word")  # tokenizer kinds (lmlab.data.tokenizer.KINDS; not imported, to start fast)
+log = logging.getLogger("lmlab.cli")  # named, not __name__: also right under `python -m lmlab.cli`
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -39,7 +43,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
     else:
-        print(f"training a {args.kind} tokenizer on the (train) inputs (pass --tokenizer to reuse one)", file=sys.stderr)
+        log.info(f"training a {args.kind} tokenizer on the (train) inputs (pass --tokenizer to reuse one)")
         tok = train_tokenizer_from_files(args.kind, args.inputs, vocab_size=args.vocab_size, field=args.field,
                                          max_bytes=args.max_bytes, min_freq=args.min_freq)
     meta = prepare(args.inputs, tok, args.output, val_fraction=args.val_fraction, split=args.split,
@@ -94,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(prompt)
     fitted = fit_prompt(ids, model.context_length, params.max_new_tokens, args.truncate_prompt)
     if len(fitted) < len(ids):
-        print(f"note: prompt truncated from the left to its last {len(fitted)} of {len(ids)} tokens", file=sys.stderr)
+        log.info(f"note: prompt truncated from the left to its last {len(fitted)} of {len(ids)} tokens")
         prompt = tok.decode(fitted)
     if args.num_beams > 1:
         new = beam_search(model, fitted, args.num_beams, params.max_new_tokens, [tok.eot_id], args.length_penalty)
@@ -216,8 +220,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     params = sampling_params(args)
     if not has_chat_tokens(ckpt.tokenizer):
-        print("note: this model has no chat tokens (it was not tuned with lmlab finetune sft); chatting in a plain "
-              "'User: / Assistant:' transcript", file=sys.stderr)
+        log.info("note: this model has no chat tokens (it was not tuned with lmlab finetune sft); chatting in a plain "
+                 "'User: / Assistant:' transcript")
     session = ChatSession(ckpt.model, ckpt.tokenizer, params, system=args.system)
     if args.message:
         for message in args.message:
@@ -249,11 +253,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     cfg.model_name = cfg.model_name or Path(args.checkpoint).resolve().name
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
-        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach it can use it "
-              f"(set --api-key or LMLAB_API_KEY)", file=sys.stderr)
+        log.warning(f"serving on {cfg.host} without an API key: anyone who can reach it can use it "
+                    f"(set --api-key or LMLAB_API_KEY)")
     app = create_app(ckpt.model, ckpt.tokenizer, cfg)
-    print(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)",
-          file=sys.stderr)
+    log.info(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
 
 
@@ -288,10 +291,29 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
 
 
+def add_verbosity_flags(p: argparse.ArgumentParser, default=False) -> None:
+    """-q and -v, which say how much is logged to stderr (see ``log_level``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="log only warnings and errors (no notes, status or progress lines)")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="also log debug messages")
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it takes -q/-v too (``lmlab train -q ...``), and leaves them unset when
+    not given so that flags given before the subcommand hold."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        add_verbosity_flags(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``lmlab <command> --help`` documents each flag)."""
-    p = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.",
+                                epilog="-q/-v may come before or after the command.")
+    add_verbosity_flags(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
 
     d = sub.add_parser("demo", help="train a small code model on Python's standard library, end to end")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
@@ -470,9 +492,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_level(args: argparse.Namespace) -> int:
+    """INFO by default (notes and status lines show), WARNING with -q, DEBUG with -v (-v wins)."""
+    if args.verbose:
+        return logging.DEBUG
+    return logging.WARNING if args.quiet else logging.INFO
+
+
+class PlainFormatter(logging.Formatter):
+    """An INFO record as its bare message; any other as ``warning: message``, ``debug: message``..."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line (with its traceback, if it carries one)."""
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(level: int) -> None:
+    """Send the records of lmlab's loggers at ``level`` and above to stderr, formatted plainly.
+
+    Only the ``lmlab`` logger is set up, so other libraries' INFO chatter stays off. Calling it again
+    (``main`` in tests) replaces the handler rather than adding a second.
+    """
+    root = logging.getLogger("lmlab")
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    handler = ConsoleHandler()
+    handler.setFormatter(PlainFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lmlab`` command."""
     args = build_parser().parse_args(argv)
+    configure_logging(log_level(args))
+    log.debug("arguments: %s", {k: v for k, v in vars(args).items() if k != "func"})
     try:
         args.func(args)
     except LmlabError as e:

@@ -3,10 +3,14 @@
 The corpus is the ``.py`` sources of the running interpreter's standard library, which exists on every
 machine with Python: the demo trains a byte-level BPE tokenizer on it, prepares token shards,
 pretrains a small GPT, measures validation perplexity, and completes a few code prompts.
+
+The completions are the demo's output (stdout); the steps leading to them and the closing hints are
+status lines, logged at INFO (stderr under the CLI; ``lmlab -q demo`` shows the samples alone).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import sysconfig
@@ -23,6 +27,8 @@ from lmlab.generate.engine import generate_text, print_stream
 from lmlab.generate.sampling import SamplingParams
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
+
+logger = logging.getLogger(__name__)
 
 PROMPTS = ["def fibonacci(", "class Stack:\n    def __init__(self", "import os\n\ndef list_files("]
 SKIP_DIRS = {"test", "tests", "idlelib", "encodings", "pydoc_data", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
@@ -58,7 +64,7 @@ def demo_config(data_dir: Path, run_dir: Path, minutes: float, seed: int) -> Run
 
 
 def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337, corpus_bytes: int = 8_000_000) -> dict:
-    """Tokenizer -> shards -> pretraining -> perplexity -> samples; returns the figures it printed.
+    """Tokenizer -> shards -> pretraining -> perplexity -> samples; returns the figures it reported.
 
     ``corpus_bytes`` caps the corpus (the tokenizer learns from at most 3 MB of it).
     """
@@ -66,17 +72,17 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     started = time.perf_counter()
     files = stdlib_sources(max_bytes=corpus_bytes)
     inputs = [str(p) for p in files]
-    print(f"[1/5] corpus: {len(files)} files of Python's standard library ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB)")
+    logger.info(f"[1/5] corpus: {len(files)} files of Python's standard library ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB)")
 
     tokenizer = train_tokenizer_from_files("bpe", inputs, vocab_size=4096, max_bytes=min(corpus_bytes, 3_000_000))
-    print(f"[2/5] byte-level BPE tokenizer: {tokenizer.vocab_size} tokens")
+    logger.info(f"[2/5] byte-level BPE tokenizer: {tokenizer.vocab_size} tokens")
 
     data_dir = out / "data"
     meta = prepare(inputs, tokenizer, data_dir, val_fraction=0.05, split="hash")
     s = meta["splits"]
-    print(f"      shards: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {data_dir}")
+    logger.info(f"      shards: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {data_dir}")
 
-    print(f"[3/5] pretraining a small GPT for up to {minutes:g} minutes")
+    logger.info(f"[3/5] pretraining a small GPT for up to {minutes:g} minutes")
     cfg = demo_config(data_dir, out / "run", minutes, seed)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts afresh each time
     summary = pretrain(cfg)
@@ -84,8 +90,8 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     ckpt = load_checkpoint(out / "run")
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, str(data_dir), split="val", progress=False)
     write_metrics_report(report, out / "run" / "eval", "Demo validation perplexity")
-    print(f"[4/5] validation: {report['mean_nll']:.3f} nats/token, perplexity {report['perplexity']:.1f}, "
-          f"{report['bits_per_byte']:.3f} bits/byte (checkpoint {ckpt.path})")
+    logger.info(f"[4/5] validation: {report['mean_nll']:.3f} nats/token, perplexity {report['perplexity']:.1f}, "
+                f"{report['bits_per_byte']:.3f} bits/byte (checkpoint {ckpt.path})")
 
     print("[5/5] samples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
@@ -94,10 +100,10 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
         params = SamplingParams(max_new_tokens=80, temperature=0.8, top_k=50, seed=seed + i)
         generate_text(ckpt.model, ckpt.tokenizer, prompt, params, on_text=print_stream)
         print()
+    sys.stdout.flush()  # the samples before the closing lines, also when stdout and stderr go to one file
     total = time.perf_counter() - started
-    print(f"done in {total / 60:.1f} minutes. Loss curve: {out / 'run' / 'plots' / 'loss.png'}")
-    print(f"try: lmlab generate {out / 'run'} --prompt 'def main(' --top-k 50")
-    print(f"     lmlab serve {out / 'run'}   (then open http://127.0.0.1:8000 to chat with it)")
-    sys.stdout.flush()
+    logger.info(f"done in {total / 60:.1f} minutes. Loss curve: {out / 'run' / 'plots' / 'loss.png'}")
+    logger.info(f"try: lmlab generate {out / 'run'} --prompt 'def main(' --top-k 50")
+    logger.info(f"     lmlab serve {out / 'run'}   (then open http://127.0.0.1:8000 to chat with it)")
     return {"val_loss": summary.metrics["val_loss"], "perplexity": report["perplexity"], "bits_per_byte": report["bits_per_byte"],
             "minutes": total / 60, "steps": summary.step}

@@ -15,7 +15,7 @@ or ``{"messages": [{"role": "user" | "assistant" | "system", "content": ...}, ..
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import torch.nn as nn
@@ -23,6 +23,8 @@ import torch.nn as nn
 from lmlab.data.sources import iter_records
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
@@ -65,7 +67,7 @@ def read_conversations(path: str | Path, max_examples: int | None = None,
     """The conversations of a JSONL/JSON(.gz) file, in file order.
 
     Records with an empty answer (real datasets have a few: Alpaca 28 of 52,002) are skipped and
-    counted on stderr; a record of the wrong shape is an error.
+    counted in a log note; a record of the wrong shape is an error.
     """
     conversations, skipped = [], []
     for where, record in iter_records(path):
@@ -76,8 +78,7 @@ def read_conversations(path: str | Path, max_examples: int | None = None,
         if max_examples is not None and len(conversations) >= max_examples:
             break
     if skipped:
-        print(f"note: skipped {len(skipped)} conversation(s) with no assistant answer (first: {skipped[0]})",
-              file=sys.stderr)
+        logger.info(f"note: skipped {len(skipped)} conversation(s) with no assistant answer (first: {skipped[0]})")
     if not conversations:
         raise DataError(f"{path}: no conversations with an assistant answer")
     return conversations

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
-from lmlab.train.lm import stateful_nll
+from lmlab.models.interface import IGNORE_INDEX
+from lmlab.progress import progress_bar
+from lmlab.train.lm import PROGRESS_EVERY, stateful_nll
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -59,21 +60,29 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
     device = next(model.parameters()).device
     spans = windows(len(ids), context, stride)
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(spans), batch_size), disable=not progress, unit="batch", desc="perplexity"):
-        group = spans[i:i + batch_size]
-        width = max(end - begin - 1 for begin, end, _ in group)
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        y = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
-        for row, (begin, end, first) in enumerate(group):
-            n = end - begin - 1
-            x[row, :n] = ids[begin:end - 1]
-            y[row, first - begin - 1:n] = ids[first:end]
-        logits, _ = model(x.to(device))
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((y != -100).sum())
+    starts = range(0, len(spans), batch_size)
+    with progress_bar(len(starts), unit="batch", desc="perplexity", enabled=progress, every=PROGRESS_EVERY) as bar:
+        for i in starts:
+            batch_total, batch_count = _window_batch_nll(model, ids, spans[i:i + batch_size], device)
+            total, count = total + batch_total, count + batch_count
+            bar.update(1)
     return total, count
+
+
+def _window_batch_nll(model: nn.Module, ids: torch.Tensor, group: list[tuple[int, int, int]],
+                      device: torch.device) -> tuple[float, int]:
+    """Summed NLL and scored-token count of one batch of windows (each row padded to the widest)."""
+    width = max(end - begin - 1 for begin, end, _ in group)
+    x = torch.zeros(len(group), width, dtype=torch.long)
+    y = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)  # not scored
+    for row, (begin, end, first) in enumerate(group):
+        n = end - begin - 1
+        x[row, :n] = ids[begin:end - 1]
+        y[row, first - begin - 1:n] = ids[first:end]
+    logits, _ = model(x.to(device))
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((y != IGNORE_INDEX).sum())
 
 
 def text_token_ids(tokenizer: Tokenizer, inputs: list[str], field: str = "text") -> tuple[np.ndarray, int]:

@@ -23,6 +23,10 @@ from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.layers import grow_embedding, grow_linear_rows
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+# one time step of one layer, by the ``mode`` of the fused layer (nn.RNN's mode says its nonlinearity)
+STEP_CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
+              "RNN_RELU": torch.rnn_relu_cell}
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a fused layer's parameters, per layer
 
 
 class RecurrentState:
@@ -183,18 +187,40 @@ class RecurrentLM(nn.Module):
         return torch.cat(outs, dim=1), h
 
     def _layers(self, x: torch.Tensor, h):
-        """The fused recurrent layers over x (B, T, d). One-token calls (each step of generation) on a CPU
-        bypass oneDNN: its LSTM re-packs the weights on every call, which made a decoding step 5-14x
-        slower than PyTorch's own kernel (measured: 2 layers x 650, batch 1: 9.4 ms against 0.66 ms);
-        longer sequences (training, prompts) keep it, where it is the faster one. The switch is
-        process-wide for the duration of the call, as torch.backends flags are."""
-        if x.size(1) != 1 or x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
-            return self.rnn(x, h)
-        torch.backends.mkldnn.enabled = False
-        try:
-            return self.rnn(x, h)
-        finally:
-            torch.backends.mkldnn.enabled = True
+        """The recurrent layers over x (B, T, d): one fused call, except for a one-token call on a CPU.
+
+        Each step of generation is such a call. The fused CPU layer goes through oneDNN, whose LSTM
+        re-packs the weights on every call: 5-14x slower than PyTorch's own kernels, which ``_step``
+        calls per layer (measured: 2 layers x 650, batch 1, 2 cores: 4.8 ms against 0.8 ms). Longer
+        sequences (training, prompts) keep the fused layer, where oneDNN is the faster one. Training
+        with dropout between layers keeps it too, so that its dropout masks stay those of the fused layer.
+        """
+        dropping = self.training and self.rnn.dropout > 0
+        if x.size(1) == 1 and x.device.type == "cpu" and not dropping:
+            return self._step(x[:, 0], h)
+        return self.rnn(x, h)
+
+    def _step(self, x: torch.Tensor, h):
+        """One time step through every layer with the cell functions (``torch.lstm_cell`` and kin),
+        on the fused layer's own weights: x (B, d) -> output (B, 1, H) and the new state, as
+        ``self.rnn`` would return them. No process-wide backend flag is touched."""
+        rnn = self.rnn
+        lstm = rnn.mode == "LSTM"
+        if h is None:
+            zeros = x.new_zeros(rnn.num_layers, x.size(0), rnn.hidden_size)
+            h = (zeros, zeros) if lstm else zeros
+        cell = STEP_CELLS[rnn.mode]
+        states = []
+        for k in range(rnn.num_layers):
+            weights = [getattr(rnn, f"{name}_l{k}") for name in _WEIGHT_NAMES[:4 if rnn.bias else 2]]
+            state = cell(x, (h[0][k], h[1][k]) if lstm else h[k], *weights)
+            x = state[0] if lstm else state
+            states.append(state)
+        if lstm:
+            new_h = (torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states]))
+        else:
+            new_h = torch.stack(states)
+        return x[:, None], new_h
 
     def num_params(self) -> int:
         """Parameter count (tied weights once)."""

@@ -22,7 +22,10 @@ from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.registry import build_model
+from lmlab.progress import progress_bar
 from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
+
+PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
 
 
 @torch.no_grad()
@@ -30,8 +33,6 @@ def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 102
                  progress: bool = False) -> tuple[float, int]:
     """Total NLL of ids[1:] for a model that carries a state (its cache) across chunks of the text, and
     the count of scored tokens: how a recurrent model's perplexity is measured."""
-    from lmlab.progress import progress_bar
-
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if len(ids) < 2:
         raise DataError("the text has no tokens to score")
@@ -39,7 +40,7 @@ def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 102
     cache = model.make_cache(1)
     total = 0.0
     starts = range(0, len(ids) - 1, chunk)
-    with progress_bar(total=len(starts), unit="chunk", desc="perplexity", enabled=progress) as bar:
+    with progress_bar(len(starts), unit="chunk", desc="perplexity", enabled=progress, every=PROGRESS_EVERY) as bar:
         for begin in starts:
             x = ids[begin:begin + chunk].unsqueeze(0).to(device)  # (1, T)
             y = ids[begin + 1:begin + chunk + 1].unsqueeze(0).to(device)  # (1, T'), T' = T or T - 1 at the end
