@@ -155,4 +155,7 @@ def test_sft_grad_accumulation_equals_one_big_batch(trained_run, tmp_path):
     assert main(["finetune", "sft", str(config), f"train.out_dir={tmp_path / 'accum'}", "train.batch_size=4",
                  "train.grad_accum=4"]) == 0
     big, accum = (load_checkpoint(tmp_path / n).model.state_dict() for n in ("big", "accum"))
-    assert all(torch.allclose(big[k], accum[k], atol=1e-5) for k in big)
+    # atol 1e-4: the key bias has a zero gradient in exact arithmetic (softmax ignores a constant shift),
+    # so its gradient is rounding noise, which Adam scales up to steps of ~1e-5 either way
+    assert all(torch.allclose(big[k], accum[k], atol=1e-4) for k in big)
+    assert max((big[k] - accum[k]).abs().max() for k in big if "qkv.bias" not in k) < 1e-5
