@@ -269,9 +269,10 @@ def test_word_save_load(tmp_path):
 
 
 def test_word_from_files_and_cli_kinds(tmp_path):
-    from lmlab.cli import KINDS as CLI_KINDS
+    from lmlab.cli import build_parser
 
-    assert CLI_KINDS == KINDS
+    kinds = build_parser().parse_args(["tokenizer", "train", "x", "-o", "y"])
+    assert kinds.kind == "bpe"
     (tmp_path / "a.txt").write_text("".join(WORDS), encoding="utf-8")
     tok = train_tokenizer_from_files("word", [str(tmp_path / "a.txt")], min_freq=2)
     assert tok.kind == "word" and tok.vocab_size == 6

@@ -271,9 +271,9 @@ def test_serve_command_refuses_bad_settings_in_one_line(trained_run, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for argv, fragment in [(["--port", str(port)], "cannot listen"), (["--port", "70000"], "--port"),
-                               (["--max-batch-size", "0"], "--max-batch-size"),
-                               (["--request-timeout", "-1"], "--request-timeout")]:
+        for argv, fragment in [(["--port", str(port)], "cannot listen"), (["--port", "70000"], "port"),
+                               (["--max-batch-size", "0"], "max_batch_size"),
+                               (["--request-timeout", "-1"], "request_timeout")]:
             assert main(["serve", str(trained_run), *argv]) == 1
             err = capsys.readouterr().err
             assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err

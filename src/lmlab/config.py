@@ -52,6 +52,11 @@ Name = Annotated[str, Field(min_length=1)]  # a string that must not be empty
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N | mps")]
 
 
+def described(default: Any, help: str) -> Any:
+    """A dataclass field with its default and a one-line ``help`` (shown as a command-line flag's help)."""
+    return field(default=default, metadata={"help": help})
+
+
 def only(*names: str, default: Any = None) -> Any:
     """A dataclass field that applies only to these model families (on ModelConfig) or commands (on
     BaseModelConfig): setting it elsewhere is a ConfigError, and ``describe_config`` says where it applies."""
@@ -224,19 +229,21 @@ class SftConfig:
 
 @dataclass
 class ServeConfig:
-    """How ``lmlab serve`` runs: where it listens, who may call it, and the limits on every request."""
+    """How ``lmlab serve`` runs: where it listens, who may call it, and the limits on every request.
+    Each field is a flag of ``lmlab serve`` (``--max-queue``); its ``help`` is the flag's help."""
 
-    host: Name = "127.0.0.1"  # localhost only unless asked
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    model_name: str | None = None  # the id clients name in "model" (default: the checkpoint folder's name)
-    api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
-    max_batch_size: Count = 8  # sequences generated together in one batch
-    max_queue: Count = 64  # sequences waiting; more gets 429
-    max_body_bytes: Count = 1_000_000  # larger request bodies get 413
-    max_prompt_tokens: Count | None = None  # default: the model's context
-    max_new_tokens: Count = 1024  # the most max_tokens a request may ask for
-    default_max_tokens: Count = 256  # chat completions that do not say
-    request_timeout: Positive = 300.0  # seconds; a request still running then gets 504 (or an error event)
+    host: Name = described("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: Annotated[int, Field(ge=1, le=65535)] = described(8000, "port to listen on")
+    model_name: str | None = described(None, 'the id clients name in "model" (default: the checkpoint folder\'s name)')
+    api_key: str | None = described(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $LMLAB_API_KEY, "
+                                           "else none)")
+    max_batch_size: Count = described(8, "sequences generated together in one batch")
+    max_queue: Count = described(64, "sequences allowed to wait; more are refused with 429")
+    max_body_bytes: Count = described(1_000_000, "largest request body; larger ones get 413")
+    max_prompt_tokens: Count | None = described(None, "longest prompt in tokens (default: the model's context)")
+    max_new_tokens: Count = described(1024, "the most max_tokens a request may ask for")
+    default_max_tokens: Count = described(256, "max_tokens of chat requests that do not say")
+    request_timeout: Positive = described(300.0, "seconds before a request fails with 504 (or an error event)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ The kind is not stored separately; it is read off the structure of the tokenizer
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import re
@@ -32,6 +33,8 @@ import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 KINDS = ("bpe", "byte", "char", "word")
@@ -278,6 +281,15 @@ def train_tokenizer(
     else:
         raise ConfigError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
     return Tokenizer(tk)
+
+
+def tokenizer_for(inputs: list[str], tokenizer: str | os.PathLike | None, kind: str, **train_options) -> Tokenizer:
+    """The tokenizer saved at ``tokenizer``, or (None) one of ``kind`` trained on ``inputs``: what
+    ``lmlab data prepare`` tokenizes with. ``train_options`` go to ``train_tokenizer_from_files``."""
+    if tokenizer is not None:
+        return Tokenizer.load(tokenizer)
+    log.info(f"training a {kind} tokenizer on the (train) inputs (pass --tokenizer to reuse one)")
+    return train_tokenizer_from_files(kind, inputs, **train_options)
 
 
 def train_tokenizer_from_files(

@@ -238,6 +238,29 @@ def finetune_classifier(cfg: ClassifyConfig, load_base: Callable = load_checkpoi
     return result
 
 
+def evaluate_file(ckpt, data: str, text_field: str = "sentence", label_field: str = "label", max_length: int | None = None,
+                  batch_size: int = 64) -> dict:
+    """The classification report (see evaluate_classifier) of a classifier checkpoint on a labelled file;
+    ``max_length`` defaults to the one it was trained with."""
+    examples = read_examples(data, text_field, label_field)
+    report = evaluate_classifier(ckpt.model, ckpt.tokenizer, examples, max_length or max_length_of(ckpt), batch_size)
+    return {"checkpoint": str(ckpt.path), "data": data, **report}
+
+
+def predict_texts(ckpt, texts: list[str], file: str | None = None, text_field: str = "sentence",
+                  max_length: int | None = None) -> list[dict]:
+    """The most likely label and its probability for each text (and each text of ``file``), in order."""
+    texts = list(texts) + ([ex.text for ex in read_examples(file, text_field, None)] if file else [])
+    if not texts:
+        raise DataError("give texts to classify as arguments or with --file")
+    if any(not t.strip() for t in texts):
+        raise DataError("cannot classify an empty text")
+    probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, max_length or max_length_of(ckpt))
+    labels = ckpt.model.head_config.labels
+    best = probs.argmax(-1).tolist()
+    return [{"label": labels[b], "probability": round(float(p[b]), 4), "text": t} for t, p, b in zip(texts, probs, best)]
+
+
 def require_classifier(ckpt):
     """``ckpt`` itself if it holds a classifier, else a ConfigError saying what it is."""
     if not isinstance(ckpt.model, SequenceClassifier):

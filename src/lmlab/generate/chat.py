@@ -8,16 +8,19 @@ a terminal front end over it (``/reset`` clears the history, ``/exit`` or end of
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from typing import Callable, TextIO
 
 import torch.nn as nn
 
-from lmlab.data.chat import chat_prompt
+from lmlab.data.chat import chat_prompt, has_chat_tokens
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
 from lmlab.generate.engine import generate_text
 from lmlab.generate.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class ChatSession:
@@ -52,8 +55,10 @@ class ChatSession:
         return answer
 
 
-def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """Read user lines, stream answers; /reset clears the history, /exit (or end of input) quits."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+
     def write(text: str) -> None:
         stdout.write(text)
         stdout.flush()
@@ -74,4 +79,29 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
             continue
         write("assistant> ")
         session.reply(text, on_text=write)
+        write("\n")
+
+
+def chat(model: nn.Module, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
+         messages: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """``lmlab chat``: answer each of ``messages`` in turn (one conversation), or talk interactively.
+
+    A model without chat tokens (not tuned with ``lmlab finetune sft``) chats in a plain transcript;
+    a note says so.
+    """
+    if not has_chat_tokens(tokenizer):
+        log.info("note: this model has no chat tokens (it was not tuned with lmlab finetune sft); chatting in a plain "
+                 "'User: / Assistant:' transcript")
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    session = ChatSession(model, tokenizer, params, system=system)
+    if not messages:
+        run_repl(session, stdin, stdout)
+        return
+
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    for message in messages:
+        session.reply(message, on_text=write)
         write("\n")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lmlab.interop.hf import PRETRAINED, import_hf
-from lmlab.train.checkpoint import Checkpoint, is_lmlab_checkpoint, load_checkpoint
+from lmlab.interop.hf import PRETRAINED, describe, export_hf, import_hf
+from lmlab.train.checkpoint import Checkpoint, is_lmlab_checkpoint, load_checkpoint, save_checkpoint
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -27,3 +27,18 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Checkp
 def is_hf_source(source: str | Path) -> bool:
     """Whether ``source`` names a pretrained model lmlab knows or a folder with a Hugging Face config.json."""
     return str(source) in PRETRAINED or (Path(source) / "config.json").is_file()
+
+
+def convert(source: str | Path, output: str | Path, to: str | None = None, merge: bool = False) -> str:
+    """Convert an lmlab checkpoint to a Hugging Face folder (``to="hf"``) or the other way round
+    (``to="lmlab"``); by default the direction follows from ``source``. Returns a line saying what was
+    written. ``merge`` folds LoRA adapters into the exported weights."""
+    to = to or ("hf" if is_lmlab_checkpoint(source) else "lmlab")
+    if to == "hf":
+        ckpt = load_model(source)
+        out = export_hf(ckpt.model, ckpt.tokenizer, output, merge=merge)
+        adapter = " + PEFT adapter in adapter/" if (out / "adapter").is_dir() else ""
+        return f"wrote {out}: Hugging Face folder{adapter} ({describe(ckpt.model)})"
+    model, tokenizer = import_hf(source)
+    out = save_checkpoint(output, model, tokenizer, info={"kind": "import", "source": str(source)})
+    return f"wrote {out}: lmlab checkpoint ({describe(model)})"

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import socket
 from importlib import resources
+from pathlib import Path
 
 import torch.nn as nn
 from fastapi import FastAPI
@@ -23,13 +26,16 @@ from fastapi.responses import HTMLResponse
 from pydantic.json_schema import models_json_schema
 
 import lmlab
-from lmlab.config import ServeConfig
+from lmlab.config import ServeConfig, from_dict
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.serve.errors import add_error_handlers, error_response
 from lmlab.serve.routes import ServeState, router
 from lmlab.serve.schemas import ChatCompletionChunk, ErrorResponse, TextCompletionChunk
 
+log = logging.getLogger(__name__)
+API_KEY_VARIABLE = "LMLAB_API_KEY"  # where the API key comes from when --api-key is not given
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STREAM_CHUNKS = {"/v1/completions": TextCompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
 
 
@@ -130,3 +136,25 @@ def check_can_listen(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         raise LmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run_server(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig, log_level: str = "info") -> None:
+    """Serve ``model`` with uvicorn until interrupted (``lmlab serve``); warns when the server is
+    reachable from other machines without an API key."""
+    import uvicorn
+
+    if cfg.host not in LOCAL_HOSTS and not cfg.api_key:
+        log.warning(f"serving on {cfg.host} without an API key: anyone who can reach it can use it "
+                    f"(set --api-key or {API_KEY_VARIABLE})")
+    app = create_app(model, tokenizer, cfg)
+    log.info(f"serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, docs: /docs)")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level)
+
+
+def serve_config(values: dict, source: str) -> ServeConfig:
+    """The validated ServeConfig of ``lmlab serve``: the given values (None = the default), the API key
+    from $LMLAB_API_KEY when none is given, and the model named after ``source``'s folder by default."""
+    values = {k: v for k, v in values.items() if v is not None}
+    values.setdefault("api_key", os.environ.get(API_KEY_VARIABLE) or None)
+    values.setdefault("model_name", Path(source).resolve().name)
+    return from_dict(ServeConfig, values)

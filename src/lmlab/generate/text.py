@@ -1,0 +1,76 @@
+"""Text for a person at a terminal: a prompt from an argument or a file, and its continuation written
+to a stream as it is produced, as several seeded samples, or by beam search (``lmlab generate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch.nn as nn
+
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import DataError, LmlabError
+from lmlab.generate.engine import beam_search, fit_prompt, generate_text, generate_texts
+from lmlab.generate.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text: ``prompt``, or the UTF-8 text of ``prompt_file`` (exactly one of them)."""
+    if (prompt is None) == (prompt_file is None):
+        raise LmlabError("give a prompt with --prompt TEXT or --prompt-file FILE (one of them)")
+    if prompt is not None:
+        return prompt
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise DataError(f"prompt file not found: {path}")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise DataError(f"{path}: a binary file, not a text prompt")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def seeded_samples(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """``count`` copies of ``params``, the i-th seeded with seed + i, so that a batch of samples differs
+    from row to row yet reproduces as a whole (no seed: each row draws its own)."""
+    if count < 1:
+        raise LmlabError(f"--num-samples must be at least 1, got {count}")
+    return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(count)]
+
+
+def write_generation(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
+                     out: TextIO | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+                     num_samples: int = 1, truncate: bool = False, stream: bool = True) -> None:
+    """Write the prompt and its continuation to ``out`` (default: stdout): streamed as produced (one sample), each sample
+    when all are done (``num_samples`` > 1, one batch), or the best beam (``num_beams`` > 1)."""
+    out = out or sys.stdout
+    ids = tokenizer.encode(prompt)
+    fitted = fit_prompt(ids, model.context_length, params.max_new_tokens, truncate)
+    if len(fitted) < len(ids):
+        log.info(f"note: prompt truncated from the left to its last {len(fitted)} of {len(ids)} tokens")
+        prompt = tokenizer.decode(fitted)
+    if num_beams > 1:
+        new = beam_search(model, fitted, num_beams, params.max_new_tokens, [tokenizer.eot_id], length_penalty)
+        out.write(prompt + tokenizer.decode([t for t in new if t != tokenizer.eot_id]) + "\n")
+    elif num_samples > 1:
+        samples = seeded_samples(params, num_samples)
+        for i, done in enumerate(generate_texts(model, tokenizer, [fitted] * num_samples, samples)):
+            out.write(f"--- sample {i + 1} ---\n{prompt}{done.text}\n")
+    elif not stream:
+        out.write(prompt + generate_text(model, tokenizer, fitted, params) + "\n")
+    else:
+        def write(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        write(prompt)
+        generate_text(model, tokenizer, fitted, params, on_text=write)
+        out.write("\n")
+    out.flush()
