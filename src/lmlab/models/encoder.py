@@ -95,7 +95,3 @@ class Encoder(nn.Module):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(h of the first token)), (B, d)."""
         return torch.tanh(self.pooler(hidden[:, 0]))
-
-    def num_params(self) -> int:
-        """Parameter count."""
-        return sum(p.numel() for p in self.parameters())

@@ -70,9 +70,6 @@ class SequenceClassifier(nn.Module):
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return logits, loss
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def head_from_dict(data: dict) -> ClassifierConfig:
     """A ClassifierConfig from a checkpoint manifest's ``head`` entry."""

@@ -219,7 +219,3 @@ class RecurrentLM(nn.Module):
         else:
             new_h = torch.stack(states)
         return x[:, None], new_h
-
-    def num_params(self) -> int:
-        """Parameter count (tied weights once)."""
-        return sum(p.numel() for p in self.parameters())
