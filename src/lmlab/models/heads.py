@@ -36,7 +36,7 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: ClassifierConfig):
         super().__init__()
-        if head.pooling not in POOLINGS:
+        if head.pooling not in POOLINGS:  # model.pooling is checked by the config; a checkpoint's head is not
             raise ValueError(f"pooling {head.pooling!r} is not one of {', '.join(POOLINGS)}")
         if len(head.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
