@@ -40,6 +40,7 @@ from common import RESULTS, SHARED_DATA, markdown_table, write_results  # noqa: 
 from lmlab.config import ModelConfig, TrainConfig  # noqa: E402
 from lmlab.generate.engine import generate_tokens  # noqa: E402
 from lmlab.generate.sampling import SamplingParams  # noqa: E402
+from lmlab.models.interface import count_parameters  # noqa: E402
 from lmlab.models.registry import build_model  # noqa: E402
 from lmlab.train.checkpoint import load_checkpoint  # noqa: E402
 from lmlab.train.optim import build_optimizer  # noqa: E402
@@ -88,7 +89,7 @@ def model_config(family: str, spec: dict, vocab_size: int, width: int | None = N
 def count_params(cfg: ModelConfig) -> int:
     """Parameters of the model ``cfg`` describes (built on the meta device: no memory, no time)."""
     with torch.device("meta"):
-        return build_model(cfg).num_params()
+        return count_parameters(build_model(cfg))[1]
 
 
 def matched_configs(spec: dict, vocab_size: int) -> dict[str, ModelConfig]:

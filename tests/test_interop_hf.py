@@ -14,6 +14,7 @@ from lmlab.generate.engine import generate_tokens  # noqa: E402
 from lmlab.generate.sampling import SamplingParams  # noqa: E402
 from lmlab.interop.hf import Unsupported, export_hf, import_hf  # noqa: E402
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier  # noqa: E402
+from lmlab.models.interface import count_parameters  # noqa: E402
 from lmlab.models.registry import build_model  # noqa: E402
 
 VOCAB = 300
@@ -150,6 +151,21 @@ def test_unsupported_features_are_named(tokenizer, tmp_path):
         import_hf(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"n_head": 3}, "model.d_model 32 is not divisible by model.n_head 3"),
+    ({"resid_pdrop": 1.0}, "model.dropout must be in [0, 1), got 1.0"),
+    ({"n_layer": 0}, "model.n_layer must be >= 1, got 0"),
+])
+def test_an_hf_config_lmlab_cannot_build_is_a_one_line_checkpoint_error(tokenizer, tmp_path, change, message):
+    """config.json goes through the config's checks, which the models rely on."""
+    folder = save_hf(hf_model("gpt2"), tokenizer, tmp_path / "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError) as e:
+        import_hf(folder)
+    assert str(e.value) == f"{folder}/config.json: {message}"
+
+
 def test_convert_cli_round_trip_and_hf_folders_load_everywhere(trained_run, tmp_path, capsys):
     """lmlab convert both ways; generate and eval ppl read a Hugging Face folder directly."""
     from lmlab.cli import main
@@ -186,6 +202,6 @@ def test_pretrained_minilm_matches_transformers():
     with torch.no_grad():
         expected = theirs(x, attention_mask=mask).last_hidden_state
         hidden = ours(x, attention_mask=mask)
-    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    assert count_parameters(ours)[1] == pytest.approx(22.7e6, rel=0.01)
     real = mask.bool()
     assert torch.allclose(hidden[real], expected[real], atol=1e-4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, from_dict
 from lmlab.errors import ConfigError
 from lmlab.models.registry import build_model
 
@@ -70,10 +70,25 @@ def test_context_is_enforced():
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
-def test_bad_architecture_is_a_config_error():
-    with pytest.raises(ConfigError, match="divisible"):
-        build_model(ModelConfig(n_head=3, d_model=32, vocab_size=10))
-    with pytest.raises(ConfigError, match="preset"):
-        build_model(ModelConfig(preset="bert", vocab_size=10))
-    with pytest.raises(ConfigError, match="family"):
-        build_model(ModelConfig(family="mamba", vocab_size=10))
+@pytest.mark.parametrize("fields, message", [
+    ({"n_head": 3, "d_model": 32}, "model.d_model 32 is not divisible by model.n_head 3"),
+    ({"preset": "bert"}, "model.preset 'bert' is not a gpt preset"),
+    ({"family": "mamba"}, "model.family 'mamba' is not one of gpt, rnn, lstm, gru, encoder"),
+    ({"norm": "batchnorm"}, "model.norm 'batchnorm' is not one of layernorm, rmsnorm, null"),
+    ({"mlp": "relu"}, "model.mlp 'relu' is not one of gelu, gelu_exact, swiglu, null"),
+    ({"preset": "llama", "rope_scaling": "ntk"}, "model.rope_scaling 'ntk' is not one of linear, llama3, null"),
+    ({"family": "encoder", "norm": "rmsnorm"}, "model.norm 'rmsnorm' does not fit family encoder"),
+    ({"family": "encoder", "pos_emb": "rope"}, "model.pos_emb 'rope' does not fit family encoder"),
+])
+def test_bad_architecture_is_refused_by_the_config(fields, message):
+    """The models assume a checked config: every config and checkpoint manifest goes through from_dict."""
+    with pytest.raises(ConfigError) as e:
+        from_dict(ModelConfig, {"vocab_size": 10, **fields}, "model.")
+    assert str(e.value).startswith(message)
+
+
+def test_what_the_config_cannot_know_is_still_a_config_error():
+    with pytest.raises(ConfigError, match="vocab_size must be set"):
+        build_model(ModelConfig())  # None (taken from the tokenizer) is a valid config value
+    with pytest.raises(ConfigError, match="pooling"):
+        build_model(ModelConfig(vocab_size=10), head={"labels": ["a", "b"], "pooling": "max"})  # a checkpoint's head

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, from_dict
 from lmlab.errors import ConfigError
 from lmlab.eval.perplexity import sliding_window_nll
 from lmlab.generate.engine import generate_tokens
@@ -172,8 +172,8 @@ def test_stateful_perplexity_equals_one_pass():
 def test_tying_and_its_constraint():
     model = make("lstm", tie_embeddings=True)
     assert model.head.weight is model.embed.weight
-    with pytest.raises(ConfigError, match="tie_embeddings"):
-        make("lstm", tie_embeddings=True, d_ff=32)
+    with pytest.raises(ConfigError, match="^model.tie_embeddings needs model.d_ff .32. equal to model.d_model .24."):
+        from_dict(ModelConfig, {"family": "lstm", "d_model": 24, "d_ff": 32, "tie_embeddings": True}, "model.")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

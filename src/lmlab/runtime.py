@@ -15,11 +15,12 @@ import torch.nn as nn
 
 from lmlab.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch.device.
+
+    Checked here as well as in the config (train.device): the commands' ``--device`` comes straight here.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,13 +37,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` means bf16 on GPUs that support it and fp32 elsewhere."""
+    """The precision to compute in: ``auto`` means bf16 on GPUs that support it and fp32 elsewhere.
+
+    ``precision`` is one of train.precision's choices (the config checks that); whether fp16 fits the
+    device can only be told here, once the device is known.
+    """
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp32"
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
     return precision

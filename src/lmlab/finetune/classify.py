@@ -81,15 +81,15 @@ def rdrop_loss(model: SequenceClassifier, x: torch.Tensor, mask: torch.Tensor, y
 
 
 def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None, dropout: float) -> SequenceClassifier:
-    """A SequenceClassifier on ``backbone``; default pooling: [CLS] for encoders, last token otherwise."""
+    """A SequenceClassifier on ``backbone``; default pooling: [CLS] for encoders, last token otherwise.
+
+    ``pooling`` is model.pooling, which the config checks; ``labels`` come from ``sorted_labels`` (two or more).
+    """
     if isinstance(backbone, SequenceClassifier):  # start a new head on a classifier's backbone
         backbone = backbone.backbone
     if pooling is None:
         pooling = "cls" if backbone.config.family == "encoder" else "last"
-    try:
-        return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))
-    except ValueError as e:
-        raise ConfigError(f"model.pooling: {e}") from None
+    return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))
 
 
 @torch.no_grad()
@@ -219,8 +219,6 @@ def finetune_classifier(cfg: ClassifyConfig, load_base: Callable = load_checkpoi
         raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
-    if cfg.model.rdrop < 0:
-        raise ConfigError(f"model.rdrop must be 0 (off) or a positive weight, e.g. 1.0; got {cfg.model.rdrop}")
     device, precision = prepare_run(cfg.train, resume)
     task = ClassificationTask(cfg, load_base(cfg.model.path), device)
     trainable, total = count_parameters(task.model)

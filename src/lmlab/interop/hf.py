@@ -14,6 +14,7 @@ naming it, never silently approximated.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -23,12 +24,13 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, from_dict
 from lmlab.runs import atomic_dir
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import CheckpointError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.models.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
+from lmlab.models.interface import count_parameters
 from lmlab.models.registry import build_model
 
 # pretrained models that install from PyPI and work offline: name -> (module, function giving the folder)
@@ -180,6 +182,15 @@ def _bert_config(c: dict) -> ModelConfig:
                        type_vocab_size=c.get("type_vocab_size", 2))
 
 
+def _checked(cfg: ModelConfig, folder: Path) -> ModelConfig:
+    """``cfg`` through the config's checks (the models assume them): a config.json whose values lmlab
+    cannot build (a width not divisible by the heads, a dropout of 1...) is a one-line CheckpointError."""
+    try:
+        return from_dict(ModelConfig, dataclasses.asdict(cfg), "model.")
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # import
 
@@ -258,7 +269,7 @@ def import_hf(source: str | os.PathLike) -> tuple[nn.Module, Tokenizer]:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}/config.json is missing or unreadable ({type(e).__name__})") from None
     arch = _architecture(c)
-    cfg = {"gpt2": _gpt2_config, "llama": _llama_config}.get(arch, _bert_config)(c)
+    cfg = _checked({"gpt2": _gpt2_config, "llama": _llama_config}.get(arch, _bert_config)(c), folder)
     weights = _normalise_names(read_weights(folder), arch)
     if arch == "bert-classifier" or any(k.startswith("bert.") for k in weights):
         prefix = "bert."
@@ -455,7 +466,7 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
 def describe(model: nn.Module) -> str:
     """One line: family, size, and (for classifiers) the labels."""
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters())
+    _, n = count_parameters(model)
     text = f"{cfg.family}/{cfg.preset}: {cfg.n_layer} layers x {cfg.d_model}, {n / 1e6:.1f}M parameters"
     if isinstance(model, SequenceClassifier):
         text += f", classifier over {model.head_config.labels}"

@@ -10,7 +10,6 @@ Attention is the same module the decoders use, with ``causal=False`` and a key m
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -24,11 +23,12 @@ PRESETS = {
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields left as None from the preset (bert), so a saved config is explicit."""
-    cfg = fill_from_preset(cfg, PRESETS, default="bert")
-    if cfg.norm != "layernorm" or cfg.pos_emb != "learned":
-        raise ValueError("the encoder supports norm=layernorm and pos_emb=learned (BERT)")
-    return cfg
+    """Fill the fields left as None from the preset (bert), so a saved config is explicit.
+
+    The encoder has LayerNorm and learned positions whatever ``norm`` and ``pos_emb`` say; the config
+    refuses any other value for family encoder.
+    """
+    return fill_from_preset(cfg, PRESETS, default="bert")
 
 
 class EncoderLayer(nn.Module):
@@ -95,7 +95,3 @@ class Encoder(nn.Module):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(h of the first token)), (B, d)."""
         return torch.tanh(self.pooler(hidden[:, 0]))
-
-    def num_params(self) -> int:
-        """Parameter count."""
-        return sum(p.numel() for p in self.parameters())

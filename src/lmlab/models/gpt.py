@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
-from lmlab.models.interface import IGNORE_INDEX
+from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.layers import (MLP, Attention, KVCache, fill_from_preset, grow_embedding, grow_linear_rows, make_norm,
                                  rope_tables)
 
@@ -165,14 +165,15 @@ class GPT(nn.Module):
             self.lm_head = grow_linear_rows(self.lm_head, vocab_size)
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without position embeddings (as in the scaling-law papers)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.pos_emb is not None:
-            n -= self.pos_emb.weight.numel()
-        return n
-
     def flops_per_token(self) -> float:
-        """Approximate training FLOPs per token (6N + attention), for the MFU estimate."""
+        """Approximate training FLOPs per token, for the MFU estimate: 6N for the weights (forward and
+        backward) plus 12 * n_layer * d_model * block_size for attention (PaLM, appendix B; nanoGPT).
+
+        N is ``count_parameters`` less the learned position table, a lookup that does no multiply-adds
+        (the token embedding stays in, as in nanoGPT: tied, it is also the output layer).
+        """
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+        _, n = count_parameters(self)
+        if self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.block_size

@@ -36,7 +36,7 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: ClassifierConfig):
         super().__init__()
-        if head.pooling not in POOLINGS:
+        if head.pooling not in POOLINGS:  # model.pooling is checked by the config; a checkpoint's head is not
             raise ValueError(f"pooling {head.pooling!r} is not one of {', '.join(POOLINGS)}")
         if len(head.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
@@ -69,9 +69,6 @@ class SequenceClassifier(nn.Module):
         logits = self.classifier(self.drop(self.pooled(hidden, attention_mask)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return logits, loss
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def head_from_dict(data: dict) -> ClassifierConfig:

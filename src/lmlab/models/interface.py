@@ -1,9 +1,10 @@
 """The written interface of lmlab's models: what the trainer, the generation engine and the task heads
 may count on, whatever the family.
 
-Every backbone (GPT, RecurrentLM, Encoder) has ``config``, ``context_length``, ``hidden_size`` and
-``features``; decoders (GPT, RecurrentLM) also decode incrementally with ``make_cache`` and
-``forward(idx, cache=...)``. ``context_length`` is the number of tokens a model can attend to at once,
+Every model, task heads included (``SequenceClassifier``), has ``config`` and ``context_length``
+(``Model``); every backbone (GPT, RecurrentLM, Encoder) also has ``hidden_size`` and ``features``
+(``Backbone``); decoders (GPT, RecurrentLM) also decode incrementally with ``make_cache`` and
+``forward(idx, cache=...)`` (``LanguageModel``). tests/test_models_interface.py checks every family. ``context_length`` is the number of tokens a model can attend to at once,
 or ``None`` when it has no limit (a recurrent model carries a state instead); ``config.block_size`` is
 the training window, which for Transformers is the same number.
 """
@@ -27,11 +28,17 @@ class Cache(Protocol):
 
 
 @runtime_checkable
-class Backbone(Protocol):
+class Model(Protocol):
+    """What every lmlab model has, a task head too: what checkpoints, evaluation and serving read."""
+
+    config: ModelConfig  # a head's is its backbone's
+    context_length: int | None
+
+
+@runtime_checkable
+class Backbone(Model, Protocol):
     """A network that turns token ids into hidden states (every family)."""
 
-    config: ModelConfig
-    context_length: int | None
     hidden_size: int
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

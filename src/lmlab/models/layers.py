@@ -30,12 +30,10 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
-    """The normalisation layer a preset asks for: ``layernorm`` or ``rmsnorm``."""
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    """The normalisation layer a preset asks for: ``rmsnorm``, else ``layernorm`` (model.norm's choices)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm {kind!r}")
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None = None, factor: float = 1.0,
@@ -46,7 +44,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None =
     ``scaling`` stretches the rotations for contexts longer than pretraining: ``linear`` divides
     every frequency by ``factor`` (position interpolation); ``llama3`` divides only the low
     frequencies (wavelengths longer than original_context / low_freq_factor), keeps the high ones
-    (shorter than original_context / high_freq_factor), and blends smoothly in between.
+    (shorter than original_context / high_freq_factor), and blends smoothly in between. ``None``
+    leaves them as they are (model.rope_scaling's choices are checked when the config loads).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if scaling == "linear":
@@ -56,8 +55,6 @@ def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None =
         blend = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         blend = blend.clamp(0.0, 1.0)  # 0 for long wavelengths (fully divided), 1 for short (kept)
         inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
-    elif scaling is not None:
-        raise ValueError(f"unknown rope_scaling {scaling!r}; choose linear or llama3")
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -122,14 +119,13 @@ class KVCache:
 class Attention(nn.Module):
     """Self-attention: multi-head, or grouped-query when n_kv_head < n_head; causal (decoders) or not (encoders).
 
-    ``key_mask`` (B, S) marks the keys that may be attended to (False for padding).
+    ``key_mask`` (B, S) marks the keys that may be attended to (False for padding). ``n_head`` divides
+    ``d_model`` and ``n_kv_head`` divides ``n_head``: the config's rules (model.d_model, model.n_kv_head).
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, bias: bool, dropout: float, causal: bool = True):
         super().__init__()
         self.causal = causal
-        assert d_model % n_head == 0, "d_model must be divisible by n_head"
-        assert n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
@@ -185,13 +181,9 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool):
         super().__init__()
-        self.kind = kind
-        if kind in ("gelu", "gelu_exact"):
-            self.up = nn.Linear(d_model, d_ff, bias=bias)
-        elif kind == "swiglu":
-            self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # gate and up projections, fused
-        else:
-            raise ValueError(f"unknown mlp {kind!r}")
+        self.kind = kind  # gelu | gelu_exact | swiglu (model.mlp's choices)
+        # swiglu: gate and up projections, fused
+        self.up = nn.Linear(d_model, 2 * d_ff if kind == "swiglu" else d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,10 +197,11 @@ class MLP(nn.Module):
 
 def fill_from_preset(cfg, presets: dict[str, dict], default: str):
     """``cfg`` (a ModelConfig) with its preset named (``default`` if None) and the fields it left as None
-    filled from that preset, n_kv_head (= n_head) and d_ff (the MLP's customary width): explicit and complete."""
+    filled from that preset, n_kv_head (= n_head) and d_ff (the MLP's customary width): explicit and complete.
+
+    The preset is one of the family's (the config checks that: model.preset).
+    """
     cfg = dataclasses.replace(cfg, preset=cfg.preset or default)
-    if cfg.preset not in presets:
-        raise ValueError(f"unknown {cfg.family} preset {cfg.preset!r}; choose one of {', '.join(presets)}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) is None})
     if cfg.n_kv_head is None:
         cfg = dataclasses.replace(cfg, n_kv_head=cfg.n_head)

@@ -85,7 +85,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig, keep_trainable: tuple[str, ..
     Parameters under a module named in ``keep_trainable`` (e.g. a classifier head) stay trainable.
     Returns the names of the wrapped modules; no match is a ConfigError listing what exists.
     """
-    if cfg.r <= 0:
+    if cfg.r <= 0:  # lora.r = 0 is a valid config (no adapters, and callers skip this); a guard for direct calls
         raise ConfigError("lora.r must be a positive rank")
     patterns = [p.strip() for p in cfg.targets.split(",") if p.strip()]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoraLinear)]

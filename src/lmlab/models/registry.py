@@ -21,13 +21,13 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
-    """Instantiate the model family named by ``cfg.family`` (errors name the bad field).
+    """Instantiate the model family named by ``cfg.family``.
 
     With ``head`` (a checkpoint's ``head`` entry: labels, pooling), the model is that family's
-    backbone under a ``SequenceClassifier``.
+    backbone under a ``SequenceClassifier``. ``cfg`` is a checked config (``from_dict`` or
+    ``load_config``: a known family, shapes that fit); what the constructors still refuse, such as a
+    missing vocab_size or a head's unknown pooling, becomes a one-line ConfigError.
     """
-    if cfg.family not in MODELS:
-        raise ConfigError(f"model.family {cfg.family!r} is unknown; choose one of {', '.join(MODELS)}")
     try:
         model = MODELS[cfg.family](cfg)
         return SequenceClassifier(model, head_from_dict(head)) if head else model

@@ -70,9 +70,10 @@ class RecurrentState:
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields a recurrent model leaves open: no tying and init range 0.1 unless asked."""
-    if cfg.family not in CELLS:
-        raise ValueError(f"unknown recurrent family {cfg.family!r}")
+    """Fill the fields a recurrent model leaves open: no tying, hidden size d_model and init range 0.1 unless asked.
+
+    Tying needs d_ff = d_model; the config refuses a tied model with another d_ff (model.tie_embeddings).
+    """
     filled = {}
     if cfg.tie_embeddings is None:
         filled["tie_embeddings"] = False
@@ -80,10 +81,7 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
         filled["d_ff"] = cfg.d_model  # the hidden size of the recurrent layers
     if cfg.init_range is None:
         filled["init_range"] = 0.1
-    cfg = dataclasses.replace(cfg, **filled)
-    if cfg.tie_embeddings and cfg.d_ff != cfg.d_model:
-        raise ValueError("tie_embeddings needs the hidden size (d_ff) equal to the embedding size (d_model)")
-    return cfg
+    return dataclasses.replace(cfg, **filled)
 
 
 class RecurrentLM(nn.Module):
@@ -221,7 +219,3 @@ class RecurrentLM(nn.Module):
         else:
             new_h = torch.stack(states)
         return x[:, None], new_h
-
-    def num_params(self) -> int:
-        """Parameter count (tied weights once)."""
-        return sum(p.numel() for p in self.parameters())

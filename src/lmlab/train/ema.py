@@ -21,15 +21,8 @@ import torch.nn as nn
 from lmlab.errors import ConfigError
 
 
-def check_ema_decay(decay: float) -> None:
-    """Refuse a ``train.ema_decay`` that is not 0 (off) or strictly between 0 and 1."""
-    if not 0.0 <= decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be 0 (off) or between 0 and 1, e.g. 0.999; got {decay}")
-
-
 def weight_average(model: nn.Module, decay: float) -> "WeightAverage | None":
-    """A WeightAverage of ``model`` when ``decay`` > 0 (train.ema_decay), else None."""
-    check_ema_decay(decay)
+    """A WeightAverage of ``model`` when ``decay`` > 0 (train.ema_decay, in [0, 1) once loaded), else None."""
     return WeightAverage(model, decay) if decay > 0 else None
 
 
@@ -42,6 +35,7 @@ class WeightAverage:
     """A shadow copy of ``model``'s trainable parameters, moved towards them after every step."""
 
     def __init__(self, model: nn.Module, decay: float):
+        # a guard for direct use: train.ema_decay itself is checked when the config loads
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay must be between 0 and 1 (exclusive), got {decay}")
         self.decay = decay

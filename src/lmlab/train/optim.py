@@ -8,19 +8,34 @@ import torch
 import torch.nn as nn
 
 from lmlab.config import TrainConfig
-from lmlab.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
                     lr_by_prefix: dict[str, float] | None = None) -> torch.optim.Optimizer:
-    """AdamW (or SGD) with two groups: weight matrices and embeddings decay; biases and norm gains do not.
+    """AdamW (or SGD) over ``param_groups``: weight matrices and embeddings decay; biases and norm gains do not.
 
     ``lr_by_prefix`` gives parameters whose names start with a prefix their own learning rate (e.g.
     a new classifier head that must learn faster than the pretrained body); the schedule scales
     every group alike. Uses the fused kernel where this torch has one for the device (CPU and CUDA
     in torch >= 2.4). SGD is there to reproduce classic recipes (Zaremba et al.'s recurrent LMs).
     """
-    lr_by_prefix = lr_by_prefix or {}
+    groups = param_groups(model, cfg, lr_by_prefix or {})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    # adamw, the only other choice (train.optimizer is checked when the config loads)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device_type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # torch without a fused kernel for this device
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, lr_by_prefix: dict[str, float]) -> list[dict]:
+    """The trainable parameters in groups of equal (weight decay, learning rate): decay for weight
+    matrices and embeddings, none for biases and norm gains (as in GPT-2 and nanoGPT); the lr of
+    the first prefix in ``lr_by_prefix`` that a parameter's name starts with, else cfg.lr."""
 
     def lr_of(name: str) -> float:
         return next((lr for prefix, lr in lr_by_prefix.items() if name.startswith(prefix)), cfg.lr)
@@ -29,19 +44,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
     for name, p in model.named_parameters():
         if p.requires_grad:
             by_kind.setdefault((p.dim() >= 2, lr_of(name)), []).append(p)
-    groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": lr}
-              for (decays, lr), params in by_kind.items()]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer != "adamw":
-        raise ConfigError(f"train.optimizer {cfg.optimizer!r} is not one of adamw, sgd")
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if device_type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # torch without a fused kernel for this device
-            pass
-    return torch.optim.AdamW(groups, **kwargs)
+    return [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": lr}
+            for (decays, lr), params in by_kind.items()]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
