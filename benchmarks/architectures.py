@@ -44,6 +44,8 @@ from lmlab.models.interface import count_parameters  # noqa: E402
 from lmlab.models.registry import build_model  # noqa: E402
 from lmlab.train.checkpoint import load_checkpoint  # noqa: E402
 from lmlab.train.optim import build_optimizer  # noqa: E402
+from lmlab.runs import RunFolder  # noqa: E402
+from lmlab.train.logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["lstm", "gru", "rnn", "gpt"]
@@ -161,8 +163,9 @@ def generation_tokens_per_s(run: Path, prompt: str, context: int) -> float:
         return produced / (time.perf_counter() - t0)
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+def run_metrics(run: Path) -> list[dict]:
+    """The metrics.jsonl records of a run folder."""
+    return read_metrics(RunFolder(run).metrics)
 
 
 def train_family(family: str, cfg: ModelConfig, spec: dict, minutes: float, data: Path, out: Path) -> dict:
@@ -176,7 +179,7 @@ def train_family(family: str, cfg: ModelConfig, spec: dict, minutes: float, data
     t0 = time.time()
     lmlab("train", str(config))
     wall = time.time() - t0
-    records = read_metrics(run)
+    records = run_metrics(run)
     stride = {"--stride": str(spec["block_size"] // 2)} if family == "gpt" else {}
     report = json.loads(lmlab("eval", "ppl", str(run), "--data", str(data), "--split", spec["eval_split"],
                               *[a for kv in stride.items() for a in kv], capture=True))
@@ -267,8 +270,8 @@ def main() -> None:
     title = f"{spec['title'].split(',')[0]}: {args.minutes:g} min per family"
     png = RESULTS / f"architectures_{args.dataset}.png"
     if args.plot_only:
-        curves = {f: [(r["elapsed_s"], r["val_loss"]) for r in read_metrics(out / f) if "val_loss" in r]
-                  for f in args.families.split(",") if (out / f / "metrics.jsonl").is_file()}
+        curves = {f: [(r["elapsed_s"], r["val_loss"]) for r in run_metrics(out / f) if "val_loss" in r]
+                  for f in args.families.split(",") if RunFolder(out / f).metrics.is_file()}
         plot_curves(curves, title, f"val loss ({unit})", png)
         return
     data = out / "data"

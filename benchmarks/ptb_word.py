@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, write_results  # noqa: E402
+from lmlab.runs import RunFolder  # noqa: E402
+from lmlab.train.logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # name: (config, published test perplexity of Zaremba et al. 2014, our target)
@@ -58,7 +60,7 @@ def main() -> None:
         if not args.eval_only:
             shutil.rmtree(run, ignore_errors=True)
             lmlab("train", config, f"data.path={data}", f"train.out_dir={run}", "train.progress=false", *args.overrides)
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        records = read_metrics(RunFolder(run).metrics)
         minutes = max(r.get("elapsed_s", 0) for r in records) / 60
         curves[name] = [(r["elapsed_s"], r["val_ppl"]) for r in records if "val_ppl" in r]
         results = {split: json.loads(lmlab("eval", "ppl", str(run), "--data", str(data), "--split", split,

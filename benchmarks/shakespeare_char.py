@@ -12,7 +12,6 @@ the first command. Prints the curve of val loss against wall time and writes res
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED_DATA, write_results  # noqa: E402
+from lmlab.runs import RunFolder  # noqa: E402
+from lmlab.train.logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # name: (config file, target val loss, time budget in seconds or None)
@@ -46,7 +47,7 @@ def run_recipe(name: str, text: Path, out: Path) -> dict:
           "-o", str(run_dir / "data"))
     lmlab("train", config, f"data.path={run_dir / 'data'}", f"train.out_dir={run_dir / 'run'}", "train.progress=false")
     wall = time.time() - t0
-    records = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(RunFolder(run_dir / "run").metrics)
     curve = [(r["time"] - t0, r["val_loss"]) for r in records if "val_loss" in r]
     steps = max(r["step"] for r in records)
     final = curve[-1][1]

@@ -24,6 +24,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED_DATA, markdown_table, write_results  # noqa: E402
+from lmlab.runs import RunFolder  # noqa: E402
+from lmlab.train.logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"full": "configs/sst2_minilm.yaml", "lora": "configs/sst2_minilm_lora.yaml"}
@@ -39,7 +41,7 @@ def finetune(name: str, data: Path, run: Path, overrides: list[str]) -> tuple[di
     subprocess.run([sys.executable, "-m", "lmlab.cli", "finetune", "classify", CONFIGS[name],
                     f"train.out_dir={run}", f"data.train={data / 'train.tsv'}", f"data.val={data / 'dev.tsv'}",
                     "train.progress=false", *overrides], check=True, cwd=ROOT)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(RunFolder(run).metrics)
     results = run / "results.json"
     return (json.loads(results.read_text()) if results.is_file() else {}), records
 
@@ -47,7 +49,7 @@ def finetune(name: str, data: Path, run: Path, overrides: list[str]) -> tuple[di
 def recipe_row(name: str, data: Path, out: Path, extra: list[str]) -> dict:
     """The recipe of one method, to the end; its table row."""
     results, records = finetune(name, data, out / name, extra)
-    config = yaml.safe_load((out / name / "config.yaml").read_text())  # the resolved recipe
+    config = yaml.safe_load(RunFolder(out / name).config.read_text())  # the resolved recipe
     speed = [r["examples_per_s"] for r in records if "examples_per_s" in r][1:]
     return {"method": name, "batch": config["train"]["batch_size"], "epochs": config["train"]["epochs"],
             "dev_accuracy_%": round(100 * results["accuracy"], 2),
