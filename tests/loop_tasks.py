@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.train.loop import Batch, Trainer, prepare_run
+from lmlab.train.loop import Batch, TaskBase, Trainer, prepare_run
 
 
 @dataclass
@@ -23,7 +23,7 @@ def regression_config(out_dir, **train) -> RegressionConfig:
     return RegressionConfig(TrainConfig(**{**defaults, **train}))
 
 
-class RegressionTask:
+class RegressionTask(TaskBase):
     """Fit y = x @ w + noise; the examples of step s are rows [s*B*A, (s+1)*B*A) of the data, cyclically."""
 
     kind = "test"
@@ -53,21 +53,6 @@ class RegressionTask:
     def evaluate(self, model, device, precision):
         self.seen.append(model.weight.detach().clone())
         return {"val_loss": float(nn.functional.mse_loss(model(self.x), self.y))}
-
-    def learning_rates(self):
-        return {}
-
-    def after_step(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def checkpoint_info(self):
-        return {}
 
 
 def run_task(task, cfg, resume: bool = False, stop_after: int | None = None):

@@ -33,7 +33,7 @@ from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.train.checkpoint import load_checkpoint
-from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
+from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 from lmlab.runtime import autocast_context, seed_everything
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
         raise ConfigError(f"data.max_length {max_length} exceeds the model's context of {context} tokens")
 
 
-class ClassificationTask:
+class ClassificationTask(TaskBase):
     """Sequence classification as a task of the one training loop (train/loop.py).
 
     The examples of step s: the epoch's examples in a seeded random order, grouped into batches of
@@ -194,15 +194,6 @@ class ClassificationTask:
 
     def learning_rates(self) -> dict[str, float]:
         return learning_rates(self.model, self.cfg)
-
-    def after_step(self) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def checkpoint_info(self) -> dict:
         return {"base": str(self.cfg.model.path), "max_length": self.dc.max_length}

@@ -24,7 +24,7 @@ from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.runtime import seed_everything
 from lmlab.train.checkpoint import load_checkpoint
-from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
+from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def sft_loss(model: nn.Module, rows, batch_size: int, pad_id: int, device) -> fl
     return total / max(count, 1)
 
 
-class SftTask:
+class SftTask(TaskBase):
     """Instruction tuning as a task of the one training loop (train/loop.py): the rows of step s are
     the epoch's rows in a seeded random order, batch_size * grad_accum of them, cut into grad_accum
     micro-batches; the loss is the mean over the assistant's tokens of the step."""
@@ -127,18 +127,6 @@ class SftTask:
         loss = sft_loss(model, self.val_rows, self.tc.eval_batch_size or self.tc.batch_size, self.tokenizer.pad_id,
                         device)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-
-    def learning_rates(self) -> dict[str, float]:
-        return {}
-
-    def after_step(self) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def checkpoint_info(self) -> dict:
         return {"chat_template": "lmlab", "base": str(self.cfg.model.path)}

@@ -23,7 +23,7 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.registry import build_model
 from lmlab.progress import progress_bar
-from lmlab.train.loop import Batch, RunResult, Trainer, prepare_run
+from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
 
@@ -52,7 +52,7 @@ def stateful_nll(model: nn.Module, ids: np.ndarray | list[int], chunk: int = 102
     return total, len(ids) - 1
 
 
-class LanguageModelTask:
+class LanguageModelTask(TaskBase):
     """Next-token prediction on the token shards of ``cfg.data`` (see the module docstring)."""
 
     kind = "pretrain"
@@ -124,18 +124,12 @@ class LanguageModelTask:
             loss = float(np.mean(losses))
         return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50)))}
 
-    def learning_rates(self) -> dict[str, float]:
-        return {}
-
     def state_dict(self) -> dict:
         return {"carry": self.carry.state_dict()} if self.carry is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.carry is not None:
             self.carry.load_state_dict(state["carry"])
-
-    def checkpoint_info(self) -> dict:
-        return {}
 
 
 def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, object]:

@@ -63,7 +63,8 @@ class Batch:
 
 
 class Task(Protocol):
-    """What a task gives the loop. ``kind`` names it in checkpoints ("pretrain", "classify", "sft")."""
+    """What a task gives the loop. ``kind`` names it in checkpoints ("pretrain", "classify", "sft").
+    ``TaskBase`` gives the optional methods (learning_rates ... checkpoint_info) their usual defaults."""
 
     kind: str
     model: nn.Module
@@ -95,6 +96,26 @@ class Task(Protocol):
 
     def checkpoint_info(self) -> dict:
         """Extra manifest entries of this task's checkpoints (e.g. the base model, max_length)."""
+
+
+class TaskBase:
+    """What most tasks do for the optional parts of ``Task``: one learning rate, nothing after a step,
+    no state of their own, nothing extra in the manifest. A task overrides what it needs."""
+
+    def learning_rates(self) -> dict[str, float]:
+        return {}
+
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def checkpoint_info(self) -> dict:
+        return {}
 
 
 def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
