@@ -223,6 +223,15 @@ def test_scheduler_bounds_its_queue_and_batches_waiting_requests(ckpt):
         loop.close()
 
 
+def test_an_event_for_a_closed_loop_cancels_the_sequence():
+    """The worker thread outliving the server's event loop (shutdown) must not die on its next event."""
+    loop = asyncio.new_event_loop()
+    seq = Sequence([1], SamplingParams(), 0, asyncio.Queue(), loop)
+    loop.close()
+    seq.send("text", 0, "x")
+    assert seq.cancelled
+
+
 def test_openai_client_against_lmlab_serve(trained_run, ckpt):
     """The official openai package, pointed at `lmlab serve` in a subprocess, with an API key."""
     openai = pytest.importorskip("openai")

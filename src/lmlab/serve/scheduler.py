@@ -43,8 +43,12 @@ class Sequence:
     cancelled: bool = False  # set by the server when the client goes away or the request times out
 
     def send(self, *event) -> None:
-        """Hand an event to the request's event loop (called from the worker thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Hand an event to the request's event loop (called from the worker thread). A loop that has
+        closed (the server shutting down) has nobody left to listen: the sequence is cancelled."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # "Event loop is closed"
+            self.cancelled = True
 
 
 class Scheduler:
