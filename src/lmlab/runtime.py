@@ -11,7 +11,6 @@ import random
 import sys
 
 import torch
-import torch.nn as nn
 
 from lmlab.errors import ConfigError
 
@@ -63,11 +62,6 @@ def set_threads(threads: int | None) -> None:
     """torch.set_num_threads on CPU when ``threads`` is given (None keeps torch's default)."""
     if threads:
         torch.set_num_threads(threads)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device a model's parameters live on."""
-    return next(model.parameters()).device
 
 
 def peak_memory_mib(device: torch.device) -> float:
