@@ -77,7 +77,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
         with atomic_dir(path) as tmp:
             _write_files(tmp, model, tokenizer, train_state, info)
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
-        code = os_errno(e)
+        code = _os_errno(e)
         if code is None:  # not a failed write: a bug, keep its traceback
             raise
         raise CheckpointError(_write_failure(path, code)) from None
@@ -108,7 +108,7 @@ def _write_files(tmp: Path, model: nn.Module, tokenizer: Tokenizer, train_state:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def os_errno(e: BaseException) -> int | None:
+def _os_errno(e: BaseException) -> int | None:
     """The operating-system error number behind a failed write, or None when ``e`` is no I/O failure.
 
     An OSError carries it; torch.save raises a RuntimeError whose context is the OSError; safetensors

@@ -343,14 +343,15 @@ class Trainer:
         load_tokenizer(ckpt, saved.vocab_size)  # not used here (the task has its own), but must be sound
         state = load_train_state(ckpt)
         try:
-            self._load_state(state)
+            self._load_state(state, ckpt)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             first_line = (str(e).strip().splitlines() or [""])[0][:120]
             raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: {first_line})") from None
         log.info("resuming %s from step %d", self.run_folder.root, self.step)
 
-    def _load_state(self, state: dict) -> None:
-        """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``."""
+    def _load_state(self, state: dict, ckpt: Path) -> None:
+        """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``
+        (the training state of checkpoint ``ckpt``)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -358,7 +359,7 @@ class Trainer:
         self.task.load_state_dict(state.get("task", {}))
         if self.ema is not None:
             if "ema" not in state:
-                raise ConfigError(f"--resume: {self.run_folder.checkpoints()[-1]} was trained without train.ema_decay")
+                raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
             self.ema.load_raw_state(state["ema"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
 
