@@ -273,3 +273,16 @@ def test_a_really_full_disk(setup, small_disk, capsys):
     assert temporaries(run_dir) == []
     filler.unlink()
     assert_recovered(setup, run_dir, capsys)
+
+
+def test_torn_metrics_line_and_a_run_killed_before_its_first_checkpoint(setup, tmp_path, capsys):
+    """What a kill can leave in metrics.jsonl: a last line cut short (dropped on --resume), and the
+    records of a run killed before its first checkpoint (dropped when it starts afresh)."""
+    config = setup[0]
+    run_dir = tmp_path / "run"
+    assert main(train_argv(config, run_dir, "--stop-after", "6")) == 0
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train_loss": 5.1}\n{"step": 8, "train_lo')
+    assert_recovered(setup, run_dir, capsys)
+    shutil.rmtree(run_dir / "checkpoints")
+    assert_recovered(setup, run_dir, capsys)  # no checkpoint: a fresh run over the old records

@@ -2,7 +2,9 @@
 tool), and checkpoints missing files: every one is a one-line ``error:`` from ``lmlab generate`` and
 ``lmlab train --resume``, naming the file and the problem, exit status 1, no traceback."""
 
+import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -11,8 +13,9 @@ import torch
 
 from lmlab.cli import main
 from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import CheckpointError
 from lmlab.runs import list_checkpoints
-from lmlab.train.checkpoint import read_manifest, sha256_file
+from lmlab.train.checkpoint import load_checkpoint, read_manifest, save_checkpoint, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +192,22 @@ def test_a_wrong_checkpoint_is_a_one_line_error(case, cli_run, tmp_path, capsys)
     code, err = run(["train", config, f"train.out_dir={copy}", "train.max_steps=6", "--resume"], capsys)
     assert_one_line_error(code, err, resume_says or generate_says)
     assert list_checkpoints(copy) == [ckpt]  # nothing was trained or written
+
+
+def test_a_failed_write_is_a_checkpoint_error_and_leaves_nothing(cli_run, tmp_path, monkeypatch):
+    """No permission: a one-line CheckpointError, no partial folder. A failure that is no I/O error
+    (a bug) keeps its own exception."""
+    ckpt = load_checkpoint(cli_run[1])
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(Tokenizer, "save", denied)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*out \(Permission denied\)"):
+        save_checkpoint(tmp_path / "out", ckpt.model, ckpt.tokenizer)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(Tokenizer, "save", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        save_checkpoint(tmp_path / "out", ckpt.model, ckpt.tokenizer)
+    assert list(tmp_path.iterdir()) == []
