@@ -38,16 +38,25 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, record["step"])
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run rewrites what came after its checkpoint)."""
+        """Drop records past ``step`` (a resumed run rewrites what came after its checkpoint), and a last
+        line cut short by a killed process."""
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if (record_step := _step_of(line)) is not None and record_step <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank line or one that is not a whole JSON record."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

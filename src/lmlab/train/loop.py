@@ -32,12 +32,13 @@ import torch.nn as nn
 
 from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder
 from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
                            seed_everything, set_rng_state, set_threads)
-from lmlab.train.checkpoint import load_train_state, load_weights, read_manifest, save_checkpoint
+from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
+                                   read_manifest, save_checkpoint)
 from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
@@ -240,6 +241,7 @@ class Trainer:
         tc = self.tc
         self.run_folder.root.mkdir(parents=True, exist_ok=True)
         self.run_folder.remove_stale_temporaries()
+        self.logger.truncate_after(self.step)  # what a killed process logged past its last checkpoint
         save_config(self.cfg, self.run_folder.config)
         self.started = time.perf_counter()
         self.model.train()
@@ -333,11 +335,23 @@ class Trainer:
 
     def _restore(self) -> None:
         ckpt = self.run_folder.checkpoints()[-1]
-        manifest = read_manifest(ckpt)
-        if manifest["model_config"] != dataclasses.asdict(self.model.config):
-            raise ConfigError(f"--resume: the model config differs from the one in {ckpt}")
+        saved = manifest_model_config(ckpt, read_manifest(ckpt))
+        if saved != self.model.config:
+            raise ConfigError(f"--resume: the model config differs from the one in {ckpt} "
+                              f"({_differences(self.model.config, saved)})")
         load_weights(self.model, ckpt, self.device)
+        load_tokenizer(ckpt, saved.vocab_size)  # not used here (the task has its own), but must be sound
         state = load_train_state(ckpt)
+        try:
+            self._load_state(state, ckpt)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            first_line = (str(e).strip().splitlines() or [""])[0][:120]
+            raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: {first_line})") from None
+        log.info("resuming %s from step %d", self.run_folder.root, self.step)
+
+    def _load_state(self, state: dict, ckpt: Path) -> None:
+        """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``
+        (the training state of checkpoint ``ckpt``)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -348,8 +362,12 @@ class Trainer:
                 raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
             self.ema.load_raw_state(state["ema"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
-        self.logger.truncate_after(self.step)
-        log.info("resuming %s from step %d", self.run_folder.root, self.step)
+
+
+def _differences(here, there) -> str:
+    """``name: A here, B in the checkpoint`` for the first fields where two configs differ."""
+    names = [f.name for f in dataclasses.fields(here) if getattr(here, f.name) != getattr(there, f.name)]
+    return "; ".join(f"{n}: {getattr(here, n)!r} here, {getattr(there, n)!r} in the checkpoint" for n in names[:3])
 
 
 class _Window:
