@@ -158,7 +158,7 @@ class TrainConfig:
     keep_checkpoints: NonNegativeInt = 2  # 0 keeps them all
     tensorboard: bool = False
     progress: bool = True
-    threads: Count | None = None  # torch.set_num_threads on CPU; None = torch's default
+    threads: Annotated[int, Field(ge=1, le=4096)] | None = None  # torch.set_num_threads on CPU; None = torch's default
 
 
 @dataclass

@@ -61,6 +61,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a tokenizer.json, or the tokenizer.json inside a directory (a checkpoint, a data folder)."""
+        if not str(path):
+            raise DataError("the tokenizer file name is empty")
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

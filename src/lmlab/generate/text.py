@@ -28,6 +28,8 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None:
         return prompt
     path = Path(prompt_file)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a prompt file")
     if not path.is_file():
         raise DataError(f"prompt file not found: {path}")
     data = path.read_bytes()
