@@ -313,3 +313,22 @@ train: {{out_dir: {tmp_path / 'run'}, batch_size: 2, max_steps: 1000000, warmup_
         time.sleep(0.1)  # the reader threads catch up
         assert "Traceback" not in proc.seen["err"] and proc.seen["err"].rstrip().endswith("interrupted"), (name, proc.seen)
     assert list((tmp_path / "run" / "checkpoints").iterdir())  # training saved where it stopped
+
+
+def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(models, monkeypatch, capsys):
+    import lmlab.eval.perplexity
+
+    def fail(message):
+        def evaluate(*args, **kwargs):
+            raise RuntimeError(message)
+        return evaluate
+
+    argv = ["eval", "ppl", models["lm"], "--data", f"{models['root']}/a.txt"]
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "128000000000000 bytes. Error code 12 (Cannot allocate memory)"))
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "out of memory (tried to allocate 128000000000000 bytes)")
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(argv)

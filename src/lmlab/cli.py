@@ -559,7 +559,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (MemoryError, RuntimeError) as e:
+        return report_out_of_memory(e)
     return 0
+
+
+def report_out_of_memory(error: BaseException) -> int:
+    """Exit status 1 after one ``error:`` line for a failed allocation (a model or batch too large for the
+    machine); any other error is raised again, with its traceback (a bug)."""
+    from lmlab.runtime import out_of_memory_message
+
+    message = out_of_memory_message(error)
+    if message is None:
+        raise error
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
