@@ -2,8 +2,12 @@
 
 import json
 import logging
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -133,3 +137,198 @@ def test_help_documents_quiet_and_verbose(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "-q, --quiet" in out and "-v, --verbose" in out and "before or after the command" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening: every flag value gets a correct result or one `error:` line (exit 1), never a traceback
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untrained tiny checkpoints of every kind (a GPT with context 32, a GRU, an encoder, a classifier)
+    and small input files: enough to check what each command accepts."""
+    from lmlab.config import ModelConfig
+    from lmlab.data.tokenizer import train_tokenizer
+    from lmlab.finetune.classify import build_classifier
+    from lmlab.models.registry import build_model
+    from lmlab.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    tok = train_tokenizer("char", tiny_corpus())
+    small = dict(n_layer=1, d_model=16, block_size=32, vocab_size=tok.vocab_size)
+    encoder = build_model(ModelConfig(family="encoder", n_head=2, **small))
+    paths = {"lm": save_checkpoint(root / "lm", build_model(ModelConfig(n_head=2, **small)), tok),
+             "gru": save_checkpoint(root / "gru", build_model(ModelConfig(family="gru", **small)), tok),
+             "enc": save_checkpoint(root / "enc", encoder, tok),
+             "cls": save_checkpoint(root / "cls", build_classifier(encoder, ["0", "1"], None, 0.0), tok,
+                                    info={"max_length": 16})}
+    (root / "a.txt").write_text("".join(tiny_corpus(10)), encoding="utf-8")
+    (root / "big.txt").write_text("".join(tiny_corpus(1500)), encoding="utf-8")
+    (root / "dev.tsv").write_text("sentence\tlabel\nthe quick fox\t1\na lazy dog\t0\n", encoding="utf-8")
+    (root / "bin.yaml").write_bytes(b"model:\x00\x01\xff")
+    (root / "latin1.yaml").write_bytes("# caf\xe9\nmodel: {n_layer: 2}\n".encode("latin-1"))
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "bad.yaml").write_text("model: {n_layer: [\n")
+    (root / "empty.yaml").write_text("")
+    (root / "folder").mkdir()
+    with socket.socket() as s:  # serve checks that it can listen before it loads the model
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**{k: str(v) for k, v in paths.items()}, "root": str(root), "port": port}
+
+
+BAD_FLAGS = [  # (argv with {placeholders} for the `models` paths, fragment of the one error line)
+    ("eval ppl {lm} --data {root}/a.txt --batch-size 0", "batch_size must be >= 1, got 0"),
+    ("eval ppl {lm} --data {root}/a.txt --batch-size -1", "batch_size must be >= 1, got -1"),
+    ("eval ppl {lm} --data {root}/a.txt --stride 0", "stride must be >= 1, got 0"),
+    ("eval ppl {lm} --data {root}/a.txt --stride -3", "stride must be >= 1"),
+    ("eval ppl {lm} --data {root}/a.txt --stride 33", "stride must be between 1 and the context length 32"),
+    ("eval ppl {lm} --data ''", "an input file name is empty"),
+    ("eval classify {cls} --data {root}/dev.tsv --batch-size 0", "batch_size must be >= 1, got 0"),
+    ("eval classify {cls} --data {root}/dev.tsv --batch-size -1", "batch_size must be >= 1"),
+    ("eval classify {cls} --data {root}/dev.tsv --max-length 0", "max_length must be >= 1, got 0"),
+    ("eval classify {cls} --data {root}/dev.tsv --max-length -5", "max_length must be >= 1"),
+    ("eval classify {cls} --data {root}/dev.tsv --max-length 33", "max_length 33 exceeds the model's context of 32"),
+    ("predict {cls} --max-length 0 text", "max_length must be >= 1, got 0"),
+    ("train {root}/bin.yaml", "a binary file, not a YAML config"),
+    ("train {root}/latin1.yaml", "not UTF-8 text"),
+    ("train {root}/list.yaml", "must be a YAML mapping"),
+    ("train {root}/bad.yaml", "invalid YAML"),
+    ("train {root}/missing.yaml", "config file not found"),
+    ("train {root}/folder", "is a folder, not a config file"),
+    ("finetune sft {root}/latin1.yaml", "not UTF-8 text"),
+    ("finetune classify {root}/folder", "is a folder"),
+    ("generate {lm} --prompt the --num-samples 0", "num_samples must be in [1, 1000], got 0"),
+    ("generate {lm} --prompt the --num-samples -1", "num_samples must be in [1, 1000]"),
+    ("generate {lm} --prompt the --num-beams 0", "num_beams must be in [1, 1000], got 0"),
+    ("generate {lm} --prompt the --num-beams 1000000000000", "num_beams must be in [1, 1000]"),
+    ("generate {lm} --prompt the --num-beams 2 --num-samples 2", "do not combine"),
+    ("generate {lm} --prompt the --length-penalty nan", "length_penalty must be a finite number"),
+    ("generate {lm} --prompt the --length-penalty=-inf", "length_penalty must be a finite number"),
+    ("generate {lm} --prompt the --temperature nan", "temperature must be between 0 and 100, got nan"),
+    ("generate {lm} --prompt the --top-p inf", "top-p must be in (0, 1]"),
+    ("generate {lm} --prompt the --top-p 2", "top-p must be in (0, 1]"),
+    ("generate {lm} --prompt the --seed 100000000000000000000000000000", "seed must be between 0 and"),
+    ("generate {lm} --prompt the --seed -1", "seed must be between 0 and"),
+    ("generate {lm} --prompt-file {root}/folder", "is a folder, not a prompt file"),
+    ("generate {cls} --prompt the", "is a sequence classifier, not a language model; use lmlab predict"),
+    ("generate {enc} --prompt the", "is an encoder without a language-model head"),
+    ("chat {cls} --message hi", "is a sequence classifier"),
+    ("serve {cls} --port {port}", "is a sequence classifier"),
+    ("eval ppl {cls} --data {root}/a.txt", "is a sequence classifier"),
+    ("eval ppl {enc} --data {root}/a.txt", "is an encoder without a language-model head"),
+    ("predict {lm} text", "is a language model, not a classifier"),
+    ("eval classify {enc} --data {root}/dev.tsv", "is an encoder without a classifier head"),
+    ("chat {lm} --message hi --system " + "x" * 40, "the message and the system prompt take"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --val-fraction nan", "val_fraction must be in [0, 1)"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --val-fraction 1.5", "val_fraction must be in [0, 1)"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --vocab-size 0", "vocab_size 0 is too small"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --min-freq -1", "min_freq must be at least 1"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --shard-tokens 0", "shard_tokens must be at least 1"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --max-bytes 0", "max_bytes must be >= 1, got 0"),
+    ("data prepare {root}/a.txt --tokenizer '' -o {root}/d", "the tokenizer file name is empty"),
+    ("tokenizer train {root}/a.txt --kind bpe --vocab-size 1000000000000 -o {root}/t.json", "vocab_size must be <="),
+    ("tokenizer train {root}/a.txt --kind char --special '' -o {root}/t.json", "special tokens must not be empty"),
+    ("demo --minutes 0", "minutes must be > 0, got 0.0"),
+    ("demo --minutes nan", "minutes must be a finite number"),
+    ("demo --seed -1", "seed must be in [0, "),
+    ("serve {lm} --port 70000", "port must be in [1, 65535], got 70000"),
+    ("serve {lm} --api-key ''", "api_key must not be empty"),
+    ("train {root}/empty.yaml train.threads=100000000000", "train.threads must be in [1, 4096]"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_FLAGS, ids=[a for a, _ in BAD_FLAGS])
+def test_bad_flag_values_are_one_line_errors(argv, fragment, models, capsys):
+    code, _, err = run(["" if a == "''" else a.format(**models) for a in argv.split(" ")], capsys)
+    assert_one_line_error(code, err, fragment)
+    assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_positionals_may_follow_flags(models, capsys):
+    code, out, _ = run(["predict", models["cls"], "--max-length", "8", "the quick fox", "a lazy dog"], capsys)
+    assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == ["the quick fox", "a lazy dog"]
+    args = build_parser().parse_args(["train", "run.yaml", "--resume", "train.lr=0.1", "--stop-after", "3", "a.b=1"])
+    assert args.config == "run.yaml" and args.overrides == ["train.lr=0.1", "a.b=1"] and args.resume
+
+
+def test_max_new_tokens_beyond_the_context_is_announced(models, capsys):
+    code, out, err = run(["generate", models["lm"], "--prompt", "the", "--max-new-tokens", "100", "--greedy"], capsys)
+    assert code == 0 and out.startswith("the")
+    assert "warning: the model's context of 32 tokens leaves room for at most 29 new tokens" in err, err
+    code, _, err = run(["generate", models["lm"], "--prompt", "the", "--max-new-tokens", "29", "--greedy"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+def start_then_interrupt(argv: list[str], ready) -> subprocess.Popen:
+    """Start ``lmlab ARGV`` in a subprocess; a thread sends it Ctrl-C (SIGINT) once ``ready(stdout, stderr)``."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.seen = {"out": "", "err": ""}
+
+    def read(stream, key):
+        for chunk in iter(lambda: stream.read(1), ""):
+            proc.seen[key] += chunk
+
+    for stream, key in ((proc.stdout, "out"), (proc.stderr, "err")):
+        threading.Thread(target=read, args=(stream, key), daemon=True).start()
+
+    def interrupt():
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not ready(proc.seen["out"], proc.seen["err"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    return proc
+
+
+def scoring(out: str, err: str) -> bool:
+    """Whether ``lmlab -v eval ppl`` (which logs nothing while it scores) is likely scoring: 2 s after it started
+    (long before it is done with the text of the test)."""
+    if "debug: arguments" not in err:
+        return False
+    time.sleep(2)
+    return True
+
+
+def test_ctrl_c_exits_130_without_a_traceback(models, prepared, tmp_path):
+    """Interrupted mid-work (training steps, generating tokens, scoring windows), each command exits 130."""
+    config = tmp_path / "long.yaml"
+    config.write_text(f"""
+model: {{n_layer: 1, n_head: 2, d_model: 16, block_size: 16}}
+data: {{path: {prepared}}}
+train: {{out_dir: {tmp_path / 'run'}, batch_size: 2, max_steps: 1000000, warmup_steps: 1, log_interval: 1,
+         eval_interval: 1000000, checkpoint_interval: 1000000, device: cpu}}
+""")
+    procs = {
+        "train": start_then_interrupt(["train", str(config)], lambda out, err: "step 2/" in err),
+        "generate": start_then_interrupt(["generate", models["gru"], "--prompt", "the", "--max-new-tokens", "1000000",
+                                          "--device", "cpu"], lambda out, err: len(out) > 20),
+        "eval ppl": start_then_interrupt(["-v", "eval", "ppl", models["lm"], "--data", f"{models['root']}/big.txt",
+                                          "--stride", "1", "--device", "cpu"], scoring),
+    }
+    for name, proc in procs.items():
+        assert proc.wait(timeout=180) == 130, (name, proc.seen["err"][-2000:])
+        time.sleep(0.1)  # the reader threads catch up
+        assert "Traceback" not in proc.seen["err"] and proc.seen["err"].rstrip().endswith("interrupted"), (name, proc.seen)
+    assert list((tmp_path / "run" / "checkpoints").iterdir())  # training saved where it stopped
+
+
+def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(models, monkeypatch, capsys):
+    import lmlab.eval.perplexity
+
+    def fail(message):
+        def evaluate(*args, **kwargs):
+            raise RuntimeError(message)
+        return evaluate
+
+    argv = ["eval", "ppl", models["lm"], "--data", f"{models['root']}/a.txt"]
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "128000000000000 bytes. Error code 12 (Cannot allocate memory)"))
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "out of memory (tried to allocate 128000000000000 bytes)")
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(argv)

@@ -293,7 +293,8 @@ def test_describe_config_lists_defaults_types_choices_ranges_and_families():
     assert "  train.lr_schedule = 'cosine'  (cosine | linear | constant | step)" in text
     assert "  train.batch_size = 12  (int >= 1)" in text
     assert "  train.beta2 = 0.99  (float in [0, 1))" in text
-    assert "  train.threads = None  (int >= 1 or null)" in text
+    assert "  train.eval_batch_size = None  (int >= 1 or null)" in text
+    assert "  train.threads = None  (int in [1, 4096] or null)" in text
     assert "  train.device = 'auto'  (auto | cpu | cuda | cuda:N | mps)" in text
     assert "  model.pos_emb = None  (learned | rope | null; gpt, encoder only)" in text
     assert "  model.init_range = None  (float > 0 or null; rnn, lstm, gru only)" in text

@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmlab.generate.text import read_prompt, write_generation
 
     prompt = read_prompt(args.prompt, args.prompt_file)
-    ckpt = load(args)
+    ckpt = load(args, language_model=True)
     write_generation(ckpt.model, ckpt.tokenizer, prompt, sampling_params(args), stream=not args.no_stream,
                      truncate=args.truncate_prompt, **given(args, "num_beams", "length_penalty", "num_samples"))
 
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import chat
 
-    ckpt = load(args)
+    ckpt = load(args, language_model=True)
     chat(ckpt.model, ckpt.tokenizer, sampling_params(args), system=args.system, messages=args.message)
 
 
@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = serve_config(given(args, *(f.name for f in dataclasses.fields(ServeConfig))), args.checkpoint)
     check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
-    ckpt = load(args)
+    ckpt = load(args, language_model=True)
     run_server(ckpt.model, ckpt.tokenizer, cfg, args.log_level)
 
 
@@ -143,7 +143,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from lmlab.eval.perplexity import evaluate_perplexity
     from lmlab.eval.report import write_metrics_report
 
-    ckpt = load(args)
+    ckpt = load(args, language_model=True)
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data,
                                  **given(args, "stride", "split", "field", "batch_size"))
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
@@ -177,13 +177,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.source, args.output, to=args.to, merge=args.merge))
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace, language_model: bool = False):
     """The model of ``args.checkpoint`` (lmlab checkpoint or run, Hugging Face folder, pretrained name)
-    on ``args.device``."""
+    on ``args.device``; with ``language_model``, one that predicts tokens (not a classifier)."""
     from lmlab.interop import load_model
+    from lmlab.models.heads import require_language_model
     from lmlab.runtime import resolve_device
 
-    return load_model(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
+    return require_language_model(ckpt) if language_model else ckpt
 
 
 def sampling_params(args: argparse.Namespace):
@@ -492,11 +494,23 @@ def add_verbosity_flags(p: argparse.ArgumentParser, default=False) -> None:
 
 class SubcommandParser(argparse.ArgumentParser):
     """A subcommand's parser: it takes -q/-v too (``lmlab train -q ...``), and leaves them unset when
-    not given so that flags given before the subcommand hold."""
+    not given so that flags given before the subcommand hold. A command's positionals may come before,
+    between or after its flags (``lmlab predict CKPT --max-length 8 'some text'``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         add_verbosity_flags(self, default=argparse.SUPPRESS)
+        self._intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Parse flags and positionals intermixed, unless this parser only picks the next subcommand."""
+        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def log_level(args: argparse.Namespace) -> int:
@@ -545,7 +559,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (MemoryError, RuntimeError) as e:
+        return report_out_of_memory(e)
     return 0
+
+
+def report_out_of_memory(error: BaseException) -> int:
+    """Exit status 1 after one ``error:`` line for a failed allocation (a model or batch too large for the
+    machine); any other error is raised again, with its traceback (a bug)."""
+    from lmlab.runtime import out_of_memory_message
+
+    message = out_of_memory_message(error)
+    if message is None:
+        raise error
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # dropouts, betas, decay rates: [0, 1)
 Factor = Annotated[float, Field(gt=0, le=1)]  # a multiplier that shrinks: (0, 1]
 Name = Annotated[str, Field(min_length=1)]  # a string that must not be empty
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a random seed torch takes
+Finite = Annotated[float, Field()]  # any number but NaN and infinity (all floats are checked finite)
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N | mps")]
 
 
@@ -122,7 +124,7 @@ class TrainConfig:
     """Optimisation, schedule, precision, evaluation and checkpointing of a training run."""
 
     out_dir: Name = "runs/run"
-    seed: NonNegativeInt = 1337
+    seed: Seed = 1337
     device: Device = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     compile: bool = False
@@ -156,7 +158,7 @@ class TrainConfig:
     keep_checkpoints: NonNegativeInt = 2  # 0 keeps them all
     tensorboard: bool = False
     progress: bool = True
-    threads: Count | None = None  # torch.set_num_threads on CPU; None = torch's default
+    threads: Annotated[int, Field(ge=1, le=4096)] | None = None  # torch.set_num_threads on CPU; None = torch's default
 
 
 @dataclass
@@ -234,8 +236,8 @@ class ServeConfig:
 
     host: Name = described("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
     port: Annotated[int, Field(ge=1, le=65535)] = described(8000, "port to listen on")
-    model_name: str | None = described(None, 'the id clients name in "model" (default: the checkpoint folder\'s name)')
-    api_key: str | None = described(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $LMLAB_API_KEY, "
+    model_name: Name | None = described(None, 'the id clients name in "model" (default: the checkpoint folder\'s name)')
+    api_key: Name | None = described(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $LMLAB_API_KEY, "
                                            "else none)")
     max_batch_size: Count = described(8, "sequences generated together in one batch")
     max_queue: Count = described(64, "sequences allowed to wait; more are refused with 429")
@@ -279,23 +281,46 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: 
     Everything ``from_dict`` checks, and also that no model field is set for a family it does not
     apply to, so that a user's mistake fails here rather than mid-run or silently.
     """
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({_first_line(e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a YAML mapping of sections")
+    data = {} if path is None else read_yaml_mapping(path)
     for item in overrides:
         _apply_override(data, item)
     cfg = _build(cls, data, "")
     _check_families(cfg)
     _check_rules(cfg, "")
     return cfg
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds ({} when empty), or a one-line ConfigError saying why not:
+    missing, a folder, binary, not UTF-8, invalid YAML, or not a mapping."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ConfigError("the config file name is empty")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: a binary file, not a YAML config")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def check_argument(name: str, value: Any, ftype: Any) -> Any:
+    """``value`` if annotation ``ftype`` accepts it (``Count``, ``Positive``, ``Seed``, ... or ``| None``), else a
+    one-line ConfigError naming ``name``: a function's arguments checked as strictly as config fields are."""
+    try:
+        return _type_adapter(ftype).validate_python(value)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_explain(name, value, ftype, e.errors()[0])) from None
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
@@ -351,6 +376,17 @@ def _adapter(cls: type, name: str) -> TypeAdapter:
     if _spec(ftype).base is float:
         ftype = Annotated[ftype, BeforeValidator(_number_from_text)]
     return TypeAdapter(ftype, config=_STRICT)
+
+
+_TYPE_ADAPTERS: dict[str, TypeAdapter] = {}
+
+
+def _type_adapter(ftype: Any) -> TypeAdapter:
+    """A strict validator of annotation ``ftype`` (no NaN or infinity), made once per annotation."""
+    key = repr(ftype)
+    if key not in _TYPE_ADAPTERS:
+        _TYPE_ADAPTERS[key] = TypeAdapter(ftype, config=_STRICT)
+    return _TYPE_ADAPTERS[key]
 
 
 @functools.cache
@@ -411,12 +447,17 @@ def _range_text(bounds: dict[str, Any]) -> str:
     low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
     high = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
     if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+        return f"in {low[0]}{_number(low[1])}, {_number(high[0])}{high[1]}"
     if low:
-        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+        return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
     if high:
-        return f"{'<=' if high[1] == ']' else '<'} {high[0]:g}"
+        return f"{'<=' if high[1] == ']' else '<'} {_number(high[0])}"
     return ""
+
+
+def _number(bound: float) -> str:
+    """A range bound as written: an int in full, a float short (``0.5``, ``1e-05``)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}

@@ -17,7 +17,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmlab.config import DataConfig, ModelConfig, Name, Positive, RunConfig, Seed, TrainConfig, check_argument
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizer import train_tokenizer_from_files
 from lmlab.errors import DataError
@@ -68,6 +68,9 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
 
     ``corpus_bytes`` caps the corpus (the tokenizer learns from at most 3 MB of it).
     """
+    check_argument("out_dir", out_dir, Name)
+    check_argument("minutes", minutes, Positive)
+    check_argument("seed", seed, Seed)
     out = Path(out_dir)
     started = time.perf_counter()
     files = stdlib_sources(max_bytes=corpus_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import sys
 
 import torch
@@ -104,3 +105,16 @@ def seed_everything(seed: int) -> None:
     """Seed torch and Python's random (NumPy draws in lmlab use their own seeded generators)."""
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """One line for an allocation that failed (torch on CPU, CUDA or MPS, or Python's MemoryError), naming the
+    size asked for where torch says it; None for any other error."""
+    if not isinstance(error, MemoryError) and not (isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error))):
+        return None
+    asked = re.search(r"tried to allocate (\d+ bytes|[\d.]+ ?[KMGT]?i?B)", str(error), re.IGNORECASE)
+    size = f" (tried to allocate {asked.group(1)})" if asked else ""
+    return f"out of memory{size}; use a smaller model, batch size, context or input"

@@ -111,6 +111,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def _expand_one(item: str) -> list[Path]:
+    if not item:
+        raise DataError("an input file name is empty")
     path = Path(item)
     if path.is_dir():
         found = _walk_dir(path)

@@ -27,11 +27,13 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Annotated, Iterable, Sequence
 
 import tokenizers
+from pydantic import Field
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from lmlab.config import Count, check_argument
 from lmlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 KINDS = ("bpe", "byte", "char", "word")
 DEFAULT_BPE_VOCAB = 8192
+MAX_VOCAB = 2**24  # far above any real vocabulary; the BPE trainer aborts the process on huge sizes
 UNK, EOS = "<unk>", "<eos>"  # the word kind's unknown word and end of line: ids 0 and 1
 # a word: what tokenizers' WhitespaceSplit keeps (Rust's char::is_whitespace separates; Python's
 # str.split would also split at \x1c-\x1f)
@@ -58,6 +61,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a tokenizer.json, or the tokenizer.json inside a directory (a checkpoint, a data folder)."""
+        if not str(path):
+            raise DataError("the tokenizer file name is empty")
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -266,6 +271,9 @@ def train_tokenizer(
     and settings give the same ids.
     """
     specials = [EOT] + [s for s in dict.fromkeys(special_tokens or ()) if s != EOT]
+    check_argument("vocab_size", vocab_size, Annotated[int, Field(le=MAX_VOCAB)] | None)
+    if any(not s for s in specials):
+        raise ConfigError("special tokens must not be empty")
     if min_freq < 1:
         raise ConfigError(f"min_freq must be at least 1, got {min_freq}")
     if kind == "bpe":
@@ -307,6 +315,7 @@ def train_tokenizer_from_files(
     """
     from lmlab.data.sources import iter_documents
 
+    check_argument("max_bytes", max_bytes, Count | None)
     if kind == "byte":  # nothing to learn; still check the inputs exist
         from lmlab.data.sources import expand_inputs
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lmlab.config import Count, check_argument
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
@@ -53,7 +54,7 @@ def sliding_window_nll(model: nn.Module, ids: np.ndarray | list[int], stride: in
     if context is None:
         return stateful_nll(model, ids, progress=progress)
     if not 1 <= stride <= context:
-        raise LmlabError(f"--stride must be between 1 and the context length {context}, got {stride}")
+        raise LmlabError(f"stride must be between 1 and the context length {context}, got {stride}")
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if len(ids) < 2:
         raise DataError("the text has no tokens to score")
@@ -112,9 +113,13 @@ def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,
                         split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder."""
+    """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder.
+
+    ``stride`` None means the model's context; ``batch_size`` windows go through the model at once.
+    """
+    check_argument("batch_size", batch_size, Count)
+    stride = model.context_length if check_argument("stride", stride, Count | None) is None else stride
     inputs = [data] if isinstance(data, str) else list(data)
-    stride = stride or model.context_length
     if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
         from lmlab.data.loader import TokenShards
 

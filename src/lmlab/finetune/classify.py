@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from lmlab.config import ClassifyConfig
+from lmlab.config import ClassifyConfig, Count, check_argument
 from lmlab.runs import RunFolder
 from lmlab.data.labeled import (Example, encode_texts, label_ids, length_grouped_batches, pad_batch, read_examples,
                                 sequential_batches)
@@ -121,11 +121,11 @@ def evaluate_classifier(model: SequenceClassifier, tokenizer: Tokenizer, example
     return report
 
 
-def check_max_length(model: nn.Module, max_length: int) -> None:
-    """Refuse a data.max_length longer than the model's context."""
+def check_max_length(model: nn.Module, max_length: int, name: str = "data.max_length") -> None:
+    """Refuse a max_length (called ``name`` in the message) longer than the model's context."""
     context = model.context_length
     if context is not None and max_length > context:
-        raise ConfigError(f"data.max_length {max_length} exceeds the model's context of {context} tokens")
+        raise ConfigError(f"{name} {max_length} exceeds the model's context of {context} tokens")
 
 
 class ClassificationTask(TaskBase):
@@ -231,20 +231,23 @@ def evaluate_file(ckpt, data: str, text_field: str = "sentence", label_field: st
                   batch_size: int = 64) -> dict:
     """The classification report (see evaluate_classifier) of a classifier checkpoint on a labelled file;
     ``max_length`` defaults to the one it was trained with."""
+    check_argument("batch_size", batch_size, Count)
+    max_length = checked_max_length(ckpt, max_length)
     examples = read_examples(data, text_field, label_field)
-    report = evaluate_classifier(ckpt.model, ckpt.tokenizer, examples, max_length or max_length_of(ckpt), batch_size)
+    report = evaluate_classifier(ckpt.model, ckpt.tokenizer, examples, max_length, batch_size)
     return {"checkpoint": str(ckpt.path), "data": data, **report}
 
 
 def predict_texts(ckpt, texts: list[str], file: str | None = None, text_field: str = "sentence",
                   max_length: int | None = None) -> list[dict]:
     """The most likely label and its probability for each text (and each text of ``file``), in order."""
+    max_length = checked_max_length(ckpt, max_length)
     texts = list(texts) + ([ex.text for ex in read_examples(file, text_field, None)] if file else [])
     if not texts:
         raise DataError("give texts to classify as arguments or with --file")
     if any(not t.strip() for t in texts):
         raise DataError("cannot classify an empty text")
-    probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, max_length or max_length_of(ckpt))
+    probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, max_length)
     labels = ckpt.model.head_config.labels
     best = probs.argmax(-1).tolist()
     return [{"label": labels[b], "probability": round(float(p[b]), 4), "text": t} for t, p, b in zip(texts, probs, best)]
@@ -253,8 +256,17 @@ def predict_texts(ckpt, texts: list[str], file: str | None = None, text_field: s
 def require_classifier(ckpt):
     """``ckpt`` itself if it holds a classifier, else a ConfigError saying what it is."""
     if not isinstance(ckpt.model, SequenceClassifier):
-        raise ConfigError(f"{ckpt.path} is a language model, not a classifier (train one with lmlab finetune classify)")
+        what = "an encoder without a classifier head" if ckpt.model.config.family == "encoder" else "a language model"
+        raise ConfigError(f"{ckpt.path} is {what}, not a classifier (train one with lmlab finetune classify)")
     return ckpt
+
+
+def checked_max_length(ckpt, max_length: int | None) -> int:
+    """``max_length`` tokens per text, at least 1 and within the model's context; None: as trained."""
+    if check_argument("max_length", max_length, Count | None) is None:
+        return max_length_of(ckpt)
+    check_max_length(ckpt.model, max_length, "max_length")
+    return max_length
 
 
 def max_length_of(ckpt) -> int:

@@ -43,16 +43,28 @@ class ChatSession:
         if not text.strip():
             raise DataError("empty message")
         self.messages.append({"role": "user", "content": text})
-        ids, stop_tokens, stop = self.prompt()
-        context = self.model.context_length
-        while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
-            self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
-            ids, stop_tokens, stop = self.prompt()
+        ids, stop_tokens, stop = self._fitted_prompt()
         params = dataclasses.replace(self.params, stop_tokens=[*self.params.stop_tokens, *stop_tokens],
                                      stop=[*self.params.stop, *stop])
         answer = generate_text(self.model, self.tokenizer, ids, params, on_text=on_text)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+
+    def _fitted_prompt(self) -> tuple[list[int], list[int], list[str]]:
+        """``prompt()`` once the oldest turns that no longer fit the context are forgotten; a DataError (and
+        the newest message dropped) when even that message alone leaves no room for an answer."""
+        ids, stop_tokens, stop = self.prompt()
+        context = self.model.context_length
+        while context is not None and len(ids) >= context and len(self.messages) > 1 + bool(self.system):
+            self.messages.pop(1 if self.system else 0)  # forget the oldest turns that no longer fit
+            ids, stop_tokens, stop = self.prompt()
+        if context is not None and len(ids) >= context:
+            self.messages.pop()
+            what = "the message and the system prompt take" if self.system else "the message takes"
+            raise DataError(f"{what} {len(ids)} tokens in the chat format, but the model's context is {context}; "
+                            f"shorten it")
+        return ids, stop_tokens, stop
 
 
 def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:

@@ -17,6 +17,7 @@ import torch
 from lmlab.errors import ConfigError
 
 MAX_NEW_TOKENS_CAP = 1_000_000
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes no more
 
 
 @dataclass
@@ -52,6 +53,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between -2 and 2, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 

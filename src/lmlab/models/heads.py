@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmlab.errors import ConfigError
+
 POOLINGS = ("cls", "mean", "last")
 
 
@@ -75,3 +77,15 @@ def head_from_dict(data: dict) -> ClassifierConfig:
     """A ClassifierConfig from a checkpoint manifest's ``head`` entry."""
     known = {f.name for f in dataclasses.fields(ClassifierConfig)}
     return ClassifierConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def require_language_model(ckpt):
+    """``ckpt`` itself if its model predicts tokens (what generate, chat, serve and eval ppl need), else a
+    ConfigError saying what it is and which commands take it."""
+    if isinstance(ckpt.model, SequenceClassifier):
+        raise ConfigError(f"{ckpt.path} is a sequence classifier, not a language model; "
+                          f"use lmlab predict or lmlab eval classify")
+    if ckpt.model.config.family == "encoder":
+        raise ConfigError(f"{ckpt.path} is an encoder without a language-model head; "
+                          f"fine-tune a classifier on it with lmlab finetune classify")
+    return ckpt
