@@ -117,12 +117,19 @@ def output_kind(path: str | os.PathLike) -> str | None:
     """The kind (a key of KINDS) of lmlab output at ``path``, or None for anything else (or nothing).
 
     A folder is recognised by its marker files, the most specific first: a run (config.yaml with
-    checkpoints/ or metrics.jsonl), a checkpoint (manifest.json), a Hugging Face folder (config.json with
-    model.safetensors or pytorch_model.bin), prepared data (meta.json with splits), a demo folder
-    (data/ and run/ only), an evaluation report (results.json). A file is a tokenizer when it is a
-    tokenizers JSON (a "model" key).
+    checkpoints/ or metrics.jsonl), a checkpoint (manifest.json of format lmlab-checkpoint), a Hugging
+    Face folder (config.json with model.safetensors or pytorch_model.bin), prepared data (meta.json of
+    format lmlab-tokens), a demo folder (data/ and run/ only), an evaluation report (results.json and
+    results.md). A file is a tokenizer when it is a tokenizers JSON (a "model" key). A place that
+    cannot be read is None.
     """
-    path = Path(path)
+    try:
+        return _output_kind(Path(path))
+    except OSError:
+        return None
+
+
+def _output_kind(path: Path) -> str | None:
     if path.is_file():
         return "tokenizer" if _is_tokenizer_file(path) else None
     if not path.is_dir():
@@ -131,15 +138,15 @@ def output_kind(path: str | os.PathLike) -> str | None:
     if (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
                                              or names == {"config.yaml"}):
         return "run"
-    if (path / "manifest.json").is_file():
+    if _json_object(path / "manifest.json").get("format") == "lmlab-checkpoint":
         return "checkpoint"
     if (path / "config.json").is_file() and any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
         return "hf"
-    if "splits" in _json_object(path / "meta.json"):
+    if _json_object(path / "meta.json").get("format") == "lmlab-tokens":
         return "data"
     if names and names <= {"data", "run"} and all(output_kind(path / n) == n for n in names):
         return "demo"
-    if (path / "results.json").is_file():
+    if (path / "results.md").is_file() and _json_object(path / "results.json"):
         return "report"
     return None
 
@@ -186,7 +193,8 @@ def check_output(path: str | os.PathLike, kind: str, inputs: Iterable = (), forc
 
     ``kind`` (a key of KINDS) is what the command writes; ``inputs`` are the paths it reads (files,
     folders, globs; None and names that are no path are skipped). Refused, as an OutputError that
-    names the path: an output that is, contains or lies inside an input; a file where a folder is
+    names the path: an output that is, contains or lies inside an input; one inside another finished
+    output (a checkpoint, Hugging Face folder, prepared data, report); a file where a folder is
     expected or the other way round; a non-empty folder (or a file) that does not hold a previous
     output of the same kind; such a previous output unless ``force``; a place whose parent cannot be
     created or written. Stale temporaries of the output (see the module docstring) are removed first.
@@ -198,6 +206,7 @@ def check_output(path: str | os.PathLike, kind: str, inputs: Iterable = (), forc
     if kind == "tokenizer" and path.is_dir():
         path = path / "tokenizer.json"
     _check_not_an_input(path, inputs)
+    _check_not_inside_an_output(path)
     remove_stale_temporaries(path.parent, path.name)
     if kind == "run":
         RunFolder(path).remove_stale_temporaries()
@@ -218,6 +227,18 @@ def _check_not_an_input(path: Path, inputs: Iterable) -> None:
                 raise OutputError(f"{path} contains the input {source}; write the output to another path")
             if src in out.parents:
                 raise OutputError(f"{path} is inside the input {source}; write the output outside the inputs")
+
+
+def _check_not_inside_an_output(path: Path) -> None:
+    """Refuse ``path`` inside a finished lmlab output (a checkpoint, a Hugging Face folder, prepared
+    data, a report, a run's checkpoints/): writing there would change what that output holds. A run
+    or demo folder may hold further outputs (RUN/eval)."""
+    for parent in path.absolute().parents:
+        kind = output_kind(parent)
+        if kind in ("checkpoint", "hf", "data", "report") or (parent.name == "checkpoints"
+                                                              and output_kind(parent.parent) == "run"):
+            what = KINDS[kind] if kind else "the checkpoints of a run"
+            raise OutputError(f"{path} is inside {parent}, which holds {what}; write the output elsewhere")
 
 
 def _input_paths(item) -> list[Path]:
