@@ -178,11 +178,14 @@ def test_stale_temporaries_are_removed_or_restored_and_logged(tmp_path, caplog):
     make(tmp_path / f".data.tmp-{DEAD}", "train_000.bin")  # atomic_dir's temporary of a killed process
     make(tmp_path, f".tok.json.abcd1234.tmp-{DEAD}")  # atomic_write_text's
     make(tmp_path / f".hf.old-{DEAD}", "config.json")  # killed mid-replacement: hf itself is gone
+    make(tmp_path / "run", "config.yaml")  # a --force run killed before its first checkpoint ...
+    make(tmp_path / f".run.replaced-{DEAD}", "config.yaml", "checkpoints/step-000002/manifest.json")  # ... replaced this
     make(tmp_path / f".live.tmp-{os.getpid()}")  # a process still running: kept
     make(tmp_path / f".other.tmp-{DEAD}")  # another output's: kept when cleaning one output
     assert remove_stale_temporaries(tmp_path, "data") == [tmp_path / f".data.tmp-{DEAD}"]
     remove_stale_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".live.tmp-{os.getpid()}", "hf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".live.tmp-{os.getpid()}", "hf", "run"]
+    assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()  # the old run is back
     assert (tmp_path / "hf" / "config.json").is_file()
     assert f"removed stale temporary {tmp_path / f'.tok.json.abcd1234.tmp-{DEAD}'}" in caplog.text
     assert f"restored {tmp_path / 'hf'}" in caplog.text

@@ -9,9 +9,11 @@
 
 Every file lmlab writes goes through a temporary file or folder and a rename, so a crash or Ctrl-C
 never leaves a half-written file where a complete one is expected. The temporaries are named
-``.NAME.tmp-PID`` (a folder), ``.NAME.XXXXXXXX.tmp-PID`` (a file) and ``.NAME.old-PID`` (the previous
-NAME during a replacement); a process that is killed leaves them behind, and the next command writing
-NAME removes them (or restores NAME from ``.old-PID`` when the kill came mid-replacement).
+``.NAME.tmp-PID`` (a folder), ``.NAME.XXXXXXXX.tmp-PID`` (a file), ``.NAME.old-PID`` (the previous
+NAME during a replacement) and ``.NAME.replaced-PID`` (a run that a --force run replaces, until the new
+one saves its first checkpoint). A process that is killed leaves them behind; the next command writing
+NAME removes them, or puts the previous NAME back when the kill came mid-replacement (``.old-PID``
+without NAME) or before the replacing run's first checkpoint (``.replaced-PID``).
 
 Before any work, a writing command calls ``check_output``: it never writes over one of its own
 inputs, never into a folder holding something lmlab did not write, replaces a previous output of the
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
 os.umask(_UMASK)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<how>tmp|old)-(?P<pid>\d+)$")  # what a killed process leaves
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<how>tmp|old|replaced)-(?P<pid>\d+)$")  # what a killed process leaves
 
 KINDS = {  # the outputs lmlab writes, as messages name them
     "run": "an lmlab run",
@@ -337,7 +339,9 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
         if not m or (name is not None and not p.name.startswith(f".{name}.")) or _process_alive(int(m["pid"])):
             continue
         target = folder / m["name"]
-        if m["how"] == "old" and not os.path.lexists(target):
+        if m["how"] == "replaced":  # the replacing run never saved a checkpoint: it goes, the old one comes back
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if m["how"] in ("old", "replaced") and not os.path.lexists(target):
             os.replace(p, target)
             log.info("restored %s from %s, left by an interrupted replacement", target, p)
         else:
@@ -428,7 +432,7 @@ class OutputClaim:
         self.path, self.kept, self.previous = path, False, None
         self.existed = os.path.lexists(path)
         if replace and self.existed and not _is_empty(path):
-            self.previous = path.with_name(f".{path.name}.old-{os.getpid()}")
+            self.previous = path.with_name(f".{path.name}.replaced-{os.getpid()}")
             os.replace(path, self.previous)
             log.info("moved the previous %s aside; it is deleted once the new run saves a checkpoint", path)
             self.existed = False
@@ -438,7 +442,9 @@ class OutputClaim:
     def keep(self) -> None:
         """The output now holds something of value: keep it, and delete the output it replaced."""
         if self.previous is not None:
-            shutil.rmtree(self.previous, ignore_errors=True)
+            doomed = self.previous.with_name(f".{self.path.name}.old-{os.getpid()}")  # a kill from here on
+            os.replace(self.previous, doomed)  # leaves a stale .old-PID beside the new run: deleted, not restored
+            shutil.rmtree(doomed, ignore_errors=True)
             log.info("removed the previous %s", self.path)
             self.previous = None
         self.kept = True

@@ -34,7 +34,7 @@ from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.progress import progress_bar
-from lmlab.runs import RunFolder, check_output, claim_output, output_kind
+from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
 from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
                            seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import load_train_state, load_weights, read_manifest, save_checkpoint
@@ -151,6 +151,7 @@ def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iter
     if resume and force:
         raise ConfigError("--resume continues the run in train.out_dir and --force replaces it; give one of them")
     if resume:
+        remove_stale_temporaries(run.root.parent, run.root.name)  # may put back a run a killed --force replaced
         if run.root.exists() and not run.root.is_dir():
             raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
         if not run.checkpoints():
