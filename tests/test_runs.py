@@ -129,8 +129,8 @@ def test_empty_folders_and_new_paths_are_fine(tmp_path):
     make(tmp_path / "folder")
     assert check_output(tmp_path / "folder", "tokenizer") == tmp_path / "folder" / "tokenizer.json"
     make(tmp_path / "folder" / "tokenizer.json")
-    with pytest.raises(OutputError, match="is not a file"):
-        check_output(tmp_path / "folder", "tokenizer")
+    with pytest.raises(OutputError, match="is a folder, not a file"):
+        check_output(tmp_path / "folder", "tokenizer")  # FOLDER/tokenizer.json is a folder
 
 
 def test_unwritable_places_are_refused(tmp_path):

@@ -235,7 +235,7 @@ def _check_not_inside_an_output(path: Path) -> None:
     """Refuse ``path`` inside a finished lmlab output (a checkpoint, a Hugging Face folder, prepared
     data, a report, a run's checkpoints/): writing there would change what that output holds. A run
     or demo folder may hold further outputs (RUN/eval)."""
-    for parent in path.absolute().parents:
+    for parent in path.resolve().parents:
         kind = output_kind(parent)
         if kind in ("checkpoint", "hf", "data", "report") or (parent.name == "checkpoints"
                                                               and output_kind(parent.parent) == "run"):
@@ -257,17 +257,16 @@ def _check_existing(path: Path, kind: str, force: bool) -> None:
     """Refuse what is already at ``path`` unless it is empty, or a previous ``kind`` output and ``force``."""
     if not os.path.lexists(path):
         return
-    wanted = "file" if kind == "tokenizer" else "folder"
-    if wanted == "folder" and not path.is_dir():
-        raise OutputError(f"{path} is a file, not a folder; give a new or empty folder")
-    if wanted == "file" and not path.is_file():
-        raise OutputError(f"{path} is not a file; give a file path")
-    if path.is_dir() and _is_empty(path):
+    folder = kind != "tokenizer"
+    if folder != path.is_dir():
+        raise OutputError(f"{path} is a file, not a folder; give a new or empty folder" if folder
+                          else f"{path} is a folder, not a file; give a file path")
+    if folder and _is_empty(path):
         return
     found = output_kind(path)
     if found != kind:
         held = f"holds {KINDS[found]}" if found else "holds files lmlab did not write"
-        raise OutputError(f"{path} {held if wanted == 'folder' else 'is not ' + KINDS[kind]}; refusing to replace it "
+        raise OutputError(f"{path} {held if folder else 'is not ' + KINDS[kind]}; refusing to replace it "
                           f"(--force replaces only {KINDS[kind]}); choose another output")
     if not force:
         raise OutputError(f"{path} already holds {KINDS[kind]}; pass --force to replace it, or choose another output")
@@ -276,21 +275,25 @@ def _check_existing(path: Path, kind: str, force: bool) -> None:
 def _check_writable(path: Path) -> None:
     """Refuse ``path`` if its parent folders cannot be created or a file cannot be written in them
     (or in ``path`` itself, an existing folder). Folders made for the probe are removed again."""
-    created: list[Path] = []
     try:
-        try:
-            created = _make_dirs(path.parent)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: cannot create {e.filename or path.parent} ({e.strerror})") from None
+        created = _make_dirs(path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: cannot create {e.filename or path.parent} ({e.strerror})") from None
+    try:
         for folder in [path.parent] + ([path] if path.is_dir() else []):
-            try:
-                fd, probe = tempfile.mkstemp(dir=folder, prefix=".lmlab-probe.", suffix=f".tmp-{os.getpid()}")
-            except OSError as e:
-                raise OutputError(f"cannot write {path}: cannot write in {folder} ({e.strerror})") from None
-            os.close(fd)
-            os.unlink(probe)
+            _probe(path, folder)
     finally:
         _remove_empty(created)
+
+
+def _probe(path: Path, folder: Path) -> None:
+    """Create and delete a temporary file in ``folder``; an OutputError about ``path`` if that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lmlab-probe.", suffix=f".tmp-{os.getpid()}")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: cannot write in {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _make_dirs(folder: Path) -> list[Path]:
