@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["hf", "lmlab"], default=None, help="output format (default: the other one)")
     cv.add_argument("--merge", action="store_true",
                     help="fold LoRA adapters into the weights (default: write them as a PEFT adapter beside the base)")
-    add_force_flag(cv, "OUTPUT", "output of the kind written, Hugging Face folder or lmlab checkpoint,")
+    add_force_flag(cv, "OUTPUT", "Hugging Face folder or lmlab checkpoint, whichever it writes")
     cv.set_defaults(func=cmd_convert)
     return p
 
