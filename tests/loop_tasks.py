@@ -55,6 +55,6 @@ class RegressionTask(TaskBase):
         return {"val_loss": float(nn.functional.mse_loss(model(self.x), self.y))}
 
 
-def run_task(task, cfg, resume: bool = False, stop_after: int | None = None):
-    device, precision = prepare_run(cfg.train, resume)
-    return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after).run()
+def run_task(task, cfg, resume: bool = False, stop_after: int | None = None, force: bool = False):
+    device, precision = prepare_run(cfg.train, resume, force)
+    return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,78 @@ def test_bad_inputs_are_one_line_errors(cli_run, tmp_path, capsys):
         code, _, err = run(argv, capsys)
         assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d3").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def snapshot(*paths):
+    """Every file under ``paths`` (or the file itself) with its bytes, and every folder: to compare."""
+    found = {}
+    for path in map(Path, paths):
+        for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+            found[str(p)] = None if p.is_dir() else p.read_bytes()
+    return found
+
+
+def test_writing_verbs_refuse_to_lose_data(cli_run, tmp_path, capsys):
+    """Every writing verb refuses, before any work, an output that is an input, a foreign folder, a
+    file where a folder goes, a previous output without --force, or a place that cannot be written."""
+    corpus, run_dir, data = cli_run / "corpus.jsonl", cli_run / "run", cli_run / "data"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "x").write_text("mine")
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("keep me")
+    ppl = ["eval", "ppl", run_dir, "--data", a_file, "--out"]
+    classify = ["eval", "classify", run_dir, "--data", a_file, "--out"]
+    cases = [
+        (["tokenizer", "train", corpus, "-o", corpus, "--kind", "char"], "is also an input"),
+        (["tokenizer", "train", a_file, "-o", cli_run / "tok.json", "--kind", "char"], "pass --force"),
+        (["tokenizer", "train", corpus, "-o", data, "--kind", "char", "--force"], "which holds a prepared data"),
+        (["data", "prepare", corpus, "-o", data, "--kind", "char"], "already holds a prepared data folder"),
+        (["data", "prepare", corpus, "-o", mine, "--kind", "char", "--force"], "lmlab did not write"),
+        (["data", "prepare", corpus, "-o", a_file, "--kind", "char"], "is a file, not a folder"),
+        (["data", "prepare", corpus, "--tokenizer", mine / "x", "-o", mine, "--force"], "contains the input"),
+        (["train", cli_run / "tiny.yaml", f"train.out_dir={mine}"], "lmlab did not write"),
+        (["train", cli_run / "tiny.yaml", f"train.out_dir={mine}", "--force"], "lmlab did not write"),
+        (["train", cli_run / "tiny.yaml", f"train.out_dir={data}"], "is also an input"),
+        (["train", cli_run / "tiny.yaml"], "already holds a run; pass --resume to continue it, --force"),
+        (["convert", run_dir, run_dir], "is also an input"),
+        (["convert", run_dir, run_dir / "hf"], "is inside the input"),
+        (["convert", run_dir, mine], "lmlab did not write"),
+        (["convert", run_dir, a_file], "is a file, not a folder"),
+        (["convert", run_dir, data, "--force"], "holds a prepared data folder; refusing"),
+        ([*ppl, a_file], "is also an input"),
+        ([*ppl, tmp_path / "b.txt"], "is a file, not a folder"),
+        ([*ppl, "/proc/x"], "cannot write /proc/x"),
+        ([*ppl, a_file / "sub"], "is inside the input"),
+        ([*ppl, run_dir], "contains the input"),
+        ([*ppl, mine, "--force"], "lmlab did not write"),
+        ([*classify, tmp_path / "b.txt" / "sub"], "b.txt is a file, not a folder"),
+        ([*classify, data / "eval"], "which holds a prepared data folder"),
+        (["demo", "--out", mine, "--force"], "lmlab did not write"),
+    ]
+    (tmp_path / "b.txt").write_text("b")
+    before = snapshot(cli_run, tmp_path)
+    for argv, fragment in cases:
+        code, out, err = run(argv, capsys)
+        assert_one_line_error(code, err, fragment)
+        assert not out
+    assert snapshot(cli_run, tmp_path) == before  # nothing changed, nothing created, no temporaries
+
+
+def test_force_replaces_a_previous_output_of_the_same_kind(cli_run, tmp_path, capsys):
+    corpus = cli_run / "corpus.jsonl"
+    tok = tmp_path / "tok.json"
+    assert run(["tokenizer", "train", corpus, "--field", "body", "--kind", "char", "-o", tok], capsys)[0] == 0
+    char = tok.read_text()
+    assert run(["tokenizer", "train", corpus, "--field", "body", "--kind", "byte", "-o", tok, "--force"], capsys)[0] == 0
+    assert tok.read_text() != char and sorted(tmp_path.iterdir()) == [tok]
+    ppl = ["eval", "ppl", cli_run / "run", "--data", cli_run / "data", "--out", tmp_path / "eval"]
+    assert run(ppl, capsys)[0] == 0
+    (tmp_path / "eval" / "stale.md").write_text("from before")
+    assert_one_line_error(*run(ppl, capsys)[::2], "already holds an evaluation report; pass --force")
+    assert run([*ppl, "--force"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["results.json", "results.md"]  # replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "tok.json"]  # no temporaries left
 
 
 def test_every_flag_is_documented():

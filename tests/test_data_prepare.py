@@ -12,7 +12,7 @@ import lmlab.data.sources as sources
 from lmlab.data.prepare import load_meta, memmap_split, prepare
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import EOT, Tokenizer, train_tokenizer
-from lmlab.errors import DataError
+from lmlab.errors import DataError, OutputError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\n\u00e9"
 
@@ -67,15 +67,15 @@ def test_txt_file_tail_split(tok, tmp_path):
 
 
 def test_meta_json_fields(tok, tmp_path):
-    write_docs(tmp_path)
+    write_docs(mkdir(tmp_path / "in"))
     out = tmp_path / "data"
-    meta = prepare([str(tmp_path)], tok, out, val_fraction=0.25)
+    meta = prepare([str(tmp_path / "in")], tok, out, val_fraction=0.25)
     assert json.loads((out / "meta.json").read_text()) == meta == load_meta(out)
     for key, value in {
         "format": "lmlab-tokens", "version": 1, "dtype": "uint16", "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id, "tokenizer_sha256": tok.sha256(), "tokenizer_kind": "char",
         "normalization": "NFC", "dedupe": False, "duplicates_removed": 0, "split": "hash",
-        "val_fraction": 0.25, "documents": 40, "inputs": [str(tmp_path)],
+        "val_fraction": 0.25, "documents": 40, "inputs": [str(tmp_path / "in")],
     }.items():
         assert meta[key] == value, key
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -108,15 +108,16 @@ def test_hash_split_falls_back_to_tail_for_one_document(tok, tmp_path):
 def test_jsonl_field_and_gzip(tok, tmp_path):
     rows = [{"body": f"row {i} text", "id": i} for i in range(10)]
     lines = "".join(json.dumps(r) + "\n" for r in rows) + "\n"  # a blank line is skipped
-    (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8")
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+    folder = mkdir(tmp_path / "in")
+    (folder / "a.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(lines)
-    with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as f:
+    with gzip.open(folder / "c.txt.gz", "wt", encoding="utf-8") as f:
         f.write("gzipped plain text\n")
-    docs = list(iter_documents([str(tmp_path)], field="body"))
+    docs = list(iter_documents([str(folder)], field="body"))
     assert [d.text for d in docs] == [r["body"] for r in rows] * 2 + ["gzipped plain text\n"]
     assert docs[0].source.endswith("a.jsonl:1")
-    meta = prepare([str(tmp_path)], tok, tmp_path / "out", field="body", val_fraction=0.2)
+    meta = prepare([str(folder)], tok, tmp_path / "out", field="body", val_fraction=0.2)
     assert meta["documents"] == 21
 
 
@@ -153,7 +154,7 @@ def test_dedupe_drops_exact_duplicates(tok, tmp_path):
     meta = prepare([str(tmp_path / "a.jsonl")], tok, tmp_path / "out", dedupe=True, split="tail", val_fraction=0)
     assert meta["dedupe"] is True and meta["duplicates_removed"] == 3 and meta["documents"] == 3
     assert docs_of(tokens(tmp_path / "out", "train"), tok) == ["alpha one", "beta two", "gamma three"]
-    meta = prepare([str(tmp_path / "a.jsonl")], tok, tmp_path / "out", split="tail", val_fraction=0)
+    meta = prepare([str(tmp_path / "a.jsonl")], tok, tmp_path / "out", split="tail", val_fraction=0, force=True)
     assert meta["duplicates_removed"] == 0 and meta["documents"] == 6
 
 
@@ -171,7 +172,10 @@ def test_shards_and_replacing_an_existing_folder(tok, tmp_path):
     train = meta["splits"]["train"]
     assert len(train["shards"]) == -(-train["tokens"] // 100)
     assert all(len(m) == 100 for m in memmap_split(out, "train")[:-1])
-    meta2 = prepare([str(tmp_path / "in" / "doc00*.txt")], tok, out, val_fraction=0.5)  # replaces it
+    with pytest.raises(OutputError, match="already holds a prepared data folder; pass --force"):
+        prepare([str(tmp_path / "in" / "doc00*.txt")], tok, out, val_fraction=0.5)
+    assert load_meta(out) == meta
+    meta2 = prepare([str(tmp_path / "in" / "doc00*.txt")], tok, out, val_fraction=0.5, force=True)  # replaces it
     assert meta2["documents"] == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
     assert set(p.name for p in out.iterdir()) == {"meta.json", "tokenizer.json", *meta2["splits"]["train"]["shards"],
                                                  *meta2["splits"]["val"]["shards"]}
@@ -213,7 +217,7 @@ def test_failed_prepare_keeps_the_old_folder(tok, tmp_path):
     meta = prepare([str(tmp_path / "in")], tok, out)
     (tmp_path / "in" / "zzz.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(DataError, match="zzz.txt: invalid UTF-8 at byte 0"):
-        prepare([str(tmp_path / "in")], tok, out)
+        prepare([str(tmp_path / "in")], tok, out, force=True)
     assert load_meta(out) == meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
@@ -227,8 +231,10 @@ def test_bad_settings(tok, tmp_path):
         prepare([str(tmp_path / "a.txt")], tok, tmp_path / "out", min_split_tokens=1000)
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "precious.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(DataError, match="not a prepared data folder"):
-        prepare([str(tmp_path / "a.txt")], tok, tmp_path / "keep")
+    for force in (False, True):
+        with pytest.raises(OutputError, match="keep holds files lmlab did not write"):
+            prepare([str(tmp_path / "a.txt")], tok, tmp_path / "keep", force=force)
+    assert (tmp_path / "keep" / "precious.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "keep"]
 
 

@@ -2,7 +2,10 @@
 
 import logging
 
+import pytest
+
 from lmlab.demo import run_demo, stdlib_sources
+from lmlab.errors import OutputError
 
 
 def test_stdlib_corpus_has_no_tests_and_respects_the_cap():
@@ -21,3 +24,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys, caplog):
     assert result["perplexity"] > 1 and result["bits_per_byte"] > 0 and result["steps"] >= 1
     assert (tmp_path / "demo" / "run" / "plots" / "loss.png").is_file()
     assert (tmp_path / "demo" / "run" / "eval" / "results.json").is_file()
+    with pytest.raises(OutputError, match="already holds a demo folder; pass --force"):
+        run_demo(out_dir=str(tmp_path / "demo"))  # refused before any work

@@ -127,8 +127,11 @@ class Outcome(typing.NamedTuple):
     err: str
 
 
+TRACEBACK = -1  # Outcome.code of a run that raised (the property's failure); err holds the exception
+
+
 def run_cli(argv: list[str], capsys) -> Outcome:
-    """``lmlab -q ARGV`` in this process; a traceback (any exception but SystemExit) fails the test."""
+    """``lmlab -q ARGV`` in this process; an exception other than SystemExit comes back as TRACEBACK."""
     capsys.readouterr()
     try:
         code = main(["-q", *argv])
@@ -136,7 +139,7 @@ def run_cli(argv: list[str], capsys) -> Outcome:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException as e:  # noqa: BLE001 - the property under test: nothing else escapes
         out, err = capsys.readouterr()
-        pytest.fail(f"traceback for lmlab {' '.join(argv)!r}: {type(e).__name__}: {e}\n{err[-2000:]}")
+        return Outcome(TRACEBACK, out, f"{err[-1500:]}\n{type(e).__name__}: {e}")
     out, err = capsys.readouterr()
     return Outcome(code, out, err)
 
@@ -159,23 +162,49 @@ def check(ws: Path, argv: list[str], capsys, valid, may_replace: bool = False, p
     before = snapshot(ws)
     result = run_cli(argv, capsys)
     after = snapshot(ws)
-    inputs_before, inputs_after = ({k: v for k, v in s.items() if k.startswith("in")} for s in (before, after))
-    if inputs_after != inputs_before:
+    verdict = judge(result, before, after, valid, may_replace)
+    if verdict.startswith("inputs changed"):
         restore_inputs(ws)
-        if not may_replace:
-            changed = sorted(k for k in inputs_before.keys() | inputs_after.keys()
-                             if inputs_before.get(k) != inputs_after.get(k))
-            pytest.fail(f"lmlab {' '.join(argv)} (exit {result.code}) changed its inputs: {changed[:5]}")
-    if result.code == 0:
-        valid(result)
-        return result
-    assert result.code in (1, 2), f"exit {result.code} for lmlab {' '.join(argv)}"
-    assert after == before, f"lmlab {' '.join(argv)} failed (exit {result.code}) but wrote {set(after) - set(before)}"
-    assert "Traceback" not in result.err
-    if result.code == 1:
-        errors = [line for line in result.err.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and result.err.rstrip().splitlines()[-1] == errors[0], result.err
+    record(argv, result, verdict)
+    if verdict not in ("ok", "error", "usage"):
+        pytest.fail(f"lmlab {' '.join(argv)}: {verdict} (exit {result.code})\n{result.err[-2000:]}")
     return result
+
+
+def judge(result: Outcome, before: dict, after: dict, valid, may_replace: bool) -> str:
+    """ok / error / usage when the property holds; else what broke it."""
+    inputs_before, inputs_after = ({k: v for k, v in s.items() if k.startswith("in")} for s in (before, after))
+    if inputs_after != inputs_before and not may_replace:
+        changed = sorted(k for k in inputs_before.keys() | inputs_after.keys() if inputs_before.get(k) != inputs_after.get(k))
+        return f"inputs changed: {changed[:5]}"
+    if result.code == TRACEBACK or "Traceback" in result.err:
+        return "traceback"
+    if result.code == 0:
+        try:
+            valid(result)
+        except (AssertionError, ValueError, KeyError, OSError) as e:
+            return f"invalid result: {type(e).__name__}: {e}"
+        return "ok"
+    if result.code not in (1, 2):
+        return f"exit status {result.code}"
+    if after != before:
+        return f"partial output: {sorted(set(after) ^ set(before))[:5]}"
+    if result.code == 2:
+        return "usage"
+    errors = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    if len(errors) != 1 or result.err.rstrip().splitlines()[-1] != errors[0]:
+        return "not one error line"
+    return "error"
+
+
+def record(argv: list[str], result: Outcome, verdict: str) -> None:
+    """Append the case to $LMLAB_FUZZ_LOG (JSONL), for benchmarks/hardening.py's figures."""
+    path = os.environ.get("LMLAB_FUZZ_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"argv": argv, "code": result.code, "verdict": verdict,
+                                "error": next((line for line in result.err.splitlines() if line.startswith("error: ")),
+                                              None)}, ensure_ascii=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

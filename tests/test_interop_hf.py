@@ -184,6 +184,13 @@ def test_convert_cli_round_trip_and_hf_folders_load_everywhere(trained_run, tmp_
     assert capsys.readouterr().out.startswith("the ")
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "error: " in capsys.readouterr().err
+    assert main(["convert", str(trained_run), str(hf_dir)]) == 1  # a previous output needs --force
+    assert "already holds a Hugging Face folder; pass --force" in capsys.readouterr().err
+    assert main(["convert", str(trained_run), str(back_dir), "--to", "hf", "--force"]) == 1  # never another kind
+    assert "holds an lmlab checkpoint; refusing to replace it" in capsys.readouterr().err
+    assert main(["convert", str(trained_run), str(hf_dir), "--force"]) == 0
+    assert main(["convert", str(hf_dir), str(back_dir), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "hf"]
 
 
 def test_pretrained_minilm_matches_transformers():

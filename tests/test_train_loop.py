@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, OutputError
 from lmlab.train.logger import read_metrics
 from lmlab.train.loop import Batch, steps_for_epochs
 
@@ -60,7 +60,7 @@ def test_bad_runs_are_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoints"):
         run_task(RegressionTask(8, 1), cfg, resume=True)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(OutputError, match="is a file"):
         run_task(RegressionTask(8, 1), regression_config(tmp_path / "file", max_steps=2))
 
 

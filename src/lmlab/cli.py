@@ -51,7 +51,7 @@ def given(args: argparse.Namespace, *names: str) -> dict:
 def cmd_demo(args: argparse.Namespace) -> None:
     from lmlab.demo import run_demo
 
-    run_demo(**given(args, "out_dir", "minutes", "seed"))
+    run_demo(force=args.force, **given(args, "out_dir", "minutes", "seed"))
 
 
 TOKENIZER_OPTIONS = ("vocab_size", "min_freq", "field", "max_bytes")
@@ -59,19 +59,22 @@ TOKENIZER_OPTIONS = ("vocab_size", "min_freq", "field", "max_bytes")
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmlab.data.tokenizer import train_tokenizer_from_files
+    from lmlab.runs import check_output
 
+    output = check_output(args.output, "tokenizer", args.inputs, force=args.force)
     tok = train_tokenizer_from_files(args.kind, args.inputs, special_tokens=args.special,
                                      **given(args, *TOKENIZER_OPTIONS))
-    tok.save(args.output)
-    print(f"wrote {args.output}: {args.kind} tokenizer, {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
+    tok.save(output)
+    print(f"wrote {output}: {args.kind} tokenizer, {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from lmlab.data.prepare import prepare
+    from lmlab.data.prepare import check_prepare_output, prepare
     from lmlab.data.tokenizer import tokenizer_for
 
+    check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
     tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS))
-    meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test,
+    meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
                    **given(args, "val_fraction", "split", "dedupe", "field", "split_lines", "shard_tokens"))
     sizes = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
     print(f"wrote {args.output}: {meta['documents']} documents, {sizes}, {meta['duplicates_removed']} duplicates removed")
@@ -82,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.train.lm import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after))
+    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force))
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> None:
@@ -91,7 +94,8 @@ def cmd_finetune_classify(args: argparse.Namespace) -> None:
     from lmlab.interop import load_model
 
     cfg = load_config(args.config, args.overrides, cls=ClassifyConfig)
-    print_result(finetune_classifier(cfg, load_model, resume=args.resume, stop_after=args.stop_after))
+    print_result(finetune_classifier(cfg, load_model, resume=args.resume, stop_after=args.stop_after,
+                                     force=args.force))
 
 
 def cmd_finetune_sft(args: argparse.Namespace) -> None:
@@ -100,7 +104,7 @@ def cmd_finetune_sft(args: argparse.Namespace) -> None:
     from lmlab.interop import load_model
 
     cfg = load_config(args.config, args.overrides, cls=SftConfig)
-    print_result(finetune_sft(cfg, load_model, resume=args.resume, stop_after=args.stop_after))
+    print_result(finetune_sft(cfg, load_model, resume=args.resume, stop_after=args.stop_after, force=args.force))
 
 
 def print_result(result) -> None:
@@ -141,25 +145,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from lmlab.eval.perplexity import evaluate_perplexity
-    from lmlab.eval.report import write_metrics_report
+    from lmlab.eval.report import check_report_output, write_metrics_report
+    from lmlab.runs import atomic_dir
 
+    out = args.out and check_report_output(args.out, args.checkpoint, args.data, force=args.force)
     ckpt = load(args, language_model=True)
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data,
                                  **given(args, "stride", "split", "field", "batch_size"))
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
-    if args.out:
-        write_metrics_report(report, args.out, "Perplexity")
+    if out:
+        with atomic_dir(out) as folder:
+            write_metrics_report(report, folder, "Perplexity")
     print(json.dumps(report, indent=2))
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
-    from lmlab.eval.report import write_classification_report
+    from lmlab.eval.report import check_report_output, write_classification_report
     from lmlab.finetune.classify import evaluate_file, require_classifier
+    from lmlab.runs import atomic_dir
 
+    out = args.out and check_report_output(args.out, args.checkpoint, [args.data], force=args.force)
     ckpt = require_classifier(load(args))
     report = evaluate_file(ckpt, args.data, **given(args, "text_field", "label_field", "max_length", "batch_size"))
-    if args.out:
-        write_classification_report(report, args.out, f"{args.data}")
+    if out:
+        with atomic_dir(out) as folder:
+            write_classification_report(report, folder, f"{args.data}")
     print(json.dumps({k: v for k, v in report.items() if k != "per_label"}, indent=2))
 
 
@@ -174,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import convert
 
-    print(convert(args.source, args.output, to=args.to, merge=args.merge))
+    print(convert(args.source, args.output, to=args.to, merge=args.merge, force=args.force))
 
 
 def load(args: argparse.Namespace, language_model: bool = False):
@@ -271,9 +281,16 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
                                                     "a GPU when there is one)")
 
 
+def add_force_flag(p: argparse.ArgumentParser, output: str, kind: str, more: str = "") -> None:
+    """--force, for every command that writes: it may replace a previous output of its own kind only."""
+    p.add_argument("--force", action="store_true",
+                   help=f"replace {output} if it holds a previous {kind} (never anything else){more}")
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """--resume and --stop-after: the flags of every command that runs the training loop."""
+    """--resume, --force and --stop-after: the flags of every command that runs the training loop."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    add_force_flag(p, "train.out_dir", "run", "; the old run is deleted once the new one saves its first checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop this invocation after N steps (schedule unchanged; continue with --resume)")
 
@@ -325,20 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train a small code model on Python's standard library, end to end")
     d.add_argument("--out", dest="out_dir", default=Default("lmlab.demo:run_demo", "out_dir"),
-                   help="run folder (default: %(default)s)")
+                   help="folder for the demo's data/ and run/, new or empty (default: %(default)s)")
     d.add_argument("--minutes", type=float, default=Default("lmlab.demo:run_demo", "minutes"),
                    help="training time budget in minutes (default: %(default)s)")
     d.add_argument("--seed", type=int, default=Default("lmlab.demo:run_demo", "seed"),
                    help="random seed (default: %(default)s)")
+    add_force_flag(d, "--out", "demo")
     d.set_defaults(func=cmd_demo)
 
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True,
                                                                               metavar="ACTION")
     t = tok.add_parser("train", help="train a byte-level BPE, byte, char or word tokenizer and save tokenizer.json")
     t.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
-    t.add_argument("-o", "--output", required=True, help="where to write tokenizer.json")
+    t.add_argument("-o", "--output", required=True,
+                   help="where to write tokenizer.json (a new file; in an existing folder: FOLDER/tokenizer.json)")
     add_tokenizer_flags(t, "lmlab.data.tokenizer:train_tokenizer_from_files")
     t.add_argument("--special", action="append", default=[], metavar="TOKEN", help="extra special token (repeatable)")
+    add_force_flag(t, "OUTPUT", "tokenizer file")
     t.set_defaults(func=cmd_tokenizer_train)
 
     prepare = "lmlab.data.prepare:prepare"
@@ -346,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                               metavar="ACTION")
     dp = data.add_parser("prepare", help="tokenize text into train/val(/test) token shards + meta.json")
     dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
-    dp.add_argument("-o", "--output", required=True, help="output folder")
+    dp.add_argument("-o", "--output", required=True, help="output folder (new or empty; see --force)")
     dp.add_argument("--tokenizer", help="tokenizer.json to use (default: train one with --kind/--vocab-size)")
     dp.add_argument("--val", nargs="+", metavar="INPUT", help="validation inputs: all inputs go to train, these to val")
     dp.add_argument("--test", nargs="+", metavar="INPUT", help="test inputs: a test split of their own")
@@ -361,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="treat every non-empty line as a document")
     dp.add_argument("--shard-tokens", type=int, default=Default(prepare, "shard_tokens"),
                     help="tokens per shard file (default: %(default)s)")
+    add_force_flag(dp, "OUTPUT", "prepared data folder")
     dp.set_defaults(func=cmd_data_prepare)
 
     config_command(sub, "train", RunConfig, cmd_train, "configs/shakespeare_char.yaml",
@@ -434,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--field", default=Default(ppl, "field"), help="JSONL field holding the text (default: %(default)s)")
     pp.add_argument("--batch-size", type=int, default=Default(ppl, "batch_size"),
                     help="windows per forward pass (default: %(default)s)")
-    pp.add_argument("--out", help="folder for results.json and results.md")
+    pp.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
+    add_force_flag(pp, "--out", "evaluation report")
     add_device_flag(pp)
     pp.set_defaults(func=cmd_eval_ppl)
 
@@ -450,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per text (default: as trained)")
     ec.add_argument("--batch-size", type=int, default=Default(evaluate, "batch_size"),
                     help="texts per forward pass (default: %(default)s)")
-    ec.add_argument("--out", help="folder for results.json, results.md and confusion.png")
+    ec.add_argument("--out", help="folder for results.json, results.md and confusion.png (new or empty; see --force)")
+    add_force_flag(ec, "--out", "evaluation report")
     add_device_flag(ec)
     ec.set_defaults(func=cmd_eval_classify)
 
@@ -472,10 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(GPT-2, Llama, BERT) or a pretrained name (all-MiniLM-L6-v2) becomes an lmlab "
                                     "checkpoint. The direction follows from SOURCE unless --to says.")
     cv.add_argument("source", help="lmlab checkpoint/run folder, Hugging Face folder, or pretrained name")
-    cv.add_argument("output", help="folder to write (replaced if it exists)")
+    cv.add_argument("output", help="folder to write: new or empty (see --force); never SOURCE, nor inside it")
     cv.add_argument("--to", choices=["hf", "lmlab"], default=None, help="output format (default: the other one)")
     cv.add_argument("--merge", action="store_true",
                     help="fold LoRA adapters into the weights (default: write them as a PEFT adapter beside the base)")
+    add_force_flag(cv, "OUTPUT", "Hugging Face folder or lmlab checkpoint, whichever it writes")
     cv.set_defaults(func=cmd_convert)
     return p
 

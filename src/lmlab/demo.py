@@ -11,7 +11,6 @@ status lines, logged at INFO (stderr under the CLI; ``lmlab -q demo`` shows the 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import sysconfig
 import time
@@ -25,6 +24,7 @@ from lmlab.eval.perplexity import evaluate_perplexity
 from lmlab.eval.report import write_metrics_report
 from lmlab.generate.engine import generate_text, print_stream
 from lmlab.generate.sampling import SamplingParams
+from lmlab.runs import check_output
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
 
@@ -63,15 +63,17 @@ def demo_config(data_dir: Path, run_dir: Path, minutes: float, seed: int) -> Run
     )
 
 
-def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337, corpus_bytes: int = 8_000_000) -> dict:
+def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337, corpus_bytes: int = 8_000_000,
+             force: bool = False) -> dict:
     """Tokenizer -> shards -> pretraining -> perplexity -> samples; returns the figures it reported.
 
-    ``corpus_bytes`` caps the corpus (the tokenizer learns from at most 3 MB of it).
+    ``corpus_bytes`` caps the corpus (the tokenizer learns from at most 3 MB of it). ``out_dir`` must
+    be new or empty, or (with ``force``) hold a previous demo (``data/`` and ``run/``), which is replaced.
     """
     check_argument("out_dir", out_dir, Name)
     check_argument("minutes", minutes, Positive)
     check_argument("seed", seed, Seed)
-    out = Path(out_dir)
+    out = check_output(out_dir, "demo", force=force)
     started = time.perf_counter()
     files = stdlib_sources(max_bytes=corpus_bytes)
     inputs = [str(p) for p in files]
@@ -81,14 +83,13 @@ def run_demo(out_dir: str = "runs/demo", minutes: float = 4.0, seed: int = 1337,
     logger.info(f"[2/5] byte-level BPE tokenizer: {tokenizer.vocab_size} tokens")
 
     data_dir = out / "data"
-    meta = prepare(inputs, tokenizer, data_dir, val_fraction=0.05, split="hash")
+    meta = prepare(inputs, tokenizer, data_dir, val_fraction=0.05, split="hash", force=True)  # checked above
     s = meta["splits"]
     logger.info(f"      shards: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {data_dir}")
 
     logger.info(f"[3/5] pretraining a small GPT for up to {minutes:g} minutes")
     cfg = demo_config(data_dir, out / "run", minutes, seed)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts afresh each time
-    summary = pretrain(cfg)
+    summary = pretrain(cfg, force=True)  # a previous demo's run, as checked above
 
     ckpt = load_checkpoint(out / "run")
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, str(data_dir), split="val", progress=False)

@@ -20,3 +20,7 @@ class DataError(LmlabError):
 
 class CheckpointError(LmlabError):
     """A checkpoint that is missing, corrupt, or was not written by lmlab."""
+
+
+class OutputError(LmlabError):
+    """An output path that would overwrite an input or something lmlab did not write, or that cannot be written."""

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from lmlab.runs import atomic_dir
+from lmlab.runs import atomic_dir, check_output
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
@@ -108,12 +108,14 @@ def prepare(
     min_split_tokens: int = 1,
     val_inputs: list[str] | None = None,
     test_inputs: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
 
     With ``val_inputs`` all ``inputs`` go to train and ``val_inputs`` to val (split "files";
     val_fraction and split are then unused); ``test_inputs`` add a "test" split.
-    An existing prepared folder is replaced only after success; a failure leaves nothing behind.
+    ``out_dir`` must be new or empty, or (with ``force``) hold a prepared data folder, which is then
+    replaced only after success (runs.check_output); a failure leaves nothing behind.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -122,9 +124,8 @@ def prepare(
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be at least 1, got {shard_tokens}")
     dtype = token_dtype(tokenizer.vocab_size)
-    out = Path(out_dir)
-    _check_replaceable(out)
     sources = {"train": inputs, "val": val_inputs, "test": test_inputs}
+    out = check_output(out_dir, "data", [p for paths in sources.values() for p in paths or []], force)
     for paths in sources.values():
         if paths is not None:
             expand_inputs(paths)  # fail on a missing input before creating anything
@@ -138,6 +139,15 @@ def prepare(
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)
     return meta
+
+
+def check_prepare_output(out_dir: str | os.PathLike, inputs: list[str], val_inputs: list[str] | None = None,
+                         test_inputs: list[str] | None = None, tokenizer: str | None = None,
+                         force: bool = False) -> Path:
+    """What ``prepare`` checks of ``out_dir`` (runs.check_output), for the command line to check before
+    it trains a tokenizer: every input, and the tokenizer file, stays out of the output."""
+    reads = [*inputs, *(val_inputs or []), *(test_inputs or []), tokenizer]
+    return check_output(out_dir, "data", reads, force)
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
@@ -397,14 +407,6 @@ def _check_sizes(meta: dict, min_tokens: int, sources: dict[str, list[str] | Non
         raise DataError(
             f"{names}: too little text: {listed}; each split needs at least {min_tokens} (add text or change val_fraction)"
         )
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace a file, or a non-empty folder that is not a prepared data folder."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
-        raise DataError(f"{out}: folder exists and is not a prepared data folder; refusing to replace it")
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -24,7 +24,6 @@ import logging
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Iterable, Sequence
@@ -35,6 +34,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 
 from lmlab.config import Count, check_argument
 from lmlab.errors import ConfigError, DataError
+from lmlab.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.tk.to_str(pretty=True))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.tk.to_str(pretty=True))
 
     def encode(self, text: str, *, allow_special: bool = True, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``.

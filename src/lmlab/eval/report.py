@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 
 from lmlab.eval.metrics import confusion_text, plot_confusion
-from lmlab.runs import atomic_write_text
+from lmlab.runs import atomic_write_text, check_output, list_checkpoints
+
+
+def check_report_output(out_dir: str | Path, checkpoint: str | Path, data: list[str], force: bool = False) -> Path:
+    """Check ``out_dir`` for a report of ``checkpoint`` on ``data`` before the evaluation (runs.check_output).
+
+    Of a run folder, the input is the checkpoint read (its newest), so that a report may go into the
+    run folder beside its checkpoints (RUN/eval) but never replace or enter them.
+    """
+    found = list_checkpoints(checkpoint)
+    return check_output(out_dir, "report", [found[-1] if found else checkpoint, *data], force)
 
 
 def write_results(out_dir: str | Path, results: dict, markdown: str) -> None:

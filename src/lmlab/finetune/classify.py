@@ -200,22 +200,23 @@ class ClassificationTask(TaskBase):
 
 
 def finetune_classifier(cfg: ClassifyConfig, load_base: Callable = load_checkpoint, resume: bool = False,
-                        stop_after: int | None = None) -> RunResult:
+                        stop_after: int | None = None, force: bool = False) -> RunResult:
     """Train a classifier as ``cfg`` says; write the run folder (see the module docstring) and return what happened.
 
     ``load_base(path)`` opens model.path (the CLI passes one that also opens Hugging Face folders and
-    pretrained names); ``resume`` continues the run in train.out_dir from its newest checkpoint.
+    pretrained names); ``resume`` continues the run in train.out_dir from its newest checkpoint;
+    ``force`` replaces a previous run there (see Trainer).
     """
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give an lmlab checkpoint, a Hugging Face folder or a pretrained name")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a TSV, CSV or JSONL file of labelled text")
-    device, precision = prepare_run(cfg.train, resume)
+    device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.model.path, cfg.data.train, cfg.data.val])
     task = ClassificationTask(cfg, load_base(cfg.model.path), device)
     trainable, total = count_parameters(task.model)
     log.info("%s training examples, labels %s; %s of %s parameters trainable (%.2f%%)", f"{len(task.train_ids):,}",
              task.labels, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    trainer = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after)
+    trainer = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force)
     result = trainer.run()
     result.extra = {"trainable_params": trainable, "total_params": total, "labels": task.labels, "lora_r": cfg.lora.r}
     if task.reports:

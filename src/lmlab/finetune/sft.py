@@ -147,20 +147,21 @@ def _split_conversations(cfg: SftConfig) -> tuple[list, list]:
 
 
 def finetune_sft(cfg: SftConfig, load_base: Callable = load_checkpoint, resume: bool = False,
-                 stop_after: int | None = None) -> RunResult:
+                 stop_after: int | None = None, force: bool = False) -> RunResult:
     """Instruction-tune a decoder as ``cfg`` says; write the run folder and return what happened.
 
     ``load_base(path)`` opens model.path (the CLI passes one that also opens Hugging Face folders);
-    ``resume`` continues the run in train.out_dir from its newest checkpoint.
+    ``resume`` continues the run in train.out_dir from its newest checkpoint; ``force`` replaces a
+    previous run there (see Trainer).
     """
     if not cfg.model.path or not cfg.data.train:
         raise ConfigError("model.path and data.train must be set (a decoder checkpoint and a JSONL/JSON file)")
-    device, precision = prepare_run(cfg.train, resume)
+    device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.model.path, cfg.data.train, cfg.data.val])
     task = SftTask(cfg, load_base(cfg.model.path), device)
     trainable, total = count_parameters(task.model)
     log.info("%s conversations -> %s rows of <= %d tokens%s; %d chat tokens added; %s of %s parameters trainable",
              f"{task.conversations:,}", f"{len(task.rows):,}", task.block, " (packed)" if cfg.data.pack else "",
              task.added, f"{trainable:,}", f"{total:,}")
-    result = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after).run()
+    result = Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()
     result.extra = {"trainable_params": trainable, "total_params": total}
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.runs import check_output
 from lmlab.interop.hf import PRETRAINED, describe, export_hf, import_hf
 from lmlab.train.checkpoint import Checkpoint, is_lmlab_checkpoint, load_checkpoint, save_checkpoint
 
@@ -29,11 +30,17 @@ def is_hf_source(source: str | Path) -> bool:
     return str(source) in PRETRAINED or (Path(source) / "config.json").is_file()
 
 
-def convert(source: str | Path, output: str | Path, to: str | None = None, merge: bool = False) -> str:
+def convert(source: str | Path, output: str | Path, to: str | None = None, merge: bool = False,
+            force: bool = False) -> str:
     """Convert an lmlab checkpoint to a Hugging Face folder (``to="hf"``) or the other way round
     (``to="lmlab"``); by default the direction follows from ``source``. Returns a line saying what was
-    written. ``merge`` folds LoRA adapters into the exported weights."""
+    written. ``merge`` folds LoRA adapters into the exported weights.
+
+    ``output`` must be new or empty, or (with ``force``) hold a previous output of the same kind; it
+    must not be, contain or lie inside ``source`` (runs.check_output), so a conversion never destroys
+    its source. The folder is written whole or not at all."""
     to = to or ("hf" if is_lmlab_checkpoint(source) else "lmlab")
+    check_output(output, "hf" if to == "hf" else "checkpoint", [source], force)
     if to == "hf":
         ckpt = load_model(source)
         out = export_hf(ckpt.model, ckpt.tokenizer, output, merge=merge)

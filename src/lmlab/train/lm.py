@@ -152,9 +152,11 @@ def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, obj
     return train_data, val_data, tokenizer, model_cfg
 
 
-def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> RunResult:
-    """Train a language model as ``cfg`` describes; ``resume`` continues the run in train.out_dir."""
-    device, precision = prepare_run(cfg.train, resume)
+def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
+             force: bool = False) -> RunResult:
+    """Train a language model as ``cfg`` describes; ``resume`` continues the run in train.out_dir,
+    ``force`` replaces a previous run there (see Trainer)."""
+    device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
     task = LanguageModelTask(cfg, device)
     cfg = dataclasses.replace(cfg, model=task.model.config)  # presets resolved, for config.yaml
-    return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after).run()
+    return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.progress import progress_bar
-from lmlab.runs import RunFolder
+from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
 from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
                            seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
@@ -140,20 +140,28 @@ class RunResult:
     extra: dict = field(default_factory=dict)  # what a task adds (parameter counts, labels, a full report)
 
 
-def prepare_run(tc: TrainConfig, resume: bool) -> tuple[torch.device, str]:
-    """Check the output folder against --resume, apply train.threads and the seed; return device, precision.
+def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iterable = ()) -> tuple[torch.device, str]:
+    """Check the output folder against --resume and --force, apply train.threads and the seed; return
+    device, precision.
 
-    Called by a task builder before it builds anything, so a bad run folder fails before any work.
+    Called by a task builder before it builds anything, so a bad run folder fails before any work:
+    without --resume, train.out_dir must be new or empty, or (with --force) hold a previous run (see
+    runs.check_output; ``inputs`` are the paths the run reads, which it must not write over).
     """
     run = RunFolder(tc.out_dir)
-    if run.root.exists() and not run.root.is_dir():
-        raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
-    has_checkpoints = bool(run.checkpoints())
-    if resume and not has_checkpoints:
-        raise ConfigError(f"--resume: {run.root} has no checkpoints to resume from")
-    if not resume and has_checkpoints:
-        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it or set train.out_dir "
-                          f"to a new folder")
+    if resume and force:
+        raise ConfigError("--resume continues the run in train.out_dir and --force replaces it; give one of them")
+    if resume:
+        remove_stale_temporaries(run.root.parent, run.root.name)  # may put back a run a killed --force replaced
+        if run.root.exists() and not run.root.is_dir():
+            raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
+        if not run.checkpoints():
+            raise ConfigError(f"--resume: {run.root} has no checkpoints to resume from")
+    elif not force and output_kind(run.root) == "run":
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, --force to replace it, "
+                          f"or set train.out_dir to a new folder")
+    else:
+        check_output(run.root, "run", inputs, force)
     set_threads(tc.threads)
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
@@ -165,11 +173,12 @@ class Trainer:
     """Runs a task for ``cfg.train.max_steps`` steps (see the module docstring); ``run()`` returns a RunResult.
 
     ``cfg`` is the run's whole config (saved as config.yaml); its ``train`` section drives the loop.
-    The task's model must already be on ``device``.
+    The task's model must already be on ``device``. ``replace`` (--force) takes over a previous run in
+    train.out_dir, which is deleted once this run saves its first checkpoint (see ``run``).
     """
 
     def __init__(self, task: Task, cfg, device: torch.device, precision: str, resume: bool = False,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, replace: bool = False):
         if stop_after is not None and stop_after < 1:
             raise ConfigError(f"--stop-after must be at least 1 step, got {stop_after}")
         tc = cfg.train
@@ -178,7 +187,8 @@ class Trainer:
             cfg = dataclasses.replace(cfg, train=tc)
         self.task, self.cfg, self.tc = task, cfg, tc
         self.device, self.precision = device, precision
-        self.stop_after = stop_after
+        self.stop_after, self.replace = stop_after, replace
+        self.claim = None  # the run folder while run() fills it
         self.run_folder = RunFolder(tc.out_dir)
         self.model = task.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -237,9 +247,17 @@ class Trainer:
     # the run
 
     def run(self) -> RunResult:
-        """Train until max_steps, max_minutes or --stop-after; checkpoint, plot and return what happened."""
+        """Train until max_steps, max_minutes or --stop-after; checkpoint, plot and return what happened.
+
+        A run folder that this run made (or emptied, or took over with ``replace``) is removed again if
+        the run fails before its first checkpoint, and a run it replaced is put back; Ctrl-C saves a
+        checkpoint first, so an interrupted run is kept (continue it with --resume).
+        """
+        with claim_output(self.run_folder.root, replace=self.replace) as self.claim:
+            return self._run()
+
+    def _run(self) -> RunResult:
         tc = self.tc
-        self.run_folder.root.mkdir(parents=True, exist_ok=True)
         self.run_folder.remove_stale_temporaries()
         self.logger.truncate_after(self.step)  # what a killed process logged past its last checkpoint
         save_config(self.cfg, self.run_folder.config)
@@ -330,6 +348,8 @@ class Trainer:
         info = {"step": self.step, "kind": self.task.kind, **self.task.checkpoint_info()}
         with averaged(self.ema):
             save_checkpoint(path, self.model, self.task.tokenizer, state, info=info)
+        if self.claim is not None:
+            self.claim.keep()  # the run now holds a checkpoint: it stays, whatever happens next
         self.run_folder.prune_checkpoints(self.tc.keep_checkpoints)
         return path
 
