@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmlab.cli import build_parser, main
 
@@ -112,7 +113,9 @@ def test_writing_verbs_refuse_to_lose_data(cli_run, tmp_path, capsys):
     cases = [
         (["tokenizer", "train", corpus, "-o", corpus, "--kind", "char"], "is also an input"),
         (["tokenizer", "train", a_file, "-o", cli_run / "tok.json", "--kind", "char"], "pass --force"),
-        (["tokenizer", "train", corpus, "-o", data, "--kind", "char", "--force"], "which holds a prepared data"),
+        (["tokenizer", "train", corpus, "-o", data / "tok.json", "--kind", "char", "--force"],
+         "which holds a prepared data"),
+        (["tokenizer", "train", corpus, "-o", tmp_path, "--kind", "char"], "is a folder; give the path"),
         (["data", "prepare", corpus, "-o", data, "--kind", "char"], "already holds a prepared data folder"),
         (["data", "prepare", corpus, "-o", mine, "--kind", "char", "--force"], "lmlab did not write"),
         (["data", "prepare", corpus, "-o", a_file, "--kind", "char"], "is a file, not a folder"),
@@ -229,9 +232,13 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = train_tokenizer("char", tiny_corpus())
     small = dict(n_layer=1, d_model=16, block_size=32, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
     encoder = build_model(ModelConfig(family="encoder", n_head=2, **small))
+    gru = build_model(ModelConfig(family="gru", **small))
+    with torch.no_grad():
+        gru.head.bias[tok.eot_id] = -1e4  # it never ends a text, so an interrupted generate is still generating
     paths = {"lm": save_checkpoint(root / "lm", build_model(ModelConfig(n_head=2, **small)), tok),
-             "gru": save_checkpoint(root / "gru", build_model(ModelConfig(family="gru", **small)), tok),
+             "gru": save_checkpoint(root / "gru", gru, tok),
              "enc": save_checkpoint(root / "enc", encoder, tok),
              "cls": save_checkpoint(root / "cls", build_classifier(encoder, ["0", "1"], None, 0.0), tok,
                                     info={"max_length": 16})}

@@ -111,14 +111,15 @@ def test_nothing_is_written_inside_a_finished_output(tmp_path):
     outputs = kinds(tmp_path)
     before = tree(tmp_path)
     for kind in ("checkpoint", "hf", "data", "report"):
-        for output, wanted in [(outputs[kind], "tokenizer"), (outputs[kind] / "x", "report")]:
+        for output, wanted in [(outputs[kind] / "tokenizer.json", "tokenizer"), (outputs[kind] / "x", "report")]:
             with pytest.raises(OutputError, match=f"is inside {outputs[kind]}, which holds"):
                 check_output(output, wanted, force=True)
     with pytest.raises(OutputError, match="which holds the checkpoints of a run"):
         check_output(outputs["run"] / "checkpoints" / "eval", "report")
     assert tree(tmp_path) == before
     assert check_output(outputs["run"] / "eval", "report") == outputs["run"] / "eval"  # a run holds reports
-    assert check_output(outputs[None], "tokenizer") == outputs[None] / "tokenizer.json"
+    with pytest.raises(OutputError, match="is a folder; give the path of the tokenizer file"):
+        check_output(outputs[None], "tokenizer")  # a tokenizer is a file of its own, not one added to a folder
 
 
 def test_empty_folders_and_new_paths_are_fine(tmp_path):
@@ -127,10 +128,9 @@ def test_empty_folders_and_new_paths_are_fine(tmp_path):
     assert check_output(tmp_path / "new" / "deep" / "out", "report") == tmp_path / "new" / "deep" / "out"
     assert not (tmp_path / "new").exists()  # the probe leaves no folder behind
     make(tmp_path / "folder")
-    assert check_output(tmp_path / "folder", "tokenizer") == tmp_path / "folder" / "tokenizer.json"
-    make(tmp_path / "folder" / "tokenizer.json")
-    with pytest.raises(OutputError, match="is a folder, not a file"):
-        check_output(tmp_path / "folder", "tokenizer")  # FOLDER/tokenizer.json is a folder
+    with pytest.raises(OutputError, match="is a folder; give the path of the tokenizer file"):
+        check_output(tmp_path / "folder", "tokenizer")
+    assert check_output(tmp_path / "folder" / "tok.json", "tokenizer") == tmp_path / "folder" / "tok.json"
 
 
 def test_unwritable_places_are_refused(tmp_path):

@@ -200,13 +200,15 @@ def check_output(path: str | os.PathLike, kind: str, inputs: Iterable = (), forc
     expected or the other way round; a non-empty folder (or a file) that does not hold a previous
     output of the same kind; such a previous output unless ``force``; a place whose parent cannot be
     created or written. Stale temporaries of the output (see the module docstring) are removed first.
-    A tokenizer written to an existing folder goes to FOLDER/tokenizer.json, as Tokenizer.save does.
+    A tokenizer is a file: an existing folder is refused (adding tokenizer.json to a run or a user's
+    folder would mix outputs).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     path = Path(path)
     if kind == "tokenizer" and path.is_dir():
-        path = path / "tokenizer.json"
+        raise OutputError(f"{path} is a folder; give the path of the tokenizer file to write, e.g. "
+                          f"{path / 'tokenizer.json'} (a file of its own, not a file added to a folder)")
     _check_not_an_input(path, inputs)
     _check_not_inside_an_output(path)
     remove_stale_temporaries(path.parent, path.name)
