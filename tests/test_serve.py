@@ -172,6 +172,38 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(clien
     assert client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+LONE_SURROGATE = '"a\\ud800b"'  # JSON text for a string no tokenizer can encode
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+@pytest.mark.parametrize("path, body, fragment", [
+    ("/v1/completions", '{"model": "tiny", "prompt": ' + LONE_SURROGATE + '}', "prompt: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["a", ' + LONE_SURROGATE + ']}', "prompt.1: not valid Unicode"),
+    ("/v1/completions", '{"model": ' + LONE_SURROGATE + ', "prompt": "a"}', "model: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "stop": ' + LONE_SURROGATE + '}', "stop: not valid"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": ' + LONE_SURROGATE + '}]}',
+     "messages.0.content: not valid Unicode"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": ' + LONE_SURROGATE + '}]}]}', "messages.0.content.0.text: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "seed": 18446744073709551616}', "seed"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "seed": -9223372036854775809}', "seed"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "seed": 1e400}',
+     "seed"),
+])
+def test_text_that_is_not_unicode_and_seeds_beyond_64_bits_get_400(client, path, body, fragment, stream):
+    body = body[:-1] + f', "max_tokens": 2, "stream": {stream}}}'
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 1e-300}, {"repetition_penalty": 1e-30},
+                                     {"seed": -(2 ** 63), "n": 2}, {"seed": 2 ** 63 - 1, "n": 8}])
+def test_extreme_but_valid_sampling_values_generate(client, extreme):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 3, **extreme})
+    assert r.status_code == 200, r.text
+
+
 def test_chat_errors(client):
     for body in [{"model": "tiny", "messages": []}, {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]},
                  {"model": "tiny", "messages": [{"role": "user", "content": 3}]}]:

@@ -17,6 +17,7 @@ import torch
 from lmlab.errors import ConfigError
 
 MAX_NEW_TOKENS_CAP = 1_000_000
+MIN_TEMPERATURE = 1e-6  # a smaller temperature counts as this one
 
 
 @dataclass
@@ -52,6 +53,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between -2 and 2, got {getattr(self, name)}")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:
+            raise ConfigError(f"seed must be a 64-bit integer (from -2**63 to 2**64 - 1), got {self.seed}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 
@@ -77,7 +80,7 @@ class TokenHistory:
 
 def repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, history: TokenHistory) -> torch.Tensor:
     """Make tokens already seen less likely: positive logits divided by ``penalty``, negative multiplied."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalised = torch.where(logits > 0, _finite(logits / penalty), logits * penalty)
     return torch.where(history.seen, penalised, logits)
 
 
@@ -92,8 +95,18 @@ def frequency_penalty(logits: torch.Tensor, penalty: torch.Tensor, history: Toke
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor, history=None) -> torch.Tensor:
-    """Divide by the temperature (greedy rows, temperature 0, are divided by 1: their argmax is kept)."""
-    return logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    """Divide by the temperature (greedy rows, temperature 0, are divided by 1: their argmax is kept).
+
+    Temperatures below MIN_TEMPERATURE count as that (greedy in effect already): dividing by a smaller
+    one could overflow to inf, and turn the probabilities into NaN.
+    """
+    return logits / torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE), torch.ones_like(temperature))
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits divided by a tiny value (a repetition penalty of 1e-30) capped at the largest float, not inf,
+    which would make the probabilities NaN."""
+    return logits.clamp(max=torch.finfo(logits.dtype).max)
 
 
 def apply_top_k(logits: torch.Tensor, k: torch.Tensor | int, history=None) -> torch.Tensor:
@@ -161,7 +174,8 @@ class Sampler:
             if name == "top_k":
                 values = [min(v, self.vocab_size) for v in values]
             self.steps.append((name, fn, torch.tensor(values, device=self.device)[:, None]))  # (B, 1)
-        self.greedy = torch.tensor([p.temperature == 0 for p in self.params], device=self.device)  # (B,)
+        # (B,): a temperature too small for a float32 is 0 here, as in apply_temperature
+        self.greedy = torch.tensor([p.temperature for p in self.params], device=self.device) == 0
         self.all_greedy = bool(self.greedy.all())
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,26 @@ leaves empty (``logprobs``) are still sent, as null. Stream chunks omit what Ope
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # OpenAI's: a signed 64-bit integer
+
+
+def _unicode(text: str) -> str:
+    """Refuse text that is not valid Unicode: JSON can spell a lone surrogate (``"\\ud800"``), which no
+    tokenizer can encode and no response can echo."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("invalid_unicode", "not valid Unicode text: a lone surrogate ({char}) at "
+                                  "character {at}", {"char": f"\\u{ord(text[e.start]):04x}", "at": e.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request sends
 
 
 class StreamOptions(BaseModel):
@@ -26,17 +43,18 @@ class SamplingFields(BaseModel):
     """The sampling fields both endpoints share."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8, description="choices to generate for each prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 strings; the text ends before the first")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                             description="a signed 64-bit integer; choice i of n draws with seed + i")
+    user: Text | None = None
     top_k: int | None = Field(None, ge=1, description="lmlab extension: sample among the k most likely tokens")
     min_p: float | None = Field(None, ge=0, le=1, description="lmlab extension: min-p filtering")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="lmlab extension: > 1 penalises repeats")
@@ -45,7 +63,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions: continue a prompt (or several)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = None
@@ -54,14 +72,14 @@ class CompletionRequest(SamplingFields):
 class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
     def text(self) -> str:
         """The message's text (content parts joined)."""
