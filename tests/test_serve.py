@@ -86,7 +86,8 @@ def test_handlers_alone_in_an_app_of_their_own(ckpt):
         app.include_router(router)
         add_error_handlers(app)
         with TestClient(app) as c:
-            assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0}
+            assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0,
+                                             "cache_width": 0}
             assert c.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
             key = {"Authorization": "Bearer k"}
             model = {"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}

@@ -111,6 +111,13 @@ class BatchGeneration:
         """Unfinished rows, running or waiting to join."""
         return sum(self.finish_reason[r] is None for r in self.rows) + len(self.waiting)
 
+    @property
+    def width(self) -> int:
+        """Positions the running batch holds per row (its cache and mask): the longest running sequence,
+        plus room for the most tokens a row may still add; 0 when no row runs. Rows that leave give
+        theirs back (``_compact``), so this stays bounded under any load."""
+        return 0 if self.mask is None else self.mask.size(1)
+
     def finish(self, row: int, reason: str = "stop") -> None:
         """Stop generating for ``row`` (it leaves the batch at the next step)."""
         self.finish_reason[row] = reason
@@ -222,14 +229,31 @@ class BatchGeneration:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[j] for j in keep]
-        self.next_input, self.mask = self.next_input[index], self.mask[index]
+        self.next_input = self.next_input[index]
         self.sampler.select(index)
-        if self.cache is not None:
-            self.cache.select(index)
-        if self.ids is not None:
-            self.ids = self.ids[index]
-        self.padded = self.padded and not bool(self.mask[:, :self.cache.pos if self.cache else None].all())
+        if self.ids is not None:  # the recompute reference
+            self.ids, self.mask = self.ids[index], self.mask[index]
+        elif self.rows:
+            self._compact(index)
+        else:  # nobody left: the next rows to join start a new cache
+            self.cache = self.mask = None
+            self.padded = False
 
+    def _compact(self, index: torch.Tensor) -> None:
+        """Keep the cache rows at ``index`` and drop the leading columns that are padding in all of them.
+
+        Rows are right-aligned, so the cache is then as wide as the longest remaining sequence, plus room
+        for the most tokens a row may still add: finished rows give their columns back, and under steady
+        load the width stays bounded instead of growing with every step.
+        """
+        pos = self.cache.pos
+        mask = self.mask[index, :pos]  # (b, pos)
+        start = int(mask.any(dim=0).long().argmax())  # the first column some remaining row needs
+        length = pos - start
+        width = length + max(self.limits[r] - self.counts[r] for r in self.rows)
+        self.cache.compact(index, start, width)
+        self.mask = _right_aligned(mask[:, start:], length, width)  # (b, width)
+        self.padded = not bool(self.mask[:, :length].all())
 
 def _right_aligned(mask: torch.Tensor, end: int, width: int) -> torch.Tensor:
     """``mask`` (b, n) moved to end at column ``end``: False before it, True after it, ``width`` columns."""

@@ -92,7 +92,9 @@ async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(b
 @router.get("/health", summary="Liveness and queue depth")
 async def health(state: ServeState = Depends(served)) -> Health:
     """Whether the server is up, what it serves and how busy it is (no key needed: monitors poll it)."""
-    return Health(model=state.cfg.model_name, queued=state.scheduler.queued, running=state.scheduler.running)
+    scheduler = state.scheduler
+    return Health(model=state.cfg.model_name, queued=scheduler.queued, running=scheduler.running,
+                  cache_width=scheduler.width)
 
 
 @router.get("/v1/models", dependencies=[Depends(authorize)], responses=error_responses(401),

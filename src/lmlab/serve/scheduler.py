@@ -60,6 +60,7 @@ class Scheduler:
         self.waiting: collections.deque[list[Sequence]] = collections.deque()  # one entry per request
         self.lock = threading.Condition()
         self.running = 0  # sequences in the batch being generated
+        self.width = 0  # positions per row of the batch's cache (engine.BatchGeneration.width)
         self.closed = False
         self.worker = threading.Thread(target=self._work, name="lmlab-generate", daemon=True)
         self.worker.start()
@@ -117,4 +118,4 @@ class Scheduler:
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
             if not generation.active:  # all done: start afresh (row numbers, cache)
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
-            self.running = generation.active
+            self.running, self.width = generation.active, generation.generation.width

@@ -220,6 +220,8 @@ class Health(Response):
     model: str
     queued: int = Field(description="sequences waiting for a batch")
     running: int = Field(description="sequences being generated")
+    cache_width: int = Field(description="positions per sequence in the batch's cache: the longest running "
+                                         "sequence and the room it may still need (0 when idle)")
 
 
 class ErrorDetail(Response):
