@@ -122,8 +122,10 @@ def apply_top_p(logits: torch.Tensor, p: torch.Tensor | float, history=None) -> 
     """Keep the smallest set of tokens whose probabilities add up to at least p (nucleus sampling)."""
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
-    # drop a token if the tokens before it already reach p (the top token always stays)
+    # drop a token if the tokens before it already reach p; the top token always stays (even if p
+    # is so small that it rounds to 0 in float32)
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -65,6 +65,12 @@ class ServeState:
         """Stop the generation worker after its current batch."""
         self.scheduler.close()
 
+    def reopen(self) -> None:
+        """Start a new generation worker if ``close()`` stopped the last one (the app is started again)."""
+        if self.scheduler.closed:
+            cfg = self.cfg
+            self.scheduler = Scheduler(self.model, self.tokenizer, cfg.max_batch_size, cfg.max_queue)
+
     @property
     def max_prompt_tokens(self) -> int | None:
         """The longest prompt accepted: ``cfg.max_prompt_tokens``, and the context less room for one token."""
