@@ -3,7 +3,8 @@
 - ``BatchGeneration``: several prompts of different lengths at once, step by step. Prompts are
   padded on the left and an attention mask hides the padding (a row's positions count only its
   real tokens), so each row comes out as it would alone. One preallocated cache; rows that finish
-  leave the batch, and new rows can join it between steps (continuous batching).
+  leave the batch (and give back the cache columns no remaining row needs), and new rows can join
+  it between steps (continuous batching).
 - ``TextGeneration`` / ``generate_texts`` / ``generate_text``: the same with text in and out:
   prompts encoded, output decoded as it streams (never splitting a character that spans several
   byte-level tokens), cut at stop strings.
@@ -254,6 +255,7 @@ class BatchGeneration:
         self.cache.compact(index, start, width)
         self.mask = _right_aligned(mask[:, start:], length, width)  # (b, width)
         self.padded = not bool(self.mask[:, :length].all())
+
 
 def _right_aligned(mask: torch.Tensor, end: int, width: int) -> torch.Tensor:
     """``mask`` (b, n) moved to end at column ``end``: False before it, True after it, ``width`` columns."""
