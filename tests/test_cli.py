@@ -289,7 +289,7 @@ BAD_FLAGS = [  # (argv with {placeholders} for the `models` paths, fragment of t
     ("generate {lm} --prompt the --top-p inf", "top-p must be in (0, 1]"),
     ("generate {lm} --prompt the --top-p 2", "top-p must be in (0, 1]"),
     ("generate {lm} --prompt the --seed 100000000000000000000000000000", "seed must be between 0 and"),
-    ("generate {lm} --prompt the --seed -1", "seed must be between 0 and"),
+    ("generate {lm} --prompt the --seed 9223372036854775808", "seed must be a signed 64-bit integer"),
     ("generate {lm} --prompt-file {root}/folder", "is a folder, not a prompt file"),
     ("generate {cls} --prompt the", "is a sequence classifier, not a language model; use lmlab predict"),
     ("generate {enc} --prompt the", "is an encoder without a language-model head"),

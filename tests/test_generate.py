@@ -1,7 +1,8 @@
+import itertools
+import random
+
 import pytest
 import torch
-
-import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -87,7 +88,8 @@ def test_top_k_and_top_p_on_hand_made_logits():
 
 def test_invalid_sampling_values():
     for bad in [dict(temperature=-1), dict(top_p=1.5), dict(top_k=0), dict(max_new_tokens=0), dict(min_p=2.0),
-                dict(repetition_penalty=0), dict(presence_penalty=3), dict(frequency_penalty=-2.5), dict(stop=[""])]:
+                dict(repetition_penalty=0), dict(presence_penalty=3), dict(frequency_penalty=-2.5), dict(stop=[""]),
+                dict(seed=2 ** 64), dict(seed=-2 ** 63 - 1)]:
         with pytest.raises(ConfigError):
             SamplingParams(**bad).validate()
 
@@ -157,6 +159,35 @@ def test_rows_joining_a_running_batch_get_what_they_get_alone(kind):
     assert not generation.active
     alone = [list(generate_tokens(model, prompt, params)) for prompt, params in jobs]
     assert [out[i] for i in range(4)] == alone
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "lstm"])
+def test_under_steady_load_the_cache_stays_as_wide_as_the_longest_running_row(kind):
+    """Continuous batching for many steps, a row joining every other step and rows leaving as they finish:
+    the batch is never empty, yet finished rows give their cache columns back, so the width stays bounded
+    (it used to grow by one every step), and every row still gets what it gets alone."""
+    model = tiny_model(**MODELS[kind])
+    rng = random.Random(0)
+    max_prompt, max_new = 12, 10
+    jobs = [([rng.randrange(1, 50) for _ in range(rng.randint(1, max_prompt))],
+             SamplingParams(max_new_tokens=rng.randint(1, max_new), temperature=0 if i % 2 else 0.9, seed=i))
+            for i in range(40)]
+    generation, out, positions, widths = BatchGeneration(model), {}, [], []
+    for step in itertools.count():
+        if step % 2 == 0 and step // 2 < len(jobs):
+            generation.add(*jobs[step // 2])
+        if not generation.active:
+            break
+        for row, token in generation.step():
+            out.setdefault(row, []).append(token)
+        positions.append(generation.cache.pos)
+        widths.append(generation.width)
+        if hasattr(generation.cache, "k"):
+            assert generation.cache.k.size(3) == generation.width  # the mask and the cache agree
+    assert len(widths) > 2 * (max_prompt + 2 * max_new)  # long enough that unbounded growth would show
+    assert max(positions) <= max_prompt + max_new  # the longest running sequence, no dead columns
+    assert max(widths) <= max_prompt + 2 * max_new  # and room for what a row may still add
+    assert [out[i] for i in range(len(jobs))] == [list(generate_tokens(model, *job)) for job in jobs]
 
 
 def test_left_padding_gives_finite_outputs_and_the_same_logits():

@@ -65,8 +65,9 @@ def test_openapi_names_the_response_schema_of_every_route(client):
         responses = paths[path]["post"]["responses"]
         assert {"400", "401", "404", "429", "504"} <= set(responses) and "422" not in responses  # 400, not 422
         events = responses["200"]["content"]["text/event-stream"]["itemSchema"]
-        assert [r["$ref"] for r in events["properties"]["data"]["contentSchema"]["anyOf"]] == [
-            f"#/components/schemas/{chunk}", "#/components/schemas/ErrorResponse"]
+        json_event, done = events["properties"]["data"]["anyOf"]
+        assert [r["$ref"] for r in json_event["contentSchema"]["anyOf"]] == [
+            f"#/components/schemas/{chunk}", "#/components/schemas/ErrorResponse"] and done == {"const": "[DONE]"}
     assert set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schema))) <= set(components)  # all resolve
     # the documented fields are the fields sent, nulls included
     assert set(client.get("/health").json()) == set(components["Health"]["required"])
@@ -86,7 +87,8 @@ def test_handlers_alone_in_an_app_of_their_own(ckpt):
         app.include_router(router)
         add_error_handlers(app)
         with TestClient(app) as c:
-            assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0}
+            assert c.get("/health").json() == {"status": "ok", "model": "solo", "queued": 0, "running": 0,
+                                             "cache_width": 0}
             assert c.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
             key = {"Authorization": "Bearer k"}
             model = {"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}
@@ -172,6 +174,39 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(clien
     assert client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+LONE_SURROGATE = '"a\\ud800b"'  # JSON text for a string no tokenizer can encode
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+@pytest.mark.parametrize("path, body, fragment", [
+    ("/v1/completions", '{"model": "tiny", "prompt": ' + LONE_SURROGATE + '}', "prompt: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["a", ' + LONE_SURROGATE + ']}', "prompt.1: not valid Unicode"),
+    ("/v1/completions", '{"model": ' + LONE_SURROGATE + ', "prompt": "a"}', "model: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "stop": ' + LONE_SURROGATE + '}', "stop: not valid"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": ' + LONE_SURROGATE + '}]}',
+     "messages.0.content: not valid Unicode"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": ' + LONE_SURROGATE + '}]}]}', "messages.0.content.0.text: not valid Unicode"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "seed": 18446744073709551616}', "seed"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "a", "seed": -9223372036854775809}', "seed"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "seed": 1e400}',
+     "seed"),
+])
+def test_text_that_is_not_unicode_and_seeds_beyond_64_bits_get_400(client, path, body, fragment, stream):
+    body = body[:-1] + f', "max_tokens": 2, "stream": {stream}}}'
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 1e-300}, {"repetition_penalty": 1e-30},
+                                     {"top_p": 5e-324}, {"n": 2.0, "max_tokens": 3.0, "prompt": [5.0, 6]},
+                                     {"seed": -(2 ** 63), "n": 2}, {"seed": 2 ** 63 - 1, "n": 8}])
+def test_extreme_but_valid_sampling_values_generate(client, extreme):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 3, **extreme})
+    assert r.status_code == 200, r.text
+
+
 def test_chat_errors(client):
     for body in [{"model": "tiny", "messages": []}, {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]},
                  {"model": "tiny", "messages": [{"role": "user", "content": 3}]}]:
@@ -221,6 +256,41 @@ def test_scheduler_bounds_its_queue_and_batches_waiting_requests(ckpt):
     finally:
         scheduler.close()
         loop.close()
+
+
+def test_a_sequence_the_engine_refuses_gets_an_error_and_the_worker_goes_on(ckpt):
+    """The handlers check every request, but should the engine still refuse one, its request gets an error
+    event; the worker thread must not die (every later request would wait for its timeout)."""
+    scheduler = Scheduler(ckpt.model, ckpt.tokenizer, max_batch_size=4, max_queue=4)
+    loop = asyncio.new_event_loop()
+    try:
+        queue = asyncio.Queue()
+        bad = Sequence([1, 2], SamplingParams(max_new_tokens=0), 0, queue, loop)
+        good = Sequence([1, 2], SamplingParams(max_new_tokens=2, temperature=0), 1, queue, loop)
+        scheduler.submit([bad, good])
+
+        async def collect():
+            ends = {}
+            while len(ends) < 2:
+                kind, index, _ = await asyncio.wait_for(queue.get(), 30)
+                if kind != "text":
+                    ends[kind] = index
+            return ends
+        events = loop.run_until_complete(collect())
+        assert events == {"error": 0, "done": 1} and scheduler.worker.is_alive()
+    finally:
+        scheduler.close()
+        loop.close()
+
+
+def test_an_app_started_again_after_a_shutdown_still_generates(ckpt):
+    """An ASGI lifespan may run more than once on one app (schemathesis runs one per test): each start needs
+    a generation worker, or requests wait until their timeout."""
+    app = create_app(ckpt.model, ckpt.tokenizer, ServeConfig(model_name="tiny", request_timeout=30))
+    body = {"model": "tiny", "prompt": "the ", "max_tokens": 2}
+    for _ in range(2):
+        with TestClient(app) as c:
+            assert c.post("/v1/completions", json=body).status_code == 200
 
 
 def test_an_event_for_a_closed_loop_cancels_the_sequence():

@@ -3,7 +3,8 @@
 - ``BatchGeneration``: several prompts of different lengths at once, step by step. Prompts are
   padded on the left and an attention mask hides the padding (a row's positions count only its
   real tokens), so each row comes out as it would alone. One preallocated cache; rows that finish
-  leave the batch, and new rows can join it between steps (continuous batching).
+  leave the batch (and give back the cache columns no remaining row needs), and new rows can join
+  it between steps (continuous batching).
 - ``TextGeneration`` / ``generate_texts`` / ``generate_text``: the same with text in and out:
   prompts encoded, output decoded as it streams (never splitting a character that spans several
   byte-level tokens), cut at stop strings.
@@ -110,6 +111,13 @@ class BatchGeneration:
     def active(self) -> int:
         """Unfinished rows, running or waiting to join."""
         return sum(self.finish_reason[r] is None for r in self.rows) + len(self.waiting)
+
+    @property
+    def width(self) -> int:
+        """Positions the running batch holds per row (its cache and mask): the longest running sequence,
+        plus room for the most tokens a row may still add; 0 when no row runs. Rows that leave give
+        theirs back (``_compact``), so this stays bounded under any load."""
+        return 0 if self.mask is None else self.mask.size(1)
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """Stop generating for ``row`` (it leaves the batch at the next step)."""
@@ -222,13 +230,31 @@ class BatchGeneration:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[j] for j in keep]
-        self.next_input, self.mask = self.next_input[index], self.mask[index]
+        self.next_input = self.next_input[index]
         self.sampler.select(index)
-        if self.cache is not None:
-            self.cache.select(index)
-        if self.ids is not None:
-            self.ids = self.ids[index]
-        self.padded = self.padded and not bool(self.mask[:, :self.cache.pos if self.cache else None].all())
+        if self.ids is not None:  # the recompute reference
+            self.ids, self.mask = self.ids[index], self.mask[index]
+        elif self.rows:
+            self._compact(index)
+        else:  # nobody left: the next rows to join start a new cache
+            self.cache = self.mask = None
+            self.padded = False
+
+    def _compact(self, index: torch.Tensor) -> None:
+        """Keep the cache rows at ``index`` and drop the leading columns that are padding in all of them.
+
+        Rows are right-aligned, so the cache is then as wide as the longest remaining sequence, plus room
+        for the most tokens a row may still add: finished rows give their columns back, and under steady
+        load the width stays bounded instead of growing with every step.
+        """
+        pos = self.cache.pos
+        mask = self.mask[index, :pos]  # (b, pos)
+        start = int(mask.any(dim=0).long().argmax())  # the first column some remaining row needs
+        length = pos - start
+        width = length + max(self.limits[r] - self.counts[r] for r in self.rows)
+        self.cache.compact(index, start, width)
+        self.mask = _right_aligned(mask[:, start:], length, width)  # (b, width)
+        self.padded = not bool(self.mask[:, :length].all())
 
 
 def _right_aligned(mask: torch.Tensor, end: int, width: int) -> torch.Tensor:

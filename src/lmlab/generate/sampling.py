@@ -17,7 +17,8 @@ import torch
 from lmlab.errors import ConfigError
 
 MAX_NEW_TOKENS_CAP = 1_000_000
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes no more
+SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's seed: a signed 64-bit integer (torch takes it)
+MIN_TEMPERATURE = 1e-6  # a smaller temperature counts as this one
 
 
 @dataclass
@@ -53,8 +54,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between -2 and 2, got {getattr(self, name)}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be a signed 64-bit integer (from {SEED_RANGE[0]} to {SEED_RANGE[1]}), "
+                              f"got {self.seed}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 
@@ -80,7 +82,7 @@ class TokenHistory:
 
 def repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, history: TokenHistory) -> torch.Tensor:
     """Make tokens already seen less likely: positive logits divided by ``penalty``, negative multiplied."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalised = torch.where(logits > 0, _finite(logits / penalty), logits * penalty)
     return torch.where(history.seen, penalised, logits)
 
 
@@ -95,8 +97,18 @@ def frequency_penalty(logits: torch.Tensor, penalty: torch.Tensor, history: Toke
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor, history=None) -> torch.Tensor:
-    """Divide by the temperature (greedy rows, temperature 0, are divided by 1: their argmax is kept)."""
-    return logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    """Divide by the temperature (greedy rows, temperature 0, are divided by 1: their argmax is kept).
+
+    Temperatures below MIN_TEMPERATURE count as that (greedy in effect already): dividing by a smaller
+    one could overflow to inf, and turn the probabilities into NaN.
+    """
+    return logits / torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE), torch.ones_like(temperature))
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits divided by a tiny value (a repetition penalty of 1e-30) capped at the largest float, not inf,
+    which would make the probabilities NaN."""
+    return logits.clamp(max=torch.finfo(logits.dtype).max)
 
 
 def apply_top_k(logits: torch.Tensor, k: torch.Tensor | int, history=None) -> torch.Tensor:
@@ -112,8 +124,10 @@ def apply_top_p(logits: torch.Tensor, p: torch.Tensor | float, history=None) -> 
     """Keep the smallest set of tokens whose probabilities add up to at least p (nucleus sampling)."""
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
-    # drop a token if the tokens before it already reach p (the top token always stays)
+    # drop a token if the tokens before it already reach p; the top token always stays (even if p
+    # is so small that it rounds to 0 in float32)
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -164,7 +178,8 @@ class Sampler:
             if name == "top_k":
                 values = [min(v, self.vocab_size) for v in values]
             self.steps.append((name, fn, torch.tensor(values, device=self.device)[:, None]))  # (B, 1)
-        self.greedy = torch.tensor([p.temperature == 0 for p in self.params], device=self.device)  # (B,)
+        # (B,): a temperature too small for a float32 is 0 here, as in apply_temperature
+        self.greedy = torch.tensor([p.temperature for p in self.params], device=self.device) == 0
         self.all_greedy = bool(self.greedy.all())
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,10 @@ class Cache(Protocol):
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch)."""
 
+    def compact(self, rows: torch.Tensor, start: int, max_len: int) -> None:
+        """Keep only these batch rows and drop the first ``start`` positions, padding in all of them; room
+        for ``max_len`` positions in all (continuous batching gives finished rows' columns back)."""
+
 
 @runtime_checkable
 class Model(Protocol):

@@ -97,6 +97,17 @@ class KVCache:
         """Keep the sequences at these batch indices, in this order (repeats allowed: beam search)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
+    def compact(self, rows: torch.Tensor, start: int, max_len: int) -> None:
+        """Keep the sequences at these batch indices and drop the first ``start`` positions (padding that
+        none of them needs): positions ``start:pos`` move to the front, in a cache of ``max_len``."""
+        kept = self.pos - start
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.size(0), len(rows), old.size(2), max_len, old.size(4))  # (L, b, n_kv, max_len, d)
+            new.narrow(3, 0, kept).copy_(old[:, rows, :, start:self.pos])
+            setattr(self, name, new)
+        self.max_len, self.pos = max_len, kept
+
     def join(self, other: "KVCache", max_len: int) -> "KVCache":
         """A cache of ``max_len`` positions holding this cache's sequences, then ``other``'s, both
         right-aligned at the longer one's length. The slots before a shorter group's keys are zeros

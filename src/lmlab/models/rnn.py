@@ -51,6 +51,12 @@ class RecurrentState:
         elif self.h is not None:
             self.h = self.h[:, rows]
 
+    def compact(self, rows: torch.Tensor, start: int, max_len: int | None = None) -> None:
+        """Keep these batch rows; ``start`` leading positions were padding for all of them (a state has no
+        columns to drop: only the count of positions goes down)."""
+        self.select(rows)
+        self.pos -= start
+
     def join(self, other: "RecurrentState", max_len: int | None = None) -> "RecurrentState":
         """One state holding this state's sequences, then ``other``'s (a state has no length to align)."""
         if isinstance(self.h, tuple):

@@ -56,6 +56,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
+    app.state.serve.reopen()  # the app may be started again after a shutdown (a test client per test does)
     yield
     app.state.serve.close()
 
@@ -78,11 +79,12 @@ def openapi(app: FastAPI) -> dict:
     for path, chunk in STREAM_CHUNKS.items():
         responses = schema["paths"][path]["post"]["responses"]
         responses.pop("422", None)
-        data = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, ErrorResponse)]}
+        chunk_or_error = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, ErrorResponse)]}
+        json_event = {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk_or_error}
         responses["200"]["content"]["text/event-stream"] = {"itemSchema": {
             "type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data,
-                                    "description": "a chunk (or an error); the last event is the literal [DONE]"}}}}
+            "properties": {"data": {"anyOf": [json_event, {"const": "[DONE]"}],
+                                    "description": "a chunk (or an error) as JSON; the last event is the literal [DONE]"}}}}
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, which this server never sends
         components.pop(name, None)
     return schema

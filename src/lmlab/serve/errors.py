@@ -61,11 +61,22 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def _invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0]
+    errors = e.errors()
+    # a value that fits no member of a union fails once per member: text that is not Unicode says most
+    first = next((x for x in errors if x.get("type") == "invalid_unicode"), errors[0])
     if first.get("type") == "json_invalid":
         return error_response(400, "the request body is not valid JSON", code="invalid_json")
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    where = _field_path(first.get("loc", ()))
     return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
+
+
+def _field_path(loc: tuple) -> str:
+    """The fields and indices of a validation error's location, dotted (``messages.0.content``): without
+    "body", and without the member types pydantic adds inside a union (``prompt.list[int].0``)."""
+    return ".".join(str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in UNION_MEMBERS))
+
+
+UNION_MEMBERS = {"body", "str", "int", "float", "bool"}  # location parts that are not field names
 
 
 async def _http_error(request: Request, e: HTTPException) -> JSONResponse:

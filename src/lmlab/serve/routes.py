@@ -65,6 +65,12 @@ class ServeState:
         """Stop the generation worker after its current batch."""
         self.scheduler.close()
 
+    def reopen(self) -> None:
+        """Start a new generation worker if ``close()`` stopped the last one (the app is started again)."""
+        if self.scheduler.closed:
+            cfg = self.cfg
+            self.scheduler = Scheduler(self.model, self.tokenizer, cfg.max_batch_size, cfg.max_queue)
+
     @property
     def max_prompt_tokens(self) -> int | None:
         """The longest prompt accepted: ``cfg.max_prompt_tokens``, and the context less room for one token."""
@@ -92,7 +98,9 @@ async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(b
 @router.get("/health", summary="Liveness and queue depth")
 async def health(state: ServeState = Depends(served)) -> Health:
     """Whether the server is up, what it serves and how busy it is (no key needed: monitors poll it)."""
-    return Health(model=state.cfg.model_name, queued=state.scheduler.queued, running=state.scheduler.running)
+    scheduler = state.scheduler
+    return Health(model=state.cfg.model_name, queued=scheduler.queued, running=scheduler.running,
+                  cache_width=scheduler.width)
 
 
 @router.get("/v1/models", dependencies=[Depends(authorize)], responses=error_responses(401),

@@ -60,6 +60,7 @@ class Scheduler:
         self.waiting: collections.deque[list[Sequence]] = collections.deque()  # one entry per request
         self.lock = threading.Condition()
         self.running = 0  # sequences in the batch being generated
+        self.width = 0  # positions per row of the batch's cache (engine.BatchGeneration.width)
         self.closed = False
         self.worker = threading.Thread(target=self._work, name="lmlab-generate", daemon=True)
         self.worker.start()
@@ -102,10 +103,7 @@ class Scheduler:
         members: dict[int, Sequence] = {}  # row of the generation -> its sequence
         while (admitted := self._admit(generation.active)) is not None:
             for s in admitted:
-                row = generation.add(s.prompt_ids, s.params, on_text=functools.partial(s.send, "text", s.index),
-                                     on_done=functools.partial(s.send, "done", s.index),
-                                     cancelled=lambda s=s: s.cancelled)
-                members[row] = s
+                self._join(generation, members, s)
             self.running = generation.active
             try:
                 generation.step()
@@ -117,4 +115,16 @@ class Scheduler:
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
             if not generation.active:  # all done: start afresh (row numbers, cache)
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
-            self.running = generation.active
+            self.running, self.width = generation.active, generation.generation.width
+
+    @staticmethod
+    def _join(generation: TextGeneration, members: dict[int, Sequence], s: Sequence) -> None:
+        """Add ``s`` to the batch; a sequence the engine refuses gets an error, and the others go on."""
+        try:
+            row = generation.add(s.prompt_ids, s.params, on_text=functools.partial(s.send, "text", s.index),
+                                 on_done=functools.partial(s.send, "done", s.index), cancelled=lambda: s.cancelled)
+        except Exception as e:
+            log.exception("a sequence could not join the batch; its request gets an error")
+            s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")
+            return
+        members[row] = s
