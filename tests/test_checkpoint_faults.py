@@ -130,10 +130,10 @@ def assert_sound(ckpt) -> None:
 
 
 def assert_recovered(setup, run_dir, capsys) -> None:
-    """--resume (a fresh start if no checkpoint was written) completes the run: the uninterrupted
+    """--resume (a fresh start, replacing what is there, if no checkpoint was written) completes the run: the uninterrupted
     run's records, only sound checkpoints, no temporary folder."""
     config, expected, _ = setup
-    resume = ["--resume"] if list_checkpoints(run_dir) else []
+    resume = ["--resume"] if list_checkpoints(run_dir) else ["--force"] if run_dir.exists() else []
     code = main(train_argv(config, run_dir, *resume))
     assert code == 0, capsys.readouterr().err
     assert records(run_dir) == expected

@@ -163,7 +163,7 @@ def check(ws: Path, argv: list[str], capsys, valid, may_replace: bool = False, p
     result = run_cli(argv, capsys)
     after = snapshot(ws)
     verdict = judge(result, before, after, valid, may_replace)
-    if verdict.startswith("inputs changed"):
+    if snapshot_of_inputs(after) != snapshot_of_inputs(before):  # a wrong change, or a --force replacement
         restore_inputs(ws)
     record(argv, result, verdict)
     if verdict not in ("ok", "error", "usage"):
@@ -171,9 +171,13 @@ def check(ws: Path, argv: list[str], capsys, valid, may_replace: bool = False, p
     return result
 
 
+def snapshot_of_inputs(shot: dict) -> dict:
+    return {k: v for k, v in shot.items() if k.startswith("in")}
+
+
 def judge(result: Outcome, before: dict, after: dict, valid, may_replace: bool) -> str:
     """ok / error / usage when the property holds; else what broke it."""
-    inputs_before, inputs_after = ({k: v for k, v in s.items() if k.startswith("in")} for s in (before, after))
+    inputs_before, inputs_after = snapshot_of_inputs(before), snapshot_of_inputs(after)
     if inputs_after != inputs_before and not may_replace:
         changed = sorted(k for k in inputs_before.keys() | inputs_after.keys() if inputs_before.get(k) != inputs_after.get(k))
         return f"inputs changed: {changed[:5]}"

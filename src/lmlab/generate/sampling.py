@@ -17,7 +17,7 @@ import torch
 from lmlab.errors import ConfigError
 
 MAX_NEW_TOKENS_CAP = 1_000_000
-SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's seed: a signed 64-bit integer (torch takes it)
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (the API's signed 64-bit seed + i)
 MIN_TEMPERATURE = 1e-6  # a smaller temperature counts as this one
 
 
@@ -55,8 +55,7 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between -2 and 2, got {getattr(self, name)}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ConfigError(f"seed must be a signed 64-bit integer (from {SEED_RANGE[0]} to {SEED_RANGE[1]}), "
-                              f"got {self.seed}")
+            raise ConfigError(f"seed must be a 64-bit integer (from {SEED_RANGE[0]} to {SEED_RANGE[1]}), got {self.seed}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 

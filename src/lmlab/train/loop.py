@@ -157,6 +157,9 @@ def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iter
             raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
         if not run.checkpoints():
             raise ConfigError(f"--resume: {run.root} has no checkpoints to resume from")
+    elif not force and output_kind(run.root) == "run" and not run.checkpoints():
+        raise ConfigError(f"{run.root} holds a run that saved no checkpoint (killed before its first?); pass --force "
+                          f"to replace it, or set train.out_dir to a new folder")
     elif not force and output_kind(run.root) == "run":
         raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, --force to replace it, "
                           f"or set train.out_dir to a new folder")
