@@ -75,7 +75,8 @@ lmlab.runs.os.replace = renaming
 
 rmtree = shutil.rmtree
 def pruning(path, *args, **kwargs):  # prune_checkpoints: killed with half of the old checkpoint deleted
-    if re.match(r"^step-\d+$", pathlib.Path(path).name) and at("prune") and phase == "prune":
+    doomed = re.match(r"^\.step-\d+\.tmp-\d+$", pathlib.Path(path).name) and (pathlib.Path(path) / "manifest.json").exists()
+    if doomed and phase == "prune" and at("prune"):
         (pathlib.Path(path) / "model.safetensors").unlink()
         os._exit(9)
     return rmtree(path, *args, **kwargs)
@@ -185,8 +186,11 @@ def test_kill_9_while_writing_a_checkpoint_then_resume(phase, setup, tmp_path, c
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 9, err
     names = [p.name for p in list_checkpoints(run_dir)]
-    if phase in ("rename", "prune"):  # step 9 is in place; the oldest is still there (or half deleted)
+    if phase == "rename":  # step 9 is in place; the oldest is still there
         assert names == ["step-000003", "step-000006", "step-000009"]
+    elif phase == "prune":  # the oldest was renamed to a temporary before its deletion began: no half step-N
+        assert names == ["step-000006", "step-000009"]
+        assert [t for t in temporaries(run_dir) if t.startswith(".step-000003.tmp-")]
     else:  # step 9 was never renamed into place: its temporary folder is left, for the next run to remove
         assert names == ["step-000003", "step-000006"]
         assert [t for t in temporaries(run_dir) if t.startswith(".step-000009.tmp-")]

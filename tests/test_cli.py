@@ -412,3 +412,25 @@ def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(models,
     monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         main(argv)
+
+
+def test_a_full_or_read_only_disk_is_one_line_and_other_os_errors_keep_their_traceback(models, monkeypatch, capsys):
+    import errno
+    import os
+
+    import lmlab.eval.perplexity
+
+    def fail(code):
+        def evaluate(*args, **kwargs):
+            raise OSError(code, os.strerror(code), "/data/run/metrics.jsonl")
+        return evaluate
+
+    argv = ["eval", "ppl", models["lm"], "--data", f"{models['root']}/a.txt"]
+    for code, words in [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
+                        (errno.EACCES, "permission denied")]:
+        monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail(code))
+        status, _, err = run(argv, capsys)
+        assert_one_line_error(status, err, f"{words}: /data/run/metrics.jsonl")
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail(errno.EBADF))
+    with pytest.raises(OSError):
+        main(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import inspect
 import json
@@ -585,7 +586,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (MemoryError, RuntimeError) as e:
         return report_out_of_memory(e)
+    except OSError as e:
+        return report_storage_error(e)
     return 0
+
+
+STORAGE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def report_storage_error(error: OSError) -> int:
+    """Exit status 1 after one ``error:`` line for a file system that refuses a write (full, read-only, no
+    permission: the machine's state, not a bug); any other OSError is raised again, with its traceback."""
+    if error.errno not in STORAGE_ERRORS:
+        raise error
+    where = f": {error.filename}" if error.filename else ""
+    print(f"error: {STORAGE_ERRORS[error.errno]}{where} (free space or choose another output, then run again; "
+          f"training continues with --resume)", file=sys.stderr)
+    return 1
 
 
 def report_out_of_memory(error: BaseException) -> int:

@@ -99,7 +99,9 @@ class RunFolder:
     def prune_checkpoints(self, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoints (``keep`` <= 0 keeps them all)."""
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            doomed = old.with_name(f".{old.name}.tmp-{os.getpid()}")  # a kill mid-delete leaves a temporary,
+            os.replace(old, doomed)  # removed at the next start, never a half-deleted step-N
+            shutil.rmtree(doomed)
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporaries that killed processes left in the run (``.step-N.tmp-PID``, ...)."""
