@@ -323,3 +323,13 @@ def test_a_cancelled_row_stops_and_leaves_the_batch(ckpt):
             assert generation.generation.rows == [stays]
     assert done["gone"].finish_reason == "cancelled" and done["gone"].completion_tokens == 4
     assert done["stays"].finish_reason in ("length", "stop") and gone != stays
+
+
+def test_beam_search_says_which_sampling_flags_it_ignores(trained_run, capsys):
+    from lmlab.cli import main
+
+    assert main(["generate", str(trained_run), "--prompt", "the", "--num-beams", "2", "--max-new-tokens", "4",
+                 "--top-k", "5", "--stop", "x"]) == 0
+    assert "warning: beam search keeps the most likely beams and ignores --top-k, --stop" in capsys.readouterr().err
+    assert main(["generate", str(trained_run), "--prompt", "the", "--num-beams", "2", "--max-new-tokens", "4"]) == 0
+    assert "warning" not in capsys.readouterr().err

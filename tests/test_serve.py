@@ -356,3 +356,10 @@ def test_serve_command_refuses_bad_settings_in_one_line(trained_run, capsys):
             assert main(["serve", str(trained_run), *argv]) == 1
             err = capsys.readouterr().err
             assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_a_prompt_limit_beyond_the_context_is_announced(ckpt, caplog):
+    context = ckpt.model.context_length
+    with caplog.at_level("WARNING", logger="lmlab"):
+        create_app(ckpt.model, ckpt.tokenizer, ServeConfig(model_name="tiny", max_prompt_tokens=context * 2)).state.serve.close()
+    assert f"prompts are limited to {context - 1} tokens" in caplog.text

@@ -70,6 +70,19 @@ def warn_if_context_fills(context: int | None, prompt_tokens: int, max_new_token
                     f"new tokens after the {prompt_tokens}-token prompt, not {max_new_tokens}")
 
 
+BEAM_IGNORES = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+                "stop")
+
+
+def warn_ignored_by_beam_search(params: SamplingParams) -> None:
+    """Say which sampling settings beam search (deterministic, ends at end-of-text) does not use, rather
+    than ignore them without a word."""
+    defaults = SamplingParams()
+    ignored = ["--" + name.replace("_", "-") for name in BEAM_IGNORES if getattr(params, name) != getattr(defaults, name)]
+    if ignored:
+        log.warning(f"beam search keeps the most likely beams and ignores {', '.join(ignored)}")
+
+
 def write_generation(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
                      out: TextIO | None = None, num_beams: int = 1, length_penalty: float = 1.0,
                      num_samples: int = 1, truncate: bool = False, stream: bool = True) -> None:
@@ -84,6 +97,7 @@ def write_generation(model: nn.Module, tokenizer: Tokenizer, prompt: str, params
         prompt = tokenizer.decode(fitted)
     warn_if_context_fills(model.context_length, len(fitted), params.max_new_tokens)
     if num_beams > 1:
+        warn_ignored_by_beam_search(params)
         new = beam_search(model, fitted, num_beams, params.max_new_tokens, [tokenizer.eot_id], length_penalty)
         out.write(prompt + tokenizer.decode([t for t in new if t != tokenizer.eot_id]) + "\n")
     elif num_samples > 1:

@@ -45,6 +45,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     generation worker starts now and stops when the app shuts down."""
     app = FastAPI(title="lmlab", version=lmlab.__version__, lifespan=_lifespan,
                   description="OpenAI-compatible completions and chat completions from an lmlab checkpoint.")
+    warn_if_beyond_context(cfg, model.context_length)
     app.state.serve = ServeState.start(model, tokenizer, cfg)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     add_error_handlers(app)
@@ -52,6 +53,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.openapi = functools.partial(openapi, app)
     return app
+
+
+def warn_if_beyond_context(cfg: ServeConfig, context: int | None) -> None:
+    """Say so when --max-prompt-tokens asks for more than the model's context allows (it is capped)."""
+    if context is not None and cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens > context - 1:
+        log.warning(f"--max-prompt-tokens {cfg.max_prompt_tokens} is beyond the model's context of {context} tokens: "
+                    f"prompts are limited to {context - 1} tokens")
 
 
 @contextlib.asynccontextmanager
