@@ -333,3 +333,18 @@ def test_beam_search_says_which_sampling_flags_it_ignores(trained_run, capsys):
     assert "warning: beam search keeps the most likely beams and ignores --top-k, --stop" in capsys.readouterr().err
     assert main(["generate", str(trained_run), "--prompt", "the", "--num-beams", "2", "--max-new-tokens", "4"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_generation_that_never_empties_holds_only_its_live_rows(ckpt):
+    """A server's generation runs for ever: finished rows must leave no bookkeeping behind."""
+    generation = TextGeneration(ckpt.model, ckpt.tokenizer)
+    done, added = [], 0
+    while len(done) < 60:
+        while generation.active < 4:  # the batch never empties: a new request joins as one leaves
+            generation.add("the ", SamplingParams(max_new_tokens=1 + added % 5, temperature=0.8, seed=added),
+                           on_done=done.append)
+            added += 1
+        generation.step()
+        assert len(generation.rows) <= 4
+        assert len(generation.generation.prompts) <= 8 and len(generation.generation.finish_reason) <= 8
+    assert generation.generation.next_row == added > 60

@@ -363,3 +363,16 @@ def test_a_prompt_limit_beyond_the_context_is_announced(ckpt, caplog):
     with caplog.at_level("WARNING", logger="lmlab"):
         create_app(ckpt.model, ckpt.tokenizer, ServeConfig(model_name="tiny", max_prompt_tokens=context * 2)).state.serve.close()
     assert f"prompts are limited to {context - 1} tokens" in caplog.text
+
+
+def test_stream_events_stay_one_line_whatever_the_text():
+    import json
+
+    from lmlab.serve.routes import sse
+    from lmlab.serve.schemas import ErrorResponse
+
+    text = "a\u2028b\u2029c\x85d\ne"
+    event = sse(ErrorResponse.model_validate({"error": {"message": text, "type": "t"}}))
+    lines = event.splitlines()  # as httpx's aiter_lines splits
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: "):])["error"]["message"] == text

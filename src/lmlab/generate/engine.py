@@ -69,7 +69,8 @@ class BatchGeneration:
     Iterating yields, per step, a list with the new token of each row (None for rows that produced
     none). ``finish_reason[row]`` becomes "stop" (a stop token, or ``finish(row)`` was called, e.g.
     for a stop string) or "length" (max new tokens, or the context is full); finished rows leave
-    the batch. ``use_cache=False`` recomputes every sequence at each step: slow, the reference the
+    the batch. Row numbers are never reused; ``release(row)`` forgets a finished row's bookkeeping,
+    so that a generation that runs for ever (a server's) holds only its live rows. ``use_cache=False`` recomputes every sequence at each step: slow, the reference the
     cache is tested against (it takes no rows once started).
     """
 
@@ -80,11 +81,14 @@ class BatchGeneration:
         self.model, self.use_cache = model, use_cache
         self.context = model.context_length
         self.device = next(model.parameters()).device
-        self.prompts: list[list[int]] = []
-        self.params: list[SamplingParams] = []
-        self.limits: list[int] = []  # most tokens each row may add
-        self.counts: list[int] = []  # tokens generated so far, per row
-        self.finish_reason: list[str | None] = []
+        # per row, by row number (kept until ``release``)
+        self.prompts: dict[int, list[int]] = {}
+        self.params: dict[int, SamplingParams] = {}
+        self.limits: dict[int, int] = {}  # most tokens each row may add
+        self.counts: dict[int, int] = {}  # tokens generated so far
+        self.finish_reason: dict[int, str | None] = {}
+        self.next_row = 0
+        self.released: set[int] = set()  # finished rows to forget once they have left the batch
         self.waiting: list[int] = []  # rows added but not yet in the batch
         self.rows: list[int] = []  # the original row of each batch row
         self.cache = self.mask = self.ids = self.sampler = self.next_input = None
@@ -99,13 +103,14 @@ class BatchGeneration:
         fit_prompt(prompt_ids, self.context, params.max_new_tokens)
         if self.started and not self.use_cache:
             raise ValueError("the recompute reference (use_cache=False) takes no rows once started")
-        self.prompts.append(list(prompt_ids))
-        self.params.append(params)
-        self.limits.append(new_token_limit(self.context, len(prompt_ids), params.max_new_tokens))
-        self.counts.append(0)
-        self.finish_reason.append(None)
-        self.waiting.append(len(self.prompts) - 1)
-        return len(self.prompts) - 1
+        row, self.next_row = self.next_row, self.next_row + 1
+        self.prompts[row] = list(prompt_ids)
+        self.params[row] = params
+        self.limits[row] = new_token_limit(self.context, len(prompt_ids), params.max_new_tokens)
+        self.counts[row] = 0
+        self.finish_reason[row] = None
+        self.waiting.append(row)
+        return row
 
     @property
     def active(self) -> int:
@@ -125,9 +130,25 @@ class BatchGeneration:
         if row in self.waiting:
             self.waiting.remove(row)
 
+    def release(self, row: int) -> None:
+        """Forget finished ``row`` (its prompt, params, counts and finish reason): a caller that has read
+        what it needs releases each row, so memory does not grow with every row ever added."""
+        if self.finish_reason[row] is None:
+            raise ValueError(f"row {row} is still generating")
+        self.released.add(row)
+        self._forget_released()
+
+    def _forget_released(self) -> None:
+        """Drop the bookkeeping of released rows that are no longer in the batch."""
+        running = set(self.rows)
+        for row in [r for r in self.released if r not in running]:
+            for table in (self.prompts, self.params, self.limits, self.counts, self.finish_reason):
+                del table[row]
+            self.released.discard(row)
+
     def __iter__(self) -> Iterator[list[int | None]]:
         while self.active:
-            out: list[int | None] = [None] * len(self.prompts)
+            out: list[int | None] = [None] * self.next_row
             for row, token in self.step():
                 out[row] = token
             yield out
@@ -239,6 +260,7 @@ class BatchGeneration:
         else:  # nobody left: the next rows to join start a new cache
             self.cache = self.mask = None
             self.padded = False
+        self._forget_released()
 
     def _compact(self, index: torch.Tensor) -> None:
         """Keep the cache rows at ``index`` and drop the leading columns that are padding in all of them.
@@ -337,7 +359,6 @@ class _TextRow:
     cancelled: Callable[[], bool] | None
     pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    completion: Completion | None = None
 
 
 class TextGeneration:
@@ -382,10 +403,12 @@ class TextGeneration:
                 generation.finish(row, "cancelled")
             if generation.finish_reason[row] is not None:
                 self._emit(text, text.stream.close())
-                text.completion = Completion("".join(text.pieces), text.token_ids, generation.finish_reason[row],
-                                             text.prompt_tokens, generation.counts[row])
+                completion = Completion("".join(text.pieces), text.token_ids, generation.finish_reason[row],
+                                        text.prompt_tokens, generation.counts[row])
+                del self.rows[row]  # delivered: nothing of a finished row stays behind
+                generation.release(row)
                 if text.on_done is not None:
-                    text.on_done(text.completion)
+                    text.on_done(completion)
 
     @staticmethod
     def _emit(text: _TextRow, piece: str) -> None:
@@ -406,12 +429,19 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | l
     end a row and are not part of its text. ``truncate`` cuts prompts that do not fit from the left.
     """
     generation = TextGeneration(model, tokenizer, truncate)
+    completions: list[Completion | None] = [None] * len(prompts)
+
+    def done(i: int, completion: Completion) -> None:
+        completions[i] = completion
+        if on_done is not None:
+            on_done(i, completion)
+
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         generation.add(prompt, p, on_text=None if on_text is None else functools.partial(on_text, i),
-                       on_done=None if on_done is None else functools.partial(on_done, i))
+                       on_done=functools.partial(done, i))
     while generation.active:
         generation.step()
-    return [generation.rows[i].completion for i in range(len(prompts))]
+    return completions
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams,

@@ -294,9 +294,16 @@ def stream(state: ServeState, sequences: list[Sequence], chunk: Callable[..., Ba
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+# Characters that Python's str.splitlines (so httpx's aiter_lines and other clients) takes for line ends,
+# although SSE ends lines only at CR/LF and JSON may hold them raw: written as JSON escapes instead.
+LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: BaseModel | str) -> str:
-    """One server-sent event carrying a model as JSON (or the literal [DONE])."""
-    return f"data: {data if isinstance(data, str) else data.model_dump_json()}\n\n"
+    """One server-sent event carrying a model as JSON (or the literal [DONE]), on one line for every
+    client: characters some clients split lines at are escaped (the JSON means the same)."""
+    text = data if isinstance(data, str) else data.model_dump_json().translate(LINE_BREAKING)
+    return f"data: {text}\n\n"
 
 
 def _prompts_of(prompt: str | list) -> list[str | list[int]]:

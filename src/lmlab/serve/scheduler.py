@@ -110,11 +110,12 @@ class Scheduler:
             except Exception as e:  # a failing batch must not take the server down: report it to its requests
                 log.exception("generation failed; the batch's requests get an error")
                 for row, s in members.items():
-                    if generation.generation.finish_reason[row] is None:
+                    if generation.generation.finish_reason.get(row) is None:
                         s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
             if not generation.active:  # all done: start afresh (row numbers, cache)
                 generation, members = TextGeneration(self.model, self.tokenizer), {}
+            members = {row: s for row, s in members.items() if row in generation.rows}  # finished ones go
             self.running, self.width = generation.active, generation.generation.width
 
     @staticmethod
