@@ -314,16 +314,20 @@ def losses(run: Path) -> dict[int, float]:
     return rows
 
 
-def property_tests(examples: float) -> tuple[Counter, list[dict], int]:
-    """Run tests/test_hardening.py with ``examples`` times the examples; tally each case's verdict."""
+def property_tests(examples: float) -> tuple[Counter, list[dict], Counter, int]:
+    """Run tests/test_hardening.py and tests/test_serve_fuzz.py with ``examples`` times their examples; tally
+    each CLI case's verdict and each fuzzed request's status."""
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as log:
         env = {**os.environ, "LMLAB_FUZZ_EXAMPLES": str(examples), "LMLAB_FUZZ_LOG": log.name}
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-o", "addopts=",
-                               "tests/test_hardening.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+                               "tests/test_hardening.py", "tests/test_serve_fuzz.py"], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
         records = [json.loads(line) for line in log.read().splitlines()]
-    tally = Counter(r["verdict"].split(":")[0] for r in records)
-    bad = [r for r in records if r["verdict"] not in ("ok", "error", "usage")]
-    return tally, bad, done.returncode
+    cli = [r for r in records if "verdict" in r]
+    tally = Counter(r["verdict"].split(":")[0] for r in cli)
+    bad = [r for r in cli if r["verdict"] not in ("ok", "error", "usage")]
+    statuses = Counter(f"{r['status'] // 100}xx" for r in records if "status" in r)
+    return tally, bad, statuses, done.returncode
 
 
 def main() -> None:
@@ -339,7 +343,8 @@ def main() -> None:
         rows = [judge(case, ws) for case in cases]
         rows.append(interrupt_case(ws))
         rows += kill_resume_cases(ws, args.kill_trials, seed=0)
-    tally, bad, pytest_status = property_tests(args.examples) if args.examples > 0 else (Counter(), [], None)
+    tally, bad, statuses, pytest_status = (property_tests(args.examples) if args.examples > 0
+                                           else (Counter(), [], Counter(), None))
     summary = {
         "catalogue cases": len(rows), "catalogue passed": sum(r["pass"] for r in rows),
         "catalogue tracebacks": sum(r["traceback"] for r in rows),
@@ -347,10 +352,13 @@ def main() -> None:
         "catalogue partial outputs": sum(r["written"] > 0 for r in rows),
         "catalogue inputs changed": sum(r["inputs_changed"] > 0 for r in rows),
         "property cases": sum(tally.values()), **{f"property {k}": v for k, v in sorted(tally.items())},
-        "property violations": len(bad), "property tests exit status": pytest_status,
+        "property violations": len(bad),
+        "server fuzz requests": sum(statuses.values()), **{f"server fuzz {k}": v for k, v in sorted(statuses.items())},
+        "server fuzz 5xx": statuses.get("5xx", 0), "property and fuzz tests exit status": pytest_status,
     }
     notes = ("Catalogue: each case run as `python -m lmlab.cli ...` in a workspace of tiny inputs. Property: "
-             "tests/test_hardening.py under hypothesis (derandomized) with LMLAB_FUZZ_EXAMPLES=" f"{args.examples}.")
+             "tests/test_hardening.py (hypothesis, derandomized) and tests/test_serve_fuzz.py (schemathesis) with "
+             f"LMLAB_FUZZ_EXAMPLES={args.examples}: that many times the examples of the test suite.")
     extra = "" if not bad else "\n\nViolations:\n\n" + "\n".join(f"- `{' '.join(b['argv'])}`: {b['verdict']}"
                                                                   for b in bad[:30])
     write_results("hardening", rows, summary, notes, extra_md=extra,

@@ -243,6 +243,14 @@ def windows(results: list, samples: list, t0: float, seconds: float, count: int)
     return rows
 
 
+def rss_trend(rss: list[float]) -> str:
+    """Mean resident memory over the first and the last third of the samples: growth there is a leak,
+    while a rise during the first seconds is the allocator and caches warming up."""
+    third = max(len(rss) // 3, 1)
+    first, last = statistics.fmean(rss[:third]), statistics.fmean(rss[-third:])
+    return f"{first:.1f} / {last:.1f} ({last - first:+.1f})"
+
+
 def summarise(results: list, samples: list, t0: float, seconds: float, idle: dict, log_text: str) -> dict:
     """The verdicts: errors, memory from warm-up to end, cache width, idle afterwards, server log."""
     warm = [s for s in samples if s["t"] >= t0 + WARMUP_S] or samples
@@ -261,6 +269,7 @@ def summarise(results: list, samples: list, t0: float, seconds: float, idle: dic
         "server RSS MiB after warm-up -> end": f"{warm[0]['rss']:.1f} -> {warm[-1]['rss']:.1f} "
                                                f"({warm[-1]['rss'] - warm[0]['rss']:+.1f})",
         "server RSS MiB max": round(max(s["rss"] for s in samples), 1),
+        "server RSS MiB mean, first third / last third (goal: flat)": rss_trend([s["rss"] for s in samples]),
         "cache width: first third max / last third max / overall max": cache_width_trend(widths),
         "idle after the load (running, queued, cache_width)": (idle["running"], idle["queued"],
                                                                idle.get("cache_width")),

@@ -353,12 +353,19 @@ GENERATE = {"--max-new-tokens": number(huge=True), "--temperature": number(), "-
             "--truncate-prompt": st.booleans(), "--device": st.sampled_from(["cpu", "auto", "cuda", "tpu", ""])}
 
 
-def test_generate_takes_any_flags(ws, capsys):
-    @fuzz_settings(40)
-    @given(chosen=flags(GENERATE), prompt=st.sampled_from(["the", "", "\ud800", "x" * 100, "é"]),
+GENERATE_ONLY = ("--num-beams", "--length-penalty", "--num-samples", "--no-stream", "--truncate-prompt")
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_generate_and_chat_take_any_flags(ws, capsys, verb):
+    table = GENERATE if verb == "generate" else {k: v for k, v in GENERATE.items() if k not in GENERATE_ONLY}
+
+    @fuzz_settings(40 if verb == "generate" else 20)
+    @given(chosen=flags(table), prompt=st.sampled_from(["the", "", "\ud800", "x" * 100, "é"]),
            checkpoint=st.sampled_from(["run", "cls", "data", "missing", "corpus.txt"]))
     def prop(chosen, prompt, checkpoint):
-        argv = ["generate", str(ws / "in" / checkpoint), "--prompt", prompt, *as_argv(chosen)]
+        argv = [verb, str(ws / "in" / checkpoint), "--prompt" if verb == "generate" else "--message", prompt,
+                *as_argv(chosen)]
         check(ws, argv, capsys, lambda r: None)
 
     prop()

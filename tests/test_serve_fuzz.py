@@ -8,6 +8,9 @@ fields reach generation instead of stopping at the 404 for an unknown model. Bou
 derandomized: the same cases on every run, in seconds, nothing over the network.
 """
 
+import json
+import os
+
 import pytest
 import schemathesis
 import torch
@@ -22,6 +25,7 @@ from lmlab.models.registry import build_model
 from lmlab.serve.app import create_app
 
 MODEL = "tiny"
+EXAMPLES = max(1, int(20 * float(os.environ.get("LMLAB_FUZZ_EXAMPLES", "1"))))  # benchmarks/hardening.py scales it
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -59,10 +63,18 @@ def for_the_served_model(body):
 
 
 @schema.parametrize()
-@settings(max_examples=20, derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_server_error_or_an_undocumented_answer(case):
-    case.call_and_validate(checks=CHECKS)
+    record(case, case.call_and_validate(checks=CHECKS))
     if case.method == "POST" and (body := for_the_served_model(case.body)) is not None:
         case.body = body
-        case.call_and_validate(checks=CHECKS)
+        record(case, case.call_and_validate(checks=CHECKS))
+
+
+def record(case, response) -> None:
+    """Append the request's operation and status to $LMLAB_FUZZ_LOG (JSONL), for benchmarks/hardening.py."""
+    path = os.environ.get("LMLAB_FUZZ_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"server": f"{case.method} {case.path}", "status": response.status_code}) + "\n")
