@@ -117,6 +117,28 @@ def test_existing_run_needs_resume_and_context_must_fit(prepared, trained_run, t
         pretrain(cfg)
 
 
+def test_resume_refuses_data_of_another_tokenizer(trained_run, tmp_path):
+    """Same vocabulary size, other tokens: resuming on it would train on a shuffled alphabet without a word."""
+    from lmlab.data.prepare import prepare
+    from lmlab.data.tokenizer import train_tokenizer
+
+    from conftest import tiny_corpus
+
+    import shutil
+
+    docs = [doc.replace("q", "Q") for doc in tiny_corpus()]  # one character swapped: as many tokens, not the same
+    (tmp_path / "text").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "text" / f"{i}.txt").write_text(doc)
+    other = tmp_path / "other"
+    prepare([str(tmp_path / "text")], train_tokenizer("char", docs), other, val_fraction=0.2, split="hash")
+
+    shutil.copytree(trained_run, tmp_path / "run")
+    cfg = tiny_run_config(other, tmp_path / "run", max_steps=60)
+    with pytest.raises(ConfigError, match="tokenizer differs"):
+        pretrain(cfg, resume=True)
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1)
     assert lr_factor(0, cfg) < lr_factor(5, cfg) < lr_factor(9, cfg) <= 1.0

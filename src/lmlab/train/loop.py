@@ -363,7 +363,9 @@ class Trainer:
             raise ConfigError(f"--resume: the model config differs from the one in {ckpt} "
                               f"({_differences(self.model.config, saved)})")
         load_weights(self.model, ckpt, self.device)
-        load_tokenizer(ckpt, saved.vocab_size)  # not used here (the task has its own), but must be sound
+        if load_tokenizer(ckpt, saved.vocab_size).sha256() != self.task.tokenizer.sha256():
+            raise ConfigError(f"--resume: the data's tokenizer differs from the one {ckpt} was trained with; "
+                              f"resume on the same data (the run's config.yaml says which)")
         state = load_train_state(ckpt)
         try:
             self._load_state(state, ckpt)
