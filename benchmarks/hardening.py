@@ -359,11 +359,16 @@ def main() -> None:
     notes = ("Catalogue: each case run as `python -m lmlab.cli ...` in a workspace of tiny inputs. Property: "
              "tests/test_hardening.py (hypothesis, derandomized) and tests/test_serve_fuzz.py (schemathesis) with "
              f"LMLAB_FUZZ_EXAMPLES={args.examples}: that many times the examples of the test suite.")
-    extra = "" if not bad else "\n\nViolations:\n\n" + "\n".join(f"- `{' '.join(b['argv'])}`: {b['verdict']}"
+    extra = "" if not bad else "\n\nViolations:\n\n" + "\n".join(f"- `{shown(b['argv'])}`: {b['verdict']}"
                                                                   for b in bad[:30])
     write_results("hardening", rows, summary, notes, extra_md=extra,
                   columns=["case", "expected", "exit", "pass", "message"])
     write_docs(rows, summary, bad)
+
+
+def shown(argv: list[str]) -> str:
+    """A command line as text that any file takes (a lone surrogate, as fuzzing types, escaped)."""
+    return " ".join(argv).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_docs(rows: list[dict], summary: dict, bad: list[dict]) -> None:
@@ -385,8 +390,8 @@ def write_docs(rows: list[dict], summary: dict, bad: list[dict]) -> None:
               f"{r['message'].replace('|', '/')} |" for r in rows]
     if failed or bad:
         lines += ["", "## Not yet right", ""] + [f"- {r['case']}: exit {r['exit']}, {r['message']}" for r in failed]
-        lines += [f"- `lmlab {' '.join(b['argv'])}`: {b['verdict']}" for b in bad[:30]]
-    (ROOT / "docs" / "hardening.md").write_text("\n".join(lines) + "\n")
+        lines += [f"- `lmlab {shown(b['argv'])}`: {b['verdict']}" for b in bad[:30]]
+    (ROOT / "docs" / "hardening.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

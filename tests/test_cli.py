@@ -291,6 +291,9 @@ BAD_FLAGS = [  # (argv with {placeholders} for the `models` paths, fragment of t
     ("generate {lm} --prompt the --seed 100000000000000000000000000000", "seed must be a 64-bit integer"),
     ("generate {lm} --prompt the --seed 18446744073709551616", "seed must be a 64-bit integer"),
     ("generate {lm} --prompt-file {root}/folder", "is a folder, not a prompt file"),
+    ("generate {lm} --prompt \udcff", "text is not valid UTF-8: '\\udcff' at character 0"),  # argv byte 0xff
+    ("chat {lm} --message a\udcff", "text is not valid UTF-8: '\\udcff'"),
+    ("predict {cls} \udcff", "text is not valid UTF-8"),
     ("generate {cls} --prompt the", "is a sequence classifier, not a language model; use lmlab predict"),
     ("generate {enc} --prompt the", "is an encoder without a language-model head"),
     ("chat {cls} --message hi", "is a sequence classifier"),

@@ -105,7 +105,11 @@ class Tokenizer:
         if max_length is not None:
             encoder = self._truncating(max_length)
         # encode_batch_fast skips character offsets, which lmlab never uses: ~1.5x faster
-        encs = encoder.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+        try:
+            encs = encoder.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+        except TypeError:  # the Rust library's answer to a lone surrogate, among other things
+            _refuse_invalid_text(texts)
+            raise
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -421,3 +425,14 @@ def _train_word(
     ])
     tk.add_special_tokens(specials)
     return tk
+
+
+def _refuse_invalid_text(texts: list[str]) -> None:
+    """Raise a DataError for the first text that is not valid Unicode: a lone surrogate, which is what
+    Python makes of bytes that are not UTF-8 in a command-line argument (``--prompt $'\\xff'``)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"text is not valid UTF-8: {text[e.start]!r} at character {e.start} (was it typed in "
+                            f"another encoding?)") from None
