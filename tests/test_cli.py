@@ -270,7 +270,7 @@ BAD_FLAGS = [  # (argv with {placeholders} for the `models` paths, fragment of t
     ("eval classify {cls} --data {root}/dev.tsv --max-length -5", "max_length must be >= 1"),
     ("eval classify {cls} --data {root}/dev.tsv --max-length 33", "max_length 33 exceeds the model's context of 32"),
     ("predict {cls} --max-length 0 text", "max_length must be >= 1, got 0"),
-    ("train {root}/bin.yaml", "a binary file, not a YAML config"),
+    ("train {root}/bin.yaml", "a binary file, not a config"),
     ("train {root}/latin1.yaml", "not UTF-8 text"),
     ("train {root}/list.yaml", "must be a YAML mapping"),
     ("train {root}/bad.yaml", "invalid YAML"),

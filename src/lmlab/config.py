@@ -32,7 +32,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from lmlab.errors import ConfigError
-from lmlab.runs import atomic_write_text
+from lmlab.runs import atomic_write_text, read_text_file
 
 RECURRENT = ("rnn", "lstm", "gru")
 TRANSFORMERS = ("gpt", "encoder")
@@ -293,20 +293,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: 
 def read_yaml_mapping(path: str | os.PathLike) -> dict:
     """The mapping a YAML config file holds ({} when empty), or a one-line ConfigError saying why not:
     missing, a folder, binary, not UTF-8, invalid YAML, or not a mapping."""
-    path = Path(path)
-    if str(path) in ("", "."):
-        raise ConfigError("the config file name is empty")
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder, not a config file")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = path.read_bytes()
-    if b"\0" in raw:
-        raise ConfigError(f"{path}: a binary file, not a YAML config")
     try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        data = yaml.safe_load(read_text_file(path, "config", ConfigError)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({_first_line(e)})") from None
     if not isinstance(data, dict):

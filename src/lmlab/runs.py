@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lmlab.errors import OutputError
+from lmlab.errors import DataError, LmlabError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,25 @@ def _process_alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # writing
+
+
+def read_text_file(path: str | os.PathLike, what: str, error: type[LmlabError] = DataError) -> str:
+    """The whole UTF-8 text of a small file the user names (a config, a prompt), or one ``error`` line
+    saying why not: an empty name, a folder, missing, binary (NUL bytes) or not UTF-8."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise error(f"the {what} file name is empty")
+    if path.is_dir():
+        raise error(f"{path} is a folder, not a {what} file")
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise error(f"{path}: a binary file, not a {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated, TextIO
 
 import torch.nn as nn
@@ -14,9 +13,10 @@ from pydantic import Field
 
 from lmlab.config import Finite, check_argument
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import ConfigError, DataError, LmlabError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.generate.engine import beam_search, fit_prompt, generate_text, generate_texts
 from lmlab.generate.sampling import SamplingParams
+from lmlab.runs import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise LmlabError("give a prompt with --prompt TEXT or --prompt-file FILE (one of them)")
     if prompt is not None:
         return prompt
-    path = Path(prompt_file)
-    if path.is_dir():
-        raise DataError(f"{path} is a folder, not a prompt file")
-    if not path.is_file():
-        raise DataError(f"prompt file not found: {path}")
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise DataError(f"{path}: a binary file, not a text prompt")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    return read_text_file(prompt_file, "prompt")
 
 
 def seeded_samples(params: SamplingParams, count: int) -> list[SamplingParams]:
