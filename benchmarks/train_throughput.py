@@ -1,6 +1,6 @@
 """Training throughput: lmlab's GPT-2 preset beside the same model in Hugging Face transformers.
 
-One training step = forward + backward + optimizer step on a (batch, 256) batch of token ids, CPU, fp32.
+One training step = forward + backward + optimizer step on a (batch, 256) batch of token ids, CPU.
 The model: 6 layers, 6 heads, width 384, context 256, vocabulary 8192, no dropout, tied embeddings,
 built in lmlab and as ``transformers.GPT2LMHeadModel`` (random init, nothing downloaded).
 
@@ -8,6 +8,10 @@ Implementations measured:
 - ``lmlab``: ``build_model`` + ``build_optimizer`` (AdamW, fused CPU kernel, as ``lmlab train`` uses).
 - ``hf``: ``GPT2LMHeadModel`` + ``torch.optim.AdamW(model.parameters(), lr=1e-3)``, as a HF user writes it.
 - ``hf_fused``: the same with ``fused=True``, to show how much of the gap is the optimizer.
+- ``lmlab_auto``: lmlab at the precision ``train.precision: auto`` picks on this machine (bf16 autocast on a
+  CPU with bf16 matrix units, else fp32), as ``lmlab train`` runs by default.
+- ``lmlab_bf16`` and ``hf_bf16``: both under the same ``torch.autocast("cpu", torch.bfloat16)``, to compare
+  at equal precision. (On a CPU without bf16 units bf16 is emulated and slow: these rows say so.)
 
 Timing builds every implementation in one process and interleaves their steps one by one (the order
 rotates every round), so that a burst of load from other users of the shared machine falls on all of
@@ -31,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` importable as a package
 
-IMPLS = ["lmlab", "hf", "hf_fused"]
+IMPLS = ["lmlab", "hf", "hf_fused", "lmlab_auto", "lmlab_bf16", "hf_bf16"]
 SIZE = dict(n_layer=6, n_head=6, d_model=384, block_size=256, vocab_size=8192)
 
 
@@ -56,7 +60,7 @@ def build(impl: str):
 
     torch.manual_seed(0)  # the same random init for hf and hf_fused, whatever was built before
 
-    if impl == "lmlab":
+    if impl.startswith("lmlab"):
         from lmlab.config import ModelConfig, TrainConfig
         from lmlab.models.registry import build_model
         from lmlab.train.optim import build_optimizer
@@ -80,10 +84,14 @@ def build(impl: str):
         def loss_of(x, y):
             return model(input_ids=x, labels=x).loss  # HF shifts the labels itself
 
+    from lmlab.runtime import autocast_context
+
+    device = torch.device("cpu")
     model.train()
 
     def step(x, y):
-        loss = loss_of(x, y)
+        with autocast_context(precision_of(impl), device):
+            loss = loss_of(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -92,13 +100,24 @@ def build(impl: str):
     return model, step
 
 
+def precision_of(impl: str) -> str:
+    """fp32, bf16, or what ``train.precision: auto`` resolves to on this CPU (lmlab_auto)."""
+    import torch
+
+    from lmlab.runtime import resolve_precision
+
+    if impl == "lmlab_auto":
+        return resolve_precision("auto", torch.device("cpu"))
+    return "bf16" if impl.endswith("_bf16") else "fp32"
+
+
 def worker(args) -> None:
     """Run in a subprocess: build one implementation, run warmup + a few steps, print its memory as JSON."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.impl != "lmlab":
+    if not args.impl.startswith("lmlab"):
         import transformers  # noqa: F401  (import cost is not part of the memory figure)
     else:
         import lmlab.models.gpt  # noqa: F401
@@ -159,7 +178,8 @@ def time_steps(impls: list[str], args) -> tuple[dict[str, list[float]], dict]:
                          for i in impls)
         print(f"round {r + 1}/{args.rounds} tokens/s: {line}", file=sys.stderr)
     extra = {"losses": losses, "threads": torch.get_num_threads()}
-    extra["attn"] = ", ".join(sorted({m.config._attn_implementation for i, (m, _) in built.items() if i != "lmlab"}))
+    extra["attn"] = ", ".join(sorted({m.config._attn_implementation for i, (m, _) in built.items()
+                                      if not i.startswith("lmlab")}))
     return times, extra
 
 
@@ -189,8 +209,10 @@ def main() -> None:
         mem = memory[impl]
         rows.append({
             "implementation": impl,
-            "optimizer": {"lmlab": "AdamW fused (build_optimizer)", "hf": "AdamW (default, not fused)",
-                          "hf_fused": "AdamW fused=True"}[impl],
+            "precision": precision_of(impl),
+            "optimizer": "AdamW fused (build_optimizer)" if impl.startswith("lmlab") else
+                         {"hf": "AdamW (default, not fused)", "hf_fused": "AdamW fused=True",
+                          "hf_bf16": "AdamW (default, not fused)"}[impl],
             "tokens/s (median)": tokens / statistics.median(times[impl]),
             "tokens/s (fastest step)": tokens / min(times[impl]),
             "ms/step (median)": 1000 * statistics.median(times[impl]),
@@ -212,12 +234,17 @@ def main() -> None:
             summary[f"lmlab / {other} (median of back-to-back step pairs)"] = round(paired("lmlab", other), 3)
             summary[f"lmlab / {other} (fastest steps)"] = round(
                 by["lmlab"]["tokens/s (fastest step)"] / by[other]["tokens/s (fastest step)"], 3)
+    for a, b in (("lmlab_auto", "hf"), ("lmlab_bf16", "hf_bf16"), ("lmlab_bf16", "lmlab")):
+        if a in by and b in by:
+            summary[f"{a} / {b} (median tokens/s)"] = round(by[a]["tokens/s (median)"] / by[b]["tokens/s (median)"], 3)
+            summary[f"{a} / {b} (median of back-to-back step pairs)"] = round(paired(a, b), 3)
     if "lmlab" in by and "hf" in by:
         summary["peak RSS growth lmlab / hf"] = round(by["lmlab"]["peak RSS growth MiB"] / by["hf"]["peak RSS growth MiB"], 3)
-    summary["goal"] = "lmlab >= 1.5x transformers"
+    summary["goal"] = ("fp32: lmlab >= 1.5x transformers; on a CPU with bf16 units: lmlab_auto >= 2.5x transformers "
+                       "default (hf), lmlab_bf16 >= 1.3x hf_bf16")
     summary["transformers attention"] = extra["attn"] or "n/a"
     threads = extra["threads"]
-    notes = (f"Forward + backward + optimizer step, CPU fp32, batch {args.batch_size} x {SIZE['block_size']} tokens, "
+    notes = (f"Forward + backward + optimizer step, CPU (precision per row), batch {args.batch_size} x {SIZE['block_size']} tokens, "
              f"GPT-2 6 layers x 6 heads x 384 wide, vocabulary 8192, tied embeddings, no dropout; {threads} torch "
              f"threads. Timing: all implementations in one process, {args.warmup} warmup steps each, then "
              f"{args.rounds} rounds x {args.steps} steps, the steps of the implementations interleaved one by one "
