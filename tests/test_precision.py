@@ -7,7 +7,10 @@ import torch
 
 from lmlab import runtime
 from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError
+from lmlab.eval.perplexity import evaluate_perplexity
 from lmlab.models.registry import build_model
+from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
 from lmlab.train.logger import read_metrics
 
@@ -39,6 +42,17 @@ def test_mfu_is_logged_with_the_train_records(prepared, tmp_path):
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
     assert records and all(0 < r["mfu"] < 1.5 for r in records)
     assert all(r["tflops"] > 0 for r in records)
+
+
+def test_eval_ppl_takes_a_precision(trained_run, corpus_dir):
+    ckpt = load_checkpoint(trained_run)
+    data = str(corpus_dir / "doc000.txt")
+    ppl = {p: evaluate_perplexity(ckpt.model, ckpt.tokenizer, data, progress=False, precision=p)["perplexity"]
+           for p in ("auto", "fp32", "bf16")}
+    assert ppl["auto"] == ppl["fp32"]  # d_model 32: too narrow for bf16 to pay
+    assert ppl["bf16"] == pytest.approx(ppl["fp32"], rel=0.02)
+    with pytest.raises(ConfigError, match="precision"):
+        evaluate_perplexity(ckpt.model, ckpt.tokenizer, data, progress=False, precision="fp8")
 
 
 def test_auto_keeps_fp32_for_narrow_models_and_without_bf16_units(monkeypatch, caplog):
