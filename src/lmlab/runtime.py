@@ -117,7 +117,7 @@ PROBE_ROWS = 2048  # rows of the probe's activations: a micro-batch's tokens (e.
 
 def matmul_tflops(dtype: torch.dtype, n: int, device: torch.device) -> float:
     """Measured TFLOP/s of a (PROBE_ROWS x n) @ (n x 4n) matmul in ``dtype`` on ``device`` (an MLP's first
-    layer at width n): the best of a few repeats of about 5 ms each, measured once per process."""
+    layer at width n): the best of 5 repeats of about 2 ms each after 20 ms of warm-up, measured once per process."""
     key = (dtype, n, str(device))
     if key not in _MATMUL_TFLOPS:
         _MATMUL_TFLOPS[key] = _time_matmul(dtype, n, device)
@@ -130,16 +130,22 @@ def _time_matmul(dtype: torch.dtype, n: int, device: torch.device) -> float:
     x = torch.randn(PROBE_ROWS, n, generator=gen).to(device, dtype)
     w = torch.randn(n, 4 * n, generator=gen).to(device, dtype)
     flop = 2 * PROBE_ROWS * n * 4 * n
-    reps = max(1, min(50, int(5e-3 * 100e9 / flop)))  # ~5 ms at 100 GFLOP/s
-    best = float("inf")
-    for _ in range(4):  # the first repeat warms up
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            x @ w
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / reps)
+    warm_up = time.perf_counter() + 0.02  # the first calls compile kernels and wake threads: ~20 ms of them
+    while time.perf_counter() < warm_up:
+        seconds = _timed(x, w, 1, device)
+    reps = max(1, min(100, int(2e-3 / seconds)))  # ~2 ms a repeat
+    best = min(_timed(x, w, reps, device) for _ in range(5))
     return flop / max(best, 1e-12) / 1e12
+
+
+def _timed(x: torch.Tensor, w: torch.Tensor, reps: int, device: torch.device) -> float:
+    """Seconds per ``x @ w``, over ``reps`` calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        x @ w
+    _sync(device)
+    return (time.perf_counter() - start) / reps
 
 
 def _sync(device: torch.device) -> None:
