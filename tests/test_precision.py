@@ -119,3 +119,20 @@ def test_classifier_flops_per_token_leave_out_the_output_layer():
     lstm = build_model(ModelConfig(family="lstm", n_layer=1, d_model=8, vocab_size=10, block_size=16),
                        head={"labels": ["a", "b"]})
     assert lstm.flops_per_token() == 6 * (4 * 8 * 8 + 4 * 8 * 8)
+
+
+def test_the_trainer_decides_auto_at_the_models_width(monkeypatch, tmp_path):
+    from loop_tasks import RegressionTask, regression_config
+    from lmlab.train.loop import Trainer, prepare_run
+
+    widths = []
+    monkeypatch.setattr(runtime, "BF16_MIN_WIDTH", 64)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(runtime, "matmul_tflops", lambda dtype, n, device: widths.append(n) or
+                        {torch.float32: 1.0, torch.bfloat16: 3.0}[dtype])
+    cfg = regression_config(tmp_path / "run", max_steps=2)
+    device, precision = prepare_run(cfg.train, resume=False)
+    assert precision == "fp32" and not widths  # the model is not built yet: no probe
+    trainer = Trainer(RegressionTask(4, 1), cfg, device, precision)
+    assert trainer.precision == "bf16" and widths == [128, 128]  # the placeholder config's d_model
+    assert trainer.run().step == 2
