@@ -42,9 +42,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device, width: int | None = None) -> str:
     """The precision to compute in. ``auto`` means bf16 on GPUs that support it; on a CPU, bf16 when it has
-    bf16 matrix units (AMX, AVX512-BF16) and a timing probe at the model's width (``width``: d_model)
-    finds bf16 matmuls at least ``BF16_MIN_GAIN`` times faster than fp32; fp32 elsewhere (and on a CPU
-    when ``width`` is not known yet). See docs/performance.md.
+    bf16 matrix units (AMX, AVX512-BF16), the model's width (``width``: d_model) is at least
+    ``BF16_MIN_WIDTH`` and a timing probe at that width finds bf16 matmuls at least ``BF16_MIN_GAIN``
+    times faster than fp32; fp32 elsewhere (and on a CPU when ``width`` is not known yet). See
+    docs/performance.md.
 
     ``precision`` is one of train.precision's choices (the config checks that); whether fp16 fits the
     device can only be told here, once the device is known.
@@ -52,7 +53,7 @@ def resolve_precision(precision: str, device: torch.device, width: int | None = 
     if precision == "auto":
         return _auto_precision(device, width)
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
+        raise ConfigError("precision fp16 needs a CUDA GPU (training uses a GradScaler); use bf16 or fp32")
     return precision
 
 
