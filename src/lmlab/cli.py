@@ -152,7 +152,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     out = args.out and check_report_output(args.out, args.checkpoint, args.data, force=args.force)
     ckpt = load(args, language_model=True)
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data,
-                                 **given(args, "stride", "split", "field", "batch_size"))
+                                 **given(args, "stride", "split", "field", "batch_size", "precision"))
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
     if out:
         with atomic_dir(out) as folder:
@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--field", default=Default(ppl, "field"), help="JSONL field holding the text (default: %(default)s)")
     pp.add_argument("--batch-size", type=int, default=Default(ppl, "batch_size"),
                     help="windows per forward pass (default: %(default)s)")
+    pp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=Default(ppl, "precision"),
+                    help="autocast precision of the forward passes (default: %(default)s: as training chooses)")
     pp.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
     add_force_flag(pp, "--out", "evaluation report")
     add_device_flag(pp)

@@ -47,6 +47,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # dropouts, betas, decay rates: [0, 1)
+# auto: bf16 on GPUs that have it and on CPUs with bf16 units where a probe finds it pays (runtime.resolve_precision)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Factor = Annotated[float, Field(gt=0, le=1)]  # a multiplier that shrinks: (0, 1]
 Name = Annotated[str, Field(min_length=1)]  # a string that must not be empty
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a random seed torch takes
@@ -126,7 +128,7 @@ class TrainConfig:
     out_dir: Name = "runs/run"
     seed: Seed = 1337
     device: Device = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 on capable GPUs and CPUs (docs/performance.md), else fp32
     compile: bool = False
     batch_size: Count = 12
     grad_accum: Count = 1

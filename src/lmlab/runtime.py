@@ -7,13 +7,17 @@ so that ``--device auto`` and ``precision: auto`` mean the same thing everywhere
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import sys
+import time
 
 import torch
 
 from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -36,19 +40,153 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to compute in: ``auto`` means bf16 on GPUs that support it and fp32 elsewhere.
+def resolve_precision(precision: str, device: torch.device, width: int | None = None) -> str:
+    """The precision to compute in. ``auto`` means bf16 on GPUs that support it; on a CPU, bf16 when it has
+    bf16 matrix units (AMX, AVX512-BF16), the model's width (``width``: d_model) is at least
+    ``BF16_MIN_WIDTH`` and a timing probe at that width finds bf16 matmuls at least ``BF16_MIN_GAIN``
+    times faster than fp32; fp32 elsewhere (and on a CPU when ``width`` is not known yet). See
+    docs/performance.md.
 
     ``precision`` is one of train.precision's choices (the config checks that); whether fp16 fits the
     device can only be told here, once the device is known.
     """
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        return _auto_precision(device, width)
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a CUDA GPU (it uses a GradScaler); use bf16 or fp32")
+        raise ConfigError("precision fp16 needs a CUDA GPU (training uses a GradScaler); use bf16 or fp32")
     return precision
+
+
+# bf16 autocast must beat fp32 by this much on the probe's matmul: casts, norms and the optimizer stay in fp32,
+# so a smaller matmul gain is eaten up; and below BF16_MIN_WIDTH it never paid in training (docs/performance.md).
+BF16_MIN_GAIN = 1.3
+BF16_MIN_WIDTH = 256
+
+
+def _auto_precision(device: torch.device, width: int | None) -> str:
+    """``resolve_precision("auto", ...)``: the choice, logged once with its reason when it is made for a model."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type != "cpu" or width is None:
+        return "fp32"
+    units = cpu_bf16_units()
+    if not units:
+        log.info("precision auto: fp32 (CPU has no bf16 matrix units)")
+        return "fp32"
+    if width < BF16_MIN_WIDTH:
+        log.info("precision auto: fp32 (CPU has %s, but d_model %d < %d is too narrow for bf16 to pay)",
+                 units, width, BF16_MIN_WIDTH)
+        return "fp32"
+    gain = matmul_tflops(torch.bfloat16, width, device) / matmul_tflops(torch.float32, width, device)
+    choice = "bf16" if gain >= BF16_MIN_GAIN else "fp32"
+    log.info("precision auto: %s (CPU has %s; bf16 matmul %.1fx fp32 at %dx%d, bf16 needs %.1fx)",
+             choice, units, gain, width, 4 * width, BF16_MIN_GAIN)
+    return choice
+
+
+def cpu_bf16_units() -> str:
+    """The CPU's native bf16 matrix units ("AMX", "AVX512-BF16", "AMX and AVX512-BF16"), or "" if none.
+
+    Asks torch (``torch._C._cpu._get_cpu_capability``, torch 2.x on x86) and else /proc/cpuinfo's flags.
+    """
+    flags = _cpu_flags()
+    names = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return " and ".join(names)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags torch reports as present, else those of /proc/cpuinfo (empty when neither says)."""
+    capability = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
+    if capability is not None:
+        try:
+            return {k for k, v in capability().items() if v is True}
+        except (RuntimeError, AttributeError):
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_MATMUL_TFLOPS: dict[tuple, float] = {}
+PROBE_ROWS = 2048  # rows of the probe's activations: a micro-batch's tokens (e.g. 16 x 128)
+
+
+def matmul_tflops(dtype: torch.dtype, n: int, device: torch.device) -> float:
+    """Measured TFLOP/s of a (PROBE_ROWS x n) @ (n x 4n) matmul in ``dtype`` on ``device`` (an MLP's first
+    layer at width n): the best of 5 repeats of about 2 ms each after 20 ms of warm-up, measured once per process."""
+    key = (dtype, n, str(device))
+    if key not in _MATMUL_TFLOPS:
+        _MATMUL_TFLOPS[key] = _time_matmul(dtype, n, device)
+    return _MATMUL_TFLOPS[key]
+
+
+def _time_matmul(dtype: torch.dtype, n: int, device: torch.device) -> float:
+    """TFLOP/s of ``matmul_tflops``'s matmul, uncached."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_ROWS, n, generator=gen).to(device, dtype)
+    w = torch.randn(n, 4 * n, generator=gen).to(device, dtype)
+    flop = 2 * PROBE_ROWS * n * 4 * n
+    warm_up = time.perf_counter() + 0.02  # the first calls compile kernels and wake threads: ~20 ms of them
+    while time.perf_counter() < warm_up:
+        seconds = _timed(x, w, 1, device)
+    reps = max(1, min(100, int(2e-3 / seconds)))  # ~2 ms a repeat
+    best = min(_timed(x, w, reps, device) for _ in range(5))
+    return flop / max(best, 1e-12) / 1e12
+
+
+def _timed(x: torch.Tensor, w: torch.Tensor, reps: int, device: torch.device) -> float:
+    """Seconds per ``x @ w``, over ``reps`` calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        x @ w
+    _sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Dense peak TFLOP/s by GPU (vendor datasheets, without sparsity); fp32 is plain FP32 (torch's default matmul
+# precision does not use TF32). The first name contained in torch.cuda.get_device_name wins, so the
+# more specific names come first. docs/performance.md lists the sources.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},  # SXM
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},  # SXM
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {},  # no datasheet figures at hand; "A10" below would be wrong for it
+    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_PEAK_WIDTH = 512  # the CPU's peak is the probe's matmul at least this wide
+
+
+def peak_tflops(device: torch.device, precision: str, width: int | None = None) -> float | None:
+    """The peak TFLOP/s that MFU divides by: a GPU's datasheet figure at ``precision`` (None for a GPU not in
+    GPU_PEAK_TFLOPS), a CPU's measured ``matmul_tflops`` at max(width, CPU_PEAK_WIDTH); None elsewhere."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = next((p for key, p in GPU_PEAK_TFLOPS.items() if key in name), {})
+        return peaks.get(precision)
+    if device.type == "cpu":
+        return matmul_tflops(PRECISION_DTYPES[precision], max(width or 0, CPU_PEAK_WIDTH), device)
+    return None
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.config import Count, check_argument
+from lmlab.config import Count, Precision, check_argument
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
 from lmlab.models.interface import IGNORE_INDEX
 from lmlab.progress import progress_bar
+from lmlab.runtime import autocast_context, resolve_precision
 from lmlab.train.lm import PROGRESS_EVERY, stateful_nll
 
 
@@ -112,12 +113,15 @@ def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,
-                        split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True) -> dict:
+                        split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True,
+                        precision: str = "auto") -> dict:
     """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder.
 
-    ``stride`` None means the model's context; ``batch_size`` windows go through the model at once.
+    ``stride`` None means the model's context; ``batch_size`` windows go through the model at once;
+    ``precision`` is train.precision's choice for the forward passes (auto: as training would choose).
     """
     check_argument("batch_size", batch_size, Count)
+    check_argument("precision", precision, Precision)
     stride = model.context_length if check_argument("stride", stride, Count | None) is None else stride
     inputs = [data] if isinstance(data, str) else list(data)
     if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
@@ -130,6 +134,9 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
         n_bytes = shards.bytes
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
-    total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device, getattr(getattr(model, "config", None), "d_model", None))
+    with autocast_context(precision, device):
+        total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
     return {**perplexity_report(total, count, n_bytes), "stride": stride if model.context_length else None,
             "context": model.context_length or "unlimited (recurrent state)"}

@@ -72,6 +72,20 @@ class Encoder(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token, for the MFU estimate: 6N for the weights of the layers
+        (forward and backward) plus 12 * n_layer * d_model * block_size for attention (PaLM, appendix B),
+        as for the GPT (models/gpt.py).
+
+        N leaves out the embedding tables (token, position, type: lookups, with no output layer to tie
+        to) and the pooler, which runs once per sequence, not per token.
+        """
+        cfg = self.config
+        tables = [self.tok_emb, self.pos_emb, self.type_emb, self.pooler]
+        skipped = {id(p) for m in tables if m is not None for p in m.parameters()}
+        n = sum(p.numel() for p in self.parameters() if id(p) not in skipped)
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, d) of token ids idx (B, T); attention_mask (B, T) is 1 for real tokens."""

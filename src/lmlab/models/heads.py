@@ -62,6 +62,14 @@ class SequenceClassifier(nn.Module):
         last = attention_mask.sum(1).long().clamp(min=1) - 1  # (B,) index of each row's last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token, for the MFU estimate: the backbone's, less its output
+        layer (``features`` stops before it: 6 FLOPs per weight of lm_head or head). The classifier runs
+        once per sequence, not per token, and is left out; so is the backbone's pooler."""
+        output = getattr(self.backbone, "lm_head", None) or getattr(self.backbone, "head", None)
+        unused = output.weight.numel() if output is not None else 0
+        return self.backbone.flops_per_token() - 6 * unused
+
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, n_labels), and the mean cross-entropy when label ids (B,) are given."""

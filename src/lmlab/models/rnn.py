@@ -132,6 +132,18 @@ class RecurrentLM(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token, for the MFU estimate: 6 x the weights that multiply.
+
+        Per token and layer, a cell multiplies its input by weight_ih (gates*H x in) and its previous
+        state by weight_hh (gates*H x H), gates = 1 (rnn), 3 (gru) or 4 (lstm); then the output layer
+        multiplies by head (V x H). Each weight costs 2 FLOPs (a multiply-add) forward and 4 backward
+        (gradients of the input and of the weight): 6 per weight. The embedding is a lookup, and biases,
+        gate nonlinearities and the softmax are a few FLOPs per unit, not per weight: left out.
+        """
+        weights = [w for name, w in self.rnn.named_parameters() if name.startswith("weight_")]
+        return 6 * (sum(w.numel() for w in weights) + self.head.weight.numel())
+
     def resize_vocab(self, vocab_size: int) -> None:
         """Grow the embedding and output layer to ``vocab_size`` rows (new rows: the mean of the old)."""
         self.embed = grow_embedding(self.embed, vocab_size)

@@ -35,8 +35,8 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
-from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
-                           seed_everything, set_rng_state, set_threads)
+from lmlab.runtime import (autocast_context, peak_memory_mib, peak_tflops, resolve_device, resolve_precision,
+                           rng_state, seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
                                    read_manifest, save_checkpoint)
 from lmlab.train.ema import averaged, weight_average
@@ -194,6 +194,9 @@ class Trainer:
         self.claim = None  # the run folder while run() fills it
         self.run_folder = RunFolder(tc.out_dir)
         self.model = task.model
+        if tc.precision == "auto":  # a CPU's choice depends on the model's width, known only now
+            self.precision = precision = resolve_precision("auto", device, _width(self.model))
+        self.peak_tflops = _peak_tflops(self.model, device, precision)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc, device.type, task.learning_rates())
         self.scheduler = build_scheduler(self.optimizer, tc)
@@ -311,10 +314,14 @@ class Trainer:
                   "examples_per_s": (self.examples_seen - window.examples_at_start) / seconds,
                   "elapsed_s": self.elapsed(),
                   "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
-        if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, for MFU
+        postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tok_s:,.0f}"}
+        if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, and its share of the peak (MFU)
             record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
+            if self.peak_tflops:
+                record["mfu"] = record["tflops"] / self.peak_tflops
+                postfix["mfu"] = f"{record['mfu']:.1%}"
         self.logger.log(record)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(**postfix)
         window.reset(now, self.tokens_seen, self.examples_seen)
         return loss
 
@@ -387,6 +394,19 @@ class Trainer:
                 raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
             self.ema.load_raw_state(state["ema"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+
+
+def _peak_tflops(model: nn.Module, device: torch.device, precision: str) -> float | None:
+    """The peak MFU divides by (runtime.peak_tflops), for models that count their FLOPs; measured here, before
+    any step is timed, since a CPU's peak is a timing probe."""
+    if not hasattr(model, "flops_per_token"):
+        return None
+    return peak_tflops(device, precision, _width(model))
+
+
+def _width(model: nn.Module) -> int | None:
+    """The model's d_model, which decides a CPU's ``precision: auto`` (None for a model without one)."""
+    return getattr(getattr(model, "config", None), "d_model", None)
 
 
 def _differences(here, there) -> str:
