@@ -392,8 +392,9 @@ train: {{out_dir: {tmp_path / 'run'}, batch_size: 2, max_steps: 1000000, warmup_
                                           "--stride", "1", "--device", "cpu"], scoring),
     }
     for name, proc in procs.items():
-        assert proc.wait(timeout=180) == 130, (name, proc.seen["err"][-2000:])
-        time.sleep(0.1)  # the reader threads catch up
+        status = proc.wait(timeout=180)
+        time.sleep(0.2)  # the reader threads catch up (before the asserts, so a failure shows all of stderr)
+        assert status == 130, (name, status, proc.seen["err"][-3000:])
         assert "Traceback" not in proc.seen["err"] and proc.seen["err"].rstrip().endswith("interrupted"), (name, proc.seen)
     assert list((tmp_path / "run" / "checkpoints").iterdir())  # training saved where it stopped
 
