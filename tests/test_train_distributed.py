@@ -90,3 +90,28 @@ def test_resume_one_process_on_two_sharded(prepared, one_process, tmp_path):
     pretrain(run_config(prepared, run), stop_after=4)
     torchrun(run_config(prepared, run, distributed="fsdp"), tmp_path, "--resume")
     assert losses(run) == pytest.approx(losses(one_process), rel=TOLERANCE)
+
+
+def test_shards_of_a_batch_split_its_rows_and_units():
+    """Rows rank::world; units follow the rows (a task with uneven rows, like SFT, gives row_units)."""
+    from lmlab.train.loop import Batch
+
+    y = torch.tensor([[1, 1, -100], [1, -100, -100], [1, 1, 1], [-100, -100, 1], [1, 1, -100]])
+    row_units = (y != -100).sum(1)
+    batch = Batch({"y": y}, units=int(row_units.sum()), tokens=15, row_units=row_units)
+    shards = [batch.shard(r, 2) for r in range(2)]
+    assert [s.examples for s in shards] == [3, 2]
+    assert torch.equal(shards[1].tensors["y"], y[1::2])
+    assert [s.units for s in shards] == [7, 2]
+    even = Batch({"y": y}, units=15, tokens=15)  # no row_units: every row counts alike
+    assert [even.shard(r, 2).units for r in range(2)] == [9, 6]
+    assert batch.shard(0, 1) is batch
+
+
+def test_distributed_mode_is_checked():
+    from lmlab.config import TrainConfig, from_dict
+    from lmlab.errors import ConfigError
+
+    assert from_dict(TrainConfig, {"distributed": "fsdp"}).distributed == "fsdp"
+    with pytest.raises(ConfigError, match="distributed"):
+        from_dict(TrainConfig, {"distributed": "deepspeed"}, "train.")
