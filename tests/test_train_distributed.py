@@ -85,11 +85,17 @@ def test_resume_two_processes_on_one(prepared, one_process, tmp_path):
 
 
 def test_resume_one_process_on_two_sharded(prepared, one_process, tmp_path):
-    """A single process's checkpoint (plain optimizer state) resumes under FSDP2 on two processes."""
+    """A single process's checkpoint (plain optimizer state) resumes under FSDP2 on two processes (with
+    activation checkpointing, which changes nothing but memory)."""
     run = tmp_path / "one_then_two"
     pretrain(run_config(prepared, run), stop_after=4)
-    torchrun(run_config(prepared, run, distributed="fsdp"), tmp_path, "--resume")
+    torchrun(run_config(prepared, run, distributed="fsdp", activation_checkpointing=True), tmp_path, "--resume")
     assert losses(run) == pytest.approx(losses(one_process), rel=TOLERANCE)
+
+
+def test_activation_checkpointing_changes_no_step(prepared, one_process, tmp_path):
+    pretrain(run_config(prepared, tmp_path / "recomputed", activation_checkpointing=True))
+    assert losses(tmp_path / "recomputed") == pytest.approx(losses(one_process), rel=TOLERANCE)
 
 
 def test_shards_of_a_batch_split_its_rows_and_units():

@@ -116,13 +116,26 @@ def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for module in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
-            for block in module:
-                fully_shard(block)
+        for block in blocks(model):
+            fully_shard(block)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model (the members of its nn.ModuleLists): FSDP2's units, and what
+    activation checkpointing recomputes."""
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (train.activation_checkpointing):
+    PyTorch's composable ``checkpoint``, which keeps the parameter names and works under DDP and FSDP2."""
+    from torch.distributed._composable import checkpoint
+    for block in blocks(model):
+        checkpoint(block)
 
 
 def gradient_sync(forward_model: nn.Module, sync: bool):
@@ -161,12 +174,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Every rank must call it (it gathers)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_options(cpu_offload=True))
-
-
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put whole weights (as ``full_model_state`` gives them, on every rank) into an FSDP2 model's shards."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(model, state, options=_options())
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

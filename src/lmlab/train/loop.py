@@ -39,8 +39,9 @@ from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, re
                            seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
                                    read_manifest, save_checkpoint)
-from lmlab.train.distributed import (all_mean, barrier, full_model_state, full_optimizer_state, gradient_sync,
-                                     is_main, is_sharded, load_full_optimizer_state, rank, setup, world_size, wrap)
+from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, full_model_state, full_optimizer_state,
+                                     gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, setup,
+                                     world_size, wrap)
 from lmlab.train.ema import averaged, weight_average
 from lmlab.models.lora import has_lora
 from lmlab.train.logger import MetricsLogger, plot_losses
@@ -218,6 +219,8 @@ class Trainer:
         self.model = task.model
         _check_distributed(task, tc)
         checkpoint = self._restore_weights() if resume else None  # before sharding: FSDP2 shards what is loaded
+        if tc.activation_checkpointing:
+            checkpoint_activations(self.model)
         wrapped = wrap(self.model, tc.distributed, device)  # DDP or FSDP2 under torchrun, else the model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc, device.type, task.learning_rates())
