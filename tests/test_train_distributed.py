@@ -112,6 +112,7 @@ def test_shards_of_a_batch_split_its_rows_and_units():
     even = Batch({"y": y}, units=15, tokens=15)  # no row_units: every row counts alike
     assert [even.shard(r, 2).units for r in range(2)] == [9, 6]
     assert batch.shard(0, 1) is batch
+    assert torch.equal(batch.stand_in().tensors["y"], y[2:3])  # an empty share computes a row with units, x 0
 
 
 def test_distributed_mode_is_checked():

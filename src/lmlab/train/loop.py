@@ -82,6 +82,12 @@ class Batch:
             units = self.units * share // rows
         return Batch(tensors, units, self.tokens * share // rows)
 
+    def stand_in(self) -> "Batch":
+        """One row of the batch that has units: what a rank whose share is empty computes, weighted 0, so
+        that its collectives keep step with the other ranks' (a share without units would give NaN)."""
+        row = int(self.row_units.argmax()) if self.row_units is not None else 0
+        return Batch({k: v[row:row + 1] for k, v in self.tensors.items()}, 1, 0)
+
 
 class Task(Protocol):
     """What a task gives the loop. ``kind`` names it in checkpoints ("pretrain", "classify", "sft").
@@ -247,13 +253,16 @@ class Trainer:
         for i, batch in enumerate(batches):
             self.tokens_seen += batch.tokens  # of the whole step, over every rank
             self.examples_seen += batch.examples
-            part = batch.shard(rank(), world).to(self.device)  # this rank's rows of the global batch
+            part = batch.shard(rank(), world)  # this rank's rows of the global batch
+            # the step's loss is the mean over all its units; DDP and FSDP2 average gradients over the
+            # ranks, hence the factor world (1 for a single process)
+            weight = part.units * world / units
+            if part.units == 0 and world > 1:
+                part = batch.stand_in()
             with gradient_sync(self.forward_model, sync=i == len(batches) - 1):
                 with autocast_context(self.precision, self.device):
-                    loss = self.task.loss(self.forward_model, part)
-                # the step's loss is the mean over all its units; DDP and FSDP2 average gradients over
-                # the ranks, hence the factor world (1 for a single process)
-                weighted = loss * (part.units * world / units)
+                    loss = self.task.loss(self.forward_model, part.to(self.device))
+                weighted = loss * weight
                 self.scaler.scale(weighted).backward()
             total += weighted.detach().float()
         if self.tc.grad_clip > 0:
