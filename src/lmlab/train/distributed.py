@@ -43,7 +43,7 @@ def setup(device: torch.device) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     atexit.register(teardown)
     if is_main():
         log.info("distributed: %d processes, backend %s", world_size(), backend)
@@ -100,13 +100,14 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return total / world_size()
 
 
-def broadcast_error(message: str | None) -> str | None:
-    """Rank 0's ``message`` on every rank, so that all ranks fail (or go on) together."""
+def rank0_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (``flag`` itself for a single process): a decision that each rank
+    could make otherwise (is time up?) made once, so that all ranks act on it together."""
     if not active():
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.broadcast(box, src=0)
+    return bool(box.item())
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:

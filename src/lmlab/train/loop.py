@@ -12,6 +12,8 @@ and its evaluation metrics. The loop alone owns everything else:
     files                     config.yaml, metrics.jsonl, plots/, periodic and final checkpoints,
                               --resume from the newest one with the same per-step losses
     reporting                 a progress bar with tokens/s and ETA; ``.item()`` only on logging steps
+    processes                 under torchrun: DDP or FSDP2, each rank computing its rows of the same
+                              global batch; rank 0 logs and writes (train/distributed.py)
 
 The batches of step s are a pure function of s (and of the task's saved state), so a resumed run
 sees exactly what an uninterrupted run would have seen.
@@ -40,8 +42,8 @@ from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, re
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
                                    read_manifest, save_checkpoint)
 from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, full_model_state, full_optimizer_state,
-                                     gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, setup,
-                                     world_size, wrap)
+                                     gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, rank0_says,
+                                     setup, world_size, wrap)
 from lmlab.train.ema import averaged, weight_average
 from lmlab.models.lora import has_lora
 from lmlab.train.logger import MetricsLogger, plot_losses
@@ -169,6 +171,9 @@ class RunResult:
 def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iterable = ()) -> tuple[torch.device, str]:
     """Check the output folder against --resume and --force, apply train.threads and the seed; return
     device, precision.
+
+    Under torchrun this joins the process group first (the device is then this rank's GPU), and every
+    rank checks the folder before rank 0 may write to it.
 
     Called by a task builder before it builds anything, so a bad run folder fails before any work:
     without --resume, train.out_dir must be new or empty, or (with --force) hold a previous run (see
@@ -318,7 +323,8 @@ class Trainer:
             while self.step < tc.max_steps:
                 window.add(self.train_step())
                 bar.update(1)
-                out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
+                out_of_time = tc.max_minutes is not None and rank0_says(self.elapsed() >= tc.max_minutes * 60,
+                                                                        self.device)  # all ranks stop together
                 stopped = self.stop_after is not None and self.step - first_step >= self.stop_after
                 last = self.step == tc.max_steps or out_of_time or stopped
                 if self.step % tc.log_interval == 0 or last:
@@ -331,6 +337,9 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             result.interrupted = True
+            if world_size() > 1:  # the ranks stop at different points: a save's collectives could wait forever
+                bar.write("interrupted: continue with --resume from the last checkpoint")
+                raise
             bar.write(f"interrupted: saving a checkpoint at step {self.step} (continue with --resume)")
             self.save()
         finally:
