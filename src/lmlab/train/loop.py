@@ -35,6 +35,7 @@ import torch.nn as nn
 from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.models.lora import has_lora
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
 from lmlab.runtime import (autocast_context, peak_memory_mib, resolve_device, resolve_precision, rng_state,
@@ -45,7 +46,6 @@ from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, 
                                      gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, rank0_says,
                                      setup, world_size, wrap)
 from lmlab.train.ema import averaged, weight_average
-from lmlab.models.lora import has_lora
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
 
@@ -300,7 +300,8 @@ class Trainer:
 
         A run folder that this run made (or emptied, or took over with ``replace``) is removed again if
         the run fails before its first checkpoint, and a run it replaced is put back; Ctrl-C saves a
-        checkpoint first, so an interrupted run is kept (continue it with --resume).
+        checkpoint first, so an interrupted run is kept (continue it with --resume). Under torchrun only
+        rank 0 claims and writes the folder, and Ctrl-C stops without that last save.
         """
         if not is_main():  # rank 0 alone writes the run folder
             return self._run()
