@@ -1,7 +1,8 @@
 """Training on two processes (torchrun, gloo on the CPU) takes the steps of one process.
 
 Each rank computes its rows of the same global batch, so the per-step losses of 1 and 2 processes
-agree up to float reduction order: within a relative 1e-5 (seen: about 2e-7). Checkpoints are
+agree up to float reduction order: within a relative 1e-5 (seen: about 2e-7); so do the validation
+losses, of which each rank scores a share. Checkpoints are
 consolidated, so a run resumes on another number of processes (2 -> 1, 1 -> 2) with the losses of an
 uninterrupted run, and FSDP2 (train.distributed: fsdp) takes the steps of DDP.
 """
@@ -34,9 +35,10 @@ STEPS = 8
 
 
 def run_config(data, out, **train):
-    """A tiny GPT (two blocks, so that FSDP2 shards each), grad_accum 2 to exercise no_sync."""
+    """A tiny GPT (two blocks, so that FSDP2 shards each), grad_accum 2 to exercise no_sync, 3 validation
+    batches (2 processes score 2 and 1 of them)."""
     cfg = tiny_run_config(data, out, max_steps=STEPS, batch_size=4, grad_accum=2, eval_interval=4,
-                          checkpoint_interval=4, **train)
+                          eval_batches=3, checkpoint_interval=4, **train)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=16, dropout=0.0))
 
 

@@ -100,6 +100,15 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return total / world_size()
 
 
+def all_sum(value: float, device: torch.device) -> float:
+    """The sum of ``value`` over the ranks, in float64 (``value`` itself for a single process)."""
+    if not active():
+        return value
+    box = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.SUM)
+    return float(box.item())
+
+
 def rank0_says(flag: bool, device: torch.device) -> bool:
     """Rank 0's ``flag`` on every rank (``flag`` itself for a single process): a decision that each rank
     could make otherwise (is time up?) made once, so that all ranks act on it together."""
