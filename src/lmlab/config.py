@@ -161,6 +161,9 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     threads: Annotated[int, Field(ge=1, le=4096)] | None = None  # torch.set_num_threads on CPU; None = torch's default
+    # under torchrun: ddp keeps a whole model per process, fsdp (FSDP2) shards weights, grads and optimizer state
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, more compute
 
 
 @dataclass

@@ -116,7 +116,7 @@ class SftTask(TaskBase):
     def _batch(self, indices: list[int]) -> Batch:
         x, y = collate([self.rows[i] for i in indices], self.tokenizer.pad_id)
         counted = int((y != IGNORE_INDEX).sum())
-        return Batch({"x": x, "y": y}, units=counted, tokens=counted)
+        return Batch({"x": x, "y": y}, units=counted, tokens=counted, row_units=(y != IGNORE_INDEX).sum(1))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch.tensors["x"], batch.tensors["y"])[1]

@@ -66,8 +66,11 @@ def sha256_file(path: Path) -> str:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, train_state: dict | None = None,
-                    info: dict | None = None) -> Path:
+                    info: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write model weights, tokenizer, optional training state and manifest to folder ``path``, atomically.
+
+    ``weights`` are the model's whole weights where ``model`` does not hold them itself (an FSDP2 model
+    sharded over processes: they were gathered); they are written as ``model``'s own would be.
 
     A write that fails (disk full, no permission) leaves ``path`` as it was, removes the partial
     checkpoint and raises a CheckpointError saying why.
@@ -75,7 +78,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
     path = Path(path)
     try:
         with atomic_dir(path) as tmp:
-            _write_files(tmp, model, tokenizer, train_state, info)
+            _write_files(tmp, model, tokenizer, train_state, info, weights)
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
         code = _os_errno(e)
         if code is None:  # not a failed write: a bug, keep its traceback
@@ -85,10 +88,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
 
 
 def _write_files(tmp: Path, model: nn.Module, tokenizer: Tokenizer, train_state: dict | None,
-                 info: dict | None) -> None:
+                 info: dict | None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """The files of a checkpoint, into the empty folder ``tmp``; the manifest last."""
-    with base_view(model):  # LoRA adapters go to their own files, in PEFT's format
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    if weights is not None:
+        _save_weights(model, weights, tmp / "model.safetensors")
+    else:
+        with base_view(model):  # LoRA adapters go to their own files, in PEFT's format
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     if has_lora(model):
         write_model_adapter(tmp, model, "SEQ_CLS" if hasattr(model, "head_config") else "CAUSAL_LM")
     tokenizer.save(tmp / "tokenizer.json")
@@ -106,6 +112,19 @@ def _write_files(tmp: Path, model: nn.Module, tokenizer: Tokenizer, train_state:
         "files": {name: sha256_file(tmp / name) for name in files},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
+    """Save ``weights`` (``model``'s whole state dict) as ``safetensors.torch.save_model`` saves the model:
+    of names that share one tensor in ``model`` (tied weights), only the first in sorted order."""
+    sharing: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        sharing.setdefault(id(tensor), []).append(name)
+    metadata = {}
+    for names in (sorted(group) for group in sharing.values() if len(group) > 1):
+        metadata.update({name: names[0] for name in names[1:]})
+    kept = {k: v.contiguous() for k, v in weights.items() if k not in metadata}
+    safetensors.torch.save_file(kept, str(file), metadata=metadata or None)
 
 
 def _os_errno(e: BaseException) -> int | None:

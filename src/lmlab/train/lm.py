@@ -11,6 +11,7 @@ backpropagation through time, ``train.carry_state``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.models.registry import build_model
 from lmlab.progress import progress_bar
+from lmlab.train.distributed import all_sum, rank, world_size
 from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
@@ -119,9 +121,8 @@ class LanguageModelTask(TaskBase):
             total, count = stateful_nll(model, self.val_data.read(0, n_tokens + 1))
             loss = total / count
         else:
-            losses = [model(x.to(device), y.to(device))[1].item()
-                      for x, y in eval_batches(self.val_data, batch_size, self.block, tc.seed, tc.eval_batches)]
-            loss = float(np.mean(losses))
+            batches = list(eval_batches(self.val_data, batch_size, self.block, tc.seed, tc.eval_batches))
+            loss = _mean_batch_loss(model, batches, device)
         return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50)))}
 
     def state_dict(self) -> dict:
@@ -130,6 +131,21 @@ class LanguageModelTask(TaskBase):
     def load_state_dict(self, state: dict) -> None:
         if self.carry is not None:
             self.carry.load_state_dict(state["carry"])
+
+
+def _mean_batch_loss(model: nn.Module, batches: list, device: torch.device) -> float:
+    """The mean of the batches' losses. Under torchrun each rank scores batches rank::world and the sums
+    are all-reduced; every rank runs as many forwards (the last batch again, not counted, where its
+    share is short), which FSDP2's all-gathers need."""
+    world, me = world_size(), rank()
+    if world == 1:
+        return float(np.mean([model(x.to(device), y.to(device))[1].item() for x, y in batches]))
+    total = 0.0
+    for i in range(me, me + world * math.ceil(len(batches) / world), world):
+        x, y = batches[min(i, len(batches) - 1)]
+        loss = model(x.to(device), y.to(device))[1].item()
+        total += loss if i < len(batches) else 0.0
+    return all_sum(total, device) / len(batches)
 
 
 def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, object]:

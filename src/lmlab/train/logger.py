@@ -11,10 +11,12 @@ from lmlab.runs import RunFolder, atomic_write_text
 
 class MetricsLogger:
     """Appends one JSON object per record to the run's ``metrics.jsonl``; mirrors scalars to TensorBoard
-    if asked. Nothing is created until the first record."""
+    if asked. Nothing is created until the first record; a logger that is not ``enabled`` (a process
+    other than rank 0) writes nothing."""
 
-    def __init__(self, run: RunFolder, tensorboard: bool = False):
+    def __init__(self, run: RunFolder, tensorboard: bool = False, enabled: bool = True):
         self.run = run
+        self.enabled = enabled
         self.path = run.metrics
         self.tb = None
         self.SummaryWriter = None
@@ -27,6 +29,8 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         """Write one record (must contain ``step``)."""
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.SummaryWriter is not None and self.tb is None:
             self.tb = self.SummaryWriter(str(self.run.tensorboard))
@@ -40,7 +44,7 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (a resumed run rewrites what came after its checkpoint), and a last
         line cut short by a killed process."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if (record_step := _step_of(line)) is not None and record_step <= step]

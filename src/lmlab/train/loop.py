@@ -12,6 +12,8 @@ and its evaluation metrics. The loop alone owns everything else:
     files                     config.yaml, metrics.jsonl, plots/, periodic and final checkpoints,
                               --resume from the newest one with the same per-step losses
     reporting                 a progress bar with tokens/s and ETA; ``.item()`` only on logging steps
+    processes                 under torchrun: DDP or FSDP2, each rank computing its rows of the same
+                              global batch; rank 0 logs and writes (train/distributed.py)
 
 The batches of step s are a pure function of s (and of the task's saved state), so a resumed run
 sees exactly what an uninterrupted run would have seen.
@@ -33,12 +35,16 @@ import torch.nn as nn
 from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.models.lora import has_lora
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
 from lmlab.runtime import (autocast_context, peak_memory_mib, peak_tflops, resolve_device, resolve_precision,
                            rng_state, seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
                                    read_manifest, save_checkpoint)
+from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, full_model_state, full_optimizer_state,
+                                     gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, rank0_says,
+                                     setup, world_size, wrap)
 from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
@@ -53,6 +59,7 @@ class Batch:
     tensors: dict[str, torch.Tensor]
     units: int  # what the task's loss is a mean over (target tokens, examples): weights accumulation
     tokens: int  # tokens read, for tokens/s
+    row_units: torch.Tensor | None = None  # units of each row where rows differ (None: units spread evenly)
 
     @property
     def examples(self) -> int:
@@ -60,7 +67,28 @@ class Batch:
         return len(next(iter(self.tensors.values())))
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.units, self.tokens)
+        """The batch with its tensors on ``device``."""
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.units, self.tokens,
+                     self.row_units)
+
+    def shard(self, rank: int, world: int) -> "Batch":
+        """Rows ``rank::world``: this process's share of a batch that ``world`` processes split."""
+        if world == 1:
+            return self
+        rows = self.examples
+        tensors = {k: v[rank::world] for k, v in self.tensors.items()}
+        share = len(range(rank, rows, world))
+        if self.row_units is not None:
+            units = int(self.row_units[rank::world].sum())
+        else:
+            units = self.units * share // rows
+        return Batch(tensors, units, self.tokens * share // rows)
+
+    def stand_in(self) -> "Batch":
+        """One row of the batch that has units: what a rank whose share is empty computes, weighted 0, so
+        that its collectives keep step with the other ranks' (a share without units would give NaN)."""
+        row = int(self.row_units.argmax()) if self.row_units is not None else 0
+        return Batch({k: v[row:row + 1] for k, v in self.tensors.items()}, 1, 0)
 
 
 class Task(Protocol):
@@ -144,15 +172,22 @@ def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iter
     """Check the output folder against --resume and --force, apply train.threads and the seed; return
     device, precision.
 
+    Under torchrun this joins the process group first (the device is then this rank's GPU), and every
+    rank checks the folder before rank 0 may write to it.
+
     Called by a task builder before it builds anything, so a bad run folder fails before any work:
     without --resume, train.out_dir must be new or empty, or (with --force) hold a previous run (see
     runs.check_output; ``inputs`` are the paths the run reads, which it must not write over).
     """
     run = RunFolder(tc.out_dir)
+    set_threads(tc.threads)
+    device = setup(resolve_device(tc.device))  # under torchrun: joins the process group, this rank's GPU
     if resume and force:
         raise ConfigError("--resume continues the run in train.out_dir and --force replaces it; give one of them")
     if resume:
-        remove_stale_temporaries(run.root.parent, run.root.name)  # may put back a run a killed --force replaced
+        if is_main():
+            remove_stale_temporaries(run.root.parent, run.root.name)  # may put back a run a killed --force replaced
+        barrier()
         if run.root.exists() and not run.root.is_dir():
             raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
         if not run.checkpoints():
@@ -165,8 +200,7 @@ def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iter
                           f"or set train.out_dir to a new folder")
     else:
         check_output(run.root, "run", inputs, force)
-    set_threads(tc.threads)
-    device = resolve_device(tc.device)
+    barrier()  # every rank has checked the folder before rank 0 writes to it
     precision = resolve_precision(tc.precision, device)
     seed_everything(tc.seed)
     return device, precision
@@ -196,17 +230,22 @@ class Trainer:
         self.model = task.model
         if tc.precision == "auto":  # a CPU's choice depends on the model's width, known only now
             self.precision = precision = resolve_precision("auto", device, _width(self.model))
-        self.peak_tflops = _peak_tflops(self.model, device, precision)
+        self.peak_tflops = _peak_tflops(self.model, device, precision)  # of all processes, as tokens/s counts
+        _check_distributed(task, tc)
+        checkpoint = self._restore_weights() if resume else None  # before sharding: FSDP2 shards what is loaded
+        if tc.activation_checkpointing:
+            checkpoint_activations(self.model)
+        wrapped = wrap(self.model, tc.distributed, device)  # DDP or FSDP2 under torchrun, else the model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc, device.type, task.learning_rates())
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.ema = weight_average(self.model, tc.ema_decay)
         self.step, self.elapsed_before, self.tokens_seen, self.examples_seen = 0, 0.0, 0, 0
-        self.logger = MetricsLogger(self.run_folder, tc.tensorboard)
-        if resume:
-            self._restore()
-        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+        self.logger = MetricsLogger(self.run_folder, tc.tensorboard, enabled=is_main())
+        if checkpoint is not None:
+            self._restore_state(checkpoint)
+        self.forward_model = torch.compile(wrapped) if tc.compile else wrapped
 
     # ----------------------------------------------------------------------------------------
     # one step
@@ -218,15 +257,22 @@ class Trainer:
         if units == 0:
             raise DataError(f"step {self.step} has no examples or target tokens to learn from")
         total = torch.zeros((), device=self.device)
-        for batch in batches:
-            batch = batch.to(self.device)
-            with autocast_context(self.precision, self.device):
-                loss = self.task.loss(self.forward_model, batch)
-            weighted = loss * (batch.units / units)  # the step's loss is the mean over all its units
-            self.scaler.scale(weighted).backward()
-            total += weighted.detach().float()
-            self.tokens_seen += batch.tokens
+        world = world_size()
+        for i, batch in enumerate(batches):
+            self.tokens_seen += batch.tokens  # of the whole step, over every rank
             self.examples_seen += batch.examples
+            part = batch.shard(rank(), world)  # this rank's rows of the global batch
+            # the step's loss is the mean over all its units; DDP and FSDP2 average gradients over the
+            # ranks, hence the factor world (1 for a single process)
+            weight = part.units * world / units
+            if part.units == 0 and world > 1:
+                part = batch.stand_in()
+            with gradient_sync(self.forward_model, sync=i == len(batches) - 1):
+                with autocast_context(self.precision, self.device):
+                    loss = self.task.loss(self.forward_model, part.to(self.device))
+                weighted = loss * weight
+                self.scaler.scale(weighted).backward()
+            total += weighted.detach().float()
         if self.tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, self.tc.grad_clip)
@@ -257,27 +303,32 @@ class Trainer:
 
         A run folder that this run made (or emptied, or took over with ``replace``) is removed again if
         the run fails before its first checkpoint, and a run it replaced is put back; Ctrl-C saves a
-        checkpoint first, so an interrupted run is kept (continue it with --resume).
+        checkpoint first, so an interrupted run is kept (continue it with --resume). Under torchrun only
+        rank 0 claims and writes the folder, and Ctrl-C stops without that last save.
         """
+        if not is_main():  # rank 0 alone writes the run folder
+            return self._run()
         with claim_output(self.run_folder.root, replace=self.replace) as self.claim:
             return self._run()
 
     def _run(self) -> RunResult:
         tc = self.tc
-        self.run_folder.remove_stale_temporaries()
-        self.logger.truncate_after(self.step)  # what a killed process logged past its last checkpoint
-        save_config(self.cfg, self.run_folder.config)
+        if is_main():
+            self.run_folder.remove_stale_temporaries()
+            self.logger.truncate_after(self.step)  # what a killed process logged past its last checkpoint
+            save_config(self.cfg, self.run_folder.config)
         self.started = time.perf_counter()
         self.model.train()
         first_step = self.step
         result = RunResult(step=self.step, train_loss=float("nan"))
         window = _Window(time.perf_counter(), self.tokens_seen, self.examples_seen)
-        bar = progress_bar(total=tc.max_steps, initial=self.step, unit="step", enabled=tc.progress)
+        bar = progress_bar(total=tc.max_steps, initial=self.step, unit="step", enabled=tc.progress and is_main())
         try:
             while self.step < tc.max_steps:
                 window.add(self.train_step())
                 bar.update(1)
-                out_of_time = tc.max_minutes is not None and self.elapsed() >= tc.max_minutes * 60
+                out_of_time = tc.max_minutes is not None and rank0_says(self.elapsed() >= tc.max_minutes * 60,
+                                                                        self.device)  # all ranks stop together
                 stopped = self.stop_after is not None and self.step - first_step >= self.stop_after
                 last = self.step == tc.max_steps or out_of_time or stopped
                 if self.step % tc.log_interval == 0 or last:
@@ -290,12 +341,16 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             result.interrupted = True
+            if world_size() > 1:  # the ranks stop at different points: a save's collectives could wait forever
+                bar.write("interrupted: continue with --resume from the last checkpoint")
+                raise
             bar.write(f"interrupted: saving a checkpoint at step {self.step} (continue with --resume)")
             self.save()
         finally:
             bar.close()
             self.logger.close()
-        result.plots = [str(p) for p in plot_losses(self.run_folder.metrics, self.run_folder.plots)]
+        if is_main():
+            result.plots = [str(p) for p in plot_losses(self.run_folder.metrics, self.run_folder.plots)]
         result.step, result.elapsed_s, result.tokens_seen = self.step, self.elapsed(), self.tokens_seen
         result.peak_mem_mib = peak_memory_mib(self.device)
         result.checkpoint = str(self.run_folder.checkpoints()[-1])
@@ -341,10 +396,25 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the current step: weights (the average with train.ema_decay), tokenizer, and what
-        --resume needs (optimizer, schedule, scaler, RNG, the task's state, the raw weights under EMA)."""
+        --resume needs (optimizer, schedule, scaler, RNG, the task's state, the raw weights under EMA).
+
+        Under torchrun rank 0 writes the one consolidated checkpoint (FSDP2 gathers the whole weights and
+        optimizer state to it first); every rank waits until it is written."""
+        sharded = is_sharded(self.model)
+        weights = full_model_state(self.model) if sharded else None  # collectives: every rank takes part
+        optimizer = full_optimizer_state(self.model, self.optimizer) if sharded else self.optimizer.state_dict()
+        path = self.run_folder.checkpoint(self.step)
+        if is_main():
+            self._write_checkpoint(path, optimizer, weights)
+        barrier()
+        return path
+
+    def _write_checkpoint(self, path: Path, optimizer: dict, weights: dict | None) -> None:
+        """Write checkpoint ``path`` (rank 0 only) with optimizer state ``optimizer`` and, for a sharded
+        model, its gathered ``weights``."""
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -354,16 +424,16 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.raw_state()
-        path = self.run_folder.checkpoint(self.step)
         info = {"step": self.step, "kind": self.task.kind, **self.task.checkpoint_info()}
         with averaged(self.ema):
-            save_checkpoint(path, self.model, self.task.tokenizer, state, info=info)
+            save_checkpoint(path, self.model, self.task.tokenizer, state, info=info, weights=weights)
         if self.claim is not None:
             self.claim.keep()  # the run now holds a checkpoint: it stays, whatever happens next
         self.run_folder.prune_checkpoints(self.tc.keep_checkpoints)
-        return path
 
-    def _restore(self) -> None:
+    def _restore_weights(self) -> Path:
+        """Load the newest checkpoint's weights into the (not yet wrapped) model, after checking that its
+        model config and tokenizer are this run's; return the checkpoint."""
         ckpt = self.run_folder.checkpoints()[-1]
         saved = manifest_model_config(ckpt, read_manifest(ckpt))
         if saved != self.model.config:
@@ -373,6 +443,10 @@ class Trainer:
         if load_tokenizer(ckpt, saved.vocab_size).sha256() != self.task.tokenizer.sha256():
             raise ConfigError(f"--resume: the data's tokenizer differs from the one {ckpt} was trained with; "
                               f"resume on the same data (the run's config.yaml says which)")
+        return ckpt
+
+    def _restore_state(self, ckpt: Path) -> None:
+        """Restore what --resume needs besides the weights from checkpoint ``ckpt``."""
         state = load_train_state(ckpt)
         try:
             self._load_state(state, ckpt)
@@ -384,7 +458,10 @@ class Trainer:
     def _load_state(self, state: dict, ckpt: Path) -> None:
         """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``
         (the training state of checkpoint ``ckpt``)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model):
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -401,12 +478,31 @@ def _peak_tflops(model: nn.Module, device: torch.device, precision: str) -> floa
     any step is timed, since a CPU's peak is a timing probe."""
     if not hasattr(model, "flops_per_token"):
         return None
-    return peak_tflops(device, precision, _width(model))
+    peak = peak_tflops(device, precision, _width(model))
+    if peak is None or device.type != "cuda":
+        return peak  # a CPU's probe already measures the whole machine, which its processes share
+    return peak * world_size()  # one GPU per process
 
 
 def _width(model: nn.Module) -> int | None:
     """The model's d_model, which decides a CPU's ``precision: auto`` (None for a model without one)."""
     return getattr(getattr(model, "config", None), "d_model", None)
+
+
+def _check_distributed(task: Task, tc: TrainConfig) -> None:
+    """Refuse what training on several processes cannot do (nothing to check for a single process)."""
+    world = world_size()
+    if world == 1:
+        return
+    if tc.batch_size < world:
+        raise ConfigError(f"train.batch_size {tc.batch_size} is smaller than the {world} processes; each process "
+                          f"computes a share of the batch, so give at least one row per process")
+    if tc.carry_state:
+        raise ConfigError("train.carry_state does not work on several processes (each carries its own rows' state)")
+    if tc.distributed == "fsdp" and tc.ema_decay > 0:
+        raise ConfigError("train.ema_decay does not work with train.distributed fsdp yet; use ddp")
+    if tc.distributed == "fsdp" and has_lora(task.model):
+        raise ConfigError("LoRA adapters do not work with train.distributed fsdp yet; use ddp")
 
 
 def _differences(here, there) -> str:
@@ -427,7 +523,10 @@ class _Window:
         self.steps += 1
 
     def mean_loss(self) -> float:
-        return float(self.loss_sum.item()) / self.steps if self.steps else float("nan")
+        """The mean step loss since the last reset, over every rank (a collective under torchrun)."""
+        if not self.steps:
+            return float("nan")
+        return float(all_mean(self.loss_sum).item()) / self.steps
 
     def reset(self, now: float, tokens_seen: int, examples_seen: int) -> None:
         self.start, self.loss_sum, self.steps = now, None, 0
