@@ -107,7 +107,7 @@ def precision_of(impl: str) -> str:
     from lmlab.runtime import resolve_precision
 
     if impl == "lmlab_auto":
-        return resolve_precision("auto", torch.device("cpu"))
+        return resolve_precision("auto", torch.device("cpu"), SIZE["d_model"])  # as the trainer asks, at the width
     return "bf16" if impl.endswith("_bf16") else "fp32"
 
 
