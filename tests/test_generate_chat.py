@@ -70,3 +70,20 @@ def test_interactive_chat_in_a_pseudo_terminal(trained_run):
     finally:
         code = term.close()
     assert code == 0
+
+
+def test_a_message_that_cannot_be_answered_does_not_end_the_chat(trained_run, caplog):
+    import io
+
+    from lmlab.generate.chat import run_repl
+
+    ckpt = load_checkpoint(trained_run)
+    session = ChatSession(ckpt.model, ckpt.tokenizer, SamplingParams(max_new_tokens=3, temperature=0.0))
+    out = io.StringIO()
+    too_long = "the quick brown fox " * 50  # far beyond the context of 32
+    with caplog.at_level("ERROR", logger="lmlab"):
+        run_repl(session, io.StringIO(f"{too_long}\nbad \udcff text\nthe fox\n/exit\n"), out)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "the model's context is 32" in errors[0] and "not valid UTF-8" in errors[1]
+    assert out.getvalue().count("assistant> ") == 3  # the third message is answered
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["the fox"]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from lmlab.data.chat import chat_prompt, has_chat_tokens
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import DataError
+from lmlab.errors import DataError, LmlabError
 from lmlab.generate.engine import generate_text
 from lmlab.generate.sampling import SamplingParams
 
@@ -42,8 +42,14 @@ class ChatSession:
         """Generate the assistant's answer to ``text`` (streamed to ``on_text``) and add both to the history."""
         if not text.strip():
             raise DataError("empty message")
-        self.messages.append({"role": "user", "content": text})
-        ids, stop_tokens, stop = self._fitted_prompt()
+        message = {"role": "user", "content": text}
+        self.messages.append(message)
+        try:
+            ids, stop_tokens, stop = self._fitted_prompt()
+        except LmlabError:  # a message that cannot be answered leaves the conversation as it was
+            if self.messages and self.messages[-1] is message:
+                self.messages.pop()
+            raise
         params = dataclasses.replace(self.params, stop_tokens=[*self.params.stop_tokens, *stop_tokens],
                                      stop=[*self.params.stop, *stop])
         answer = generate_text(self.model, self.tokenizer, ids, params, on_text=on_text)
@@ -68,7 +74,9 @@ class ChatSession:
 
 
 def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
-    """Read user lines, stream answers; /reset clears the history, /exit (or end of input) quits."""
+    """Read user lines, stream answers; /reset clears the history, /exit (or end of input) quits. A message
+    that cannot be answered (too long for the context, not valid text) is logged as an error and the
+    chat goes on."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     def write(text: str) -> None:
@@ -90,7 +98,12 @@ def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         if not text.strip():
             continue
         write("assistant> ")
-        session.reply(text, on_text=write)
+        try:
+            session.reply(text, on_text=write)
+        except LmlabError as e:  # one bad message (too long, not UTF-8) does not end the chat
+            write("\n")
+            log.error(str(e))
+            continue
         write("\n")
 
 
