@@ -438,3 +438,15 @@ def test_a_full_or_read_only_disk_is_one_line_and_other_os_errors_keep_their_tra
     monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", fail(errno.EBADF))
     with pytest.raises(OSError):
         main(argv)
+
+
+def test_an_error_is_one_line_even_when_a_library_message_goes_on(models, monkeypatch, capsys):
+    import lmlab.eval.perplexity
+    from lmlab.errors import DataError
+
+    def evaluate(*args, **kwargs):
+        raise DataError("the first line says what\nframe #0: c10::Error ...\nframe #1: ...")
+
+    monkeypatch.setattr(lmlab.eval.perplexity, "evaluate_perplexity", evaluate)
+    code, _, err = run(["eval", "ppl", models["lm"], "--data", f"{models['root']}/a.txt"], capsys)
+    assert code == 1 and err.strip().splitlines() == ["error: the first line says what"]

@@ -21,7 +21,7 @@ import os
 import sys
 import typing
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.progress import ConsoleHandler
 
 log = logging.getLogger("lmlab.cli")  # named, not __name__: also right under `python -m lmlab.cli`
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LmlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)  # one line, whatever a library put in the message
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

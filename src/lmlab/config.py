@@ -31,7 +31,7 @@ import pydantic
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, first_line
 from lmlab.runs import atomic_write_text, read_text_file
 
 RECURRENT = ("rnn", "lstm", "gru")
@@ -301,7 +301,7 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(read_text_file(path, "config", ConfigError)) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping of sections, not a {type(data).__name__}")
     return data
@@ -629,5 +629,3 @@ def _unknown_key_message(key: str, known: list[str]) -> str:
     return f"unknown config key {key!r}{hint}"
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -24,3 +24,10 @@ class CheckpointError(LmlabError):
 
 class OutputError(LmlabError):
     """An output path that would overwrite an input or something lmlab did not write, or that cannot be written."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line
+    error keeps of a library's message, which may go on with a C++ stack or a traceback."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

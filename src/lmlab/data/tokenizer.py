@@ -33,7 +33,7 @@ from pydantic import Field
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmlab.config import Count, check_argument
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import ConfigError, DataError, first_line
 from lmlab.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise DataError(f"{path}: not a tokenizer.json ({msg})") from None
 
     def save(self, path: str | os.PathLike) -> None:

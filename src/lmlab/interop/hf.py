@@ -27,7 +27,7 @@ import torch.nn as nn
 from lmlab.config import ModelConfig, from_dict
 from lmlab.runs import atomic_dir
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
 from lmlab.models.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.interface import count_parameters
@@ -221,7 +221,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / "pytorch_model.bin").is_file():
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file: safetensors, json and pickle all raise their own types
-        raise CheckpointError(f"{folder}: the weights cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(f"{folder}: the weights cannot be read ({first_line(e)})") from None
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, first_line
 from lmlab.models.encoder import Encoder
 from lmlab.models.gpt import GPT
 from lmlab.models.heads import SequenceClassifier, head_from_dict
@@ -32,4 +32,4 @@ def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
         model = MODELS[cfg.family](cfg)
         return SequenceClassifier(model, head_from_dict(head)) if head else model
     except (ValueError, AssertionError, TypeError) as e:
-        raise ConfigError(f"invalid model config: {e}") from None
+        raise ConfigError(f"invalid model config: {first_line(e)}") from None

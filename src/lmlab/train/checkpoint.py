@@ -36,7 +36,7 @@ from lmlab import __version__
 from lmlab.config import ModelConfig, from_dict
 from lmlab.runs import atomic_dir, list_checkpoints
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import CheckpointError, DataError, LmlabError
+from lmlab.errors import CheckpointError, DataError, LmlabError, first_line
 from lmlab.models.lora import base_view, has_lora, load_adapter, read_adapter, write_model_adapter
 from lmlab.models.registry import build_model
 
@@ -268,7 +268,7 @@ def _load_tensors(model: nn.Module, ckpt: Path, device: torch.device | str = "cp
         names = _check_shapes(model, file)
         missing, unexpected = safetensors.torch.load_model(model, str(file), strict=False, device=str(device))
     except (safetensors.SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{file} cannot be loaded ({_first_line(e)})") from None
+        raise CheckpointError(f"{file} cannot be loaded ({first_line(e)})") from None
     _check_finite(model, names, file)
     return list(missing), list(unexpected)
 
@@ -308,14 +308,9 @@ def load_train_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{file} is not a training state written by lmlab (it does not unpickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is truncated or not a training state ({type(e).__name__}: "
-                              f"{_first_line(e)[:80]})") from None
+                              f"{first_line(e)[:80]})") from None
     missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
         raise CheckpointError(f"{file} is not a complete training state (no {', '.join(missing)})")
     return state
 
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

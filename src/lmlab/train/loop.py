@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
 from lmlab.models.lora import has_lora
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
@@ -451,8 +451,8 @@ class Trainer:
         try:
             self._load_state(state, ckpt)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-            first_line = (str(e).strip().splitlines() or [""])[0][:120]
-            raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: {first_line})") from None
+            raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: "
+                                  f"{first_line(e)[:120]})") from None
         log.info("resuming %s from step %d", self.run_folder.root, self.step)
 
     def _load_state(self, state: dict, ckpt: Path) -> None:
