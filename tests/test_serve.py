@@ -201,7 +201,9 @@ def test_text_that_is_not_unicode_and_seeds_beyond_64_bits_get_400(client, path,
 
 @pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 1e-300}, {"repetition_penalty": 1e-30},
                                      {"top_p": 5e-324}, {"n": 2.0, "max_tokens": 3.0, "prompt": [5.0, 6]},
-                                     {"seed": -(2 ** 63), "n": 2}, {"seed": 2 ** 63 - 1, "n": 8}])
+                                     {"seed": -(2 ** 63), "n": 2}, {"seed": 2 ** 63 - 1, "n": 8},
+                                     {"repetition_penalty": 5e-324, "temperature": 1e-8, "presence_penalty": 1e-8,
+                                      "top_k": 1}])
 def test_extreme_but_valid_sampling_values_generate(client, extreme):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 3, **extreme})
     assert r.status_code == 200, r.text

@@ -101,13 +101,15 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor, history=N
     Temperatures below MIN_TEMPERATURE count as that (greedy in effect already): dividing by a smaller
     one could overflow to inf, and turn the probabilities into NaN.
     """
-    return logits / torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE), torch.ones_like(temperature))
+    return _finite(logits / torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE),
+                                        torch.ones_like(temperature)))
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
-    """Logits divided by a tiny value (a repetition penalty of 1e-30) capped at the largest float, not inf,
-    which would make the probabilities NaN."""
-    return logits.clamp(max=torch.finfo(logits.dtype).max)
+    """Logits divided by a tiny value (a repetition penalty of 1e-30, then a temperature of 1e-6) capped at
+    the largest float, not inf, which would make the probabilities NaN."""
+    biggest = torch.finfo(logits.dtype).max
+    return logits.clamp(min=-biggest, max=biggest)
 
 
 def apply_top_k(logits: torch.Tensor, k: torch.Tensor | int, history=None) -> torch.Tensor:
