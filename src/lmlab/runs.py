@@ -347,15 +347,23 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
             continue
         target = folder / m["name"]
         if m["how"] == "replaced":  # the replacing run never saved a checkpoint: it goes, the old one comes back
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            _remove(target)
         if m["how"] in ("old", "replaced") and not os.path.lexists(target):
             os.replace(p, target)
             log.info("restored %s from %s, left by an interrupted replacement", target, p)
         else:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            _remove(p)
             log.info("removed stale temporary %s", p)
         done.append(p)
     return done
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree at ``path`` (a link is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -481,7 +489,7 @@ class OutputClaim:
             return
         if self.existed:  # an empty folder the user made: empty it again
             for p in self.path.iterdir():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+                _remove(p)
         else:
             shutil.rmtree(self.path, ignore_errors=True)
             _remove_empty(self.created[1:])
