@@ -22,7 +22,7 @@ from lmlab.config import Count, Precision, check_argument
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
-from lmlab.models.interface import IGNORE_INDEX
+from lmlab.models.interface import IGNORE_INDEX, width_of
 from lmlab.progress import progress_bar
 from lmlab.runtime import autocast_context, resolve_precision
 from lmlab.train.lm import PROGRESS_EVERY, stateful_nll
@@ -135,7 +135,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
     device = next(model.parameters()).device
-    precision = resolve_precision(precision, device, getattr(getattr(model, "config", None), "d_model", None))
+    precision = resolve_precision(precision, device, width_of(model))
     with autocast_context(precision, device):
         total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
     return {**perplexity_report(total, count, n_bytes), "stride": stride if model.context_length else None,

@@ -70,7 +70,8 @@ class BatchGeneration:
     none). ``finish_reason[row]`` becomes "stop" (a stop token, or ``finish(row)`` was called, e.g.
     for a stop string) or "length" (max new tokens, or the context is full); finished rows leave
     the batch. Row numbers are never reused; ``release(row)`` forgets a finished row's bookkeeping,
-    so that a generation that runs for ever (a server's) holds only its live rows. ``use_cache=False`` recomputes every sequence at each step: slow, the reference the
+    so that a generation that runs for ever (a server's) holds only its live rows.
+    ``use_cache=False`` recomputes every sequence at each step: slow, the reference the
     cache is tested against (it takes no rows once started).
     """
 

@@ -65,6 +65,11 @@ class LanguageModel(Backbone, Protocol):
         """Grow the vocabulary (new special tokens)."""
 
 
+def width_of(model: torch.nn.Module) -> int | None:
+    """The model's d_model, which decides a CPU's ``precision: auto`` (None for a model without one)."""
+    return getattr(getattr(model, "config", None), "d_model", None)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, shared (tied) tensors counted once."""
     seen, trainable, total = set(), 0, 0

@@ -35,6 +35,7 @@ import torch.nn as nn
 from lmlab.config import TrainConfig, save_config
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
+from lmlab.models.interface import width_of
 from lmlab.models.lora import has_lora
 from lmlab.progress import progress_bar
 from lmlab.runs import RunFolder, check_output, claim_output, output_kind, remove_stale_temporaries
@@ -192,10 +193,10 @@ def prepare_run(tc: TrainConfig, resume: bool, force: bool = False, inputs: Iter
             raise ConfigError(f"train.out_dir {run.root} is a file, not a folder")
         if not run.checkpoints():
             raise ConfigError(f"--resume: {run.root} has no checkpoints to resume from")
-    elif not force and output_kind(run.root) == "run" and not run.checkpoints():
-        raise ConfigError(f"{run.root} holds a run that saved no checkpoint (killed before its first?); pass --force "
-                          f"to replace it, or set train.out_dir to a new folder")
     elif not force and output_kind(run.root) == "run":
+        if not run.checkpoints():
+            raise ConfigError(f"{run.root} holds a run that saved no checkpoint (killed before its first?); pass "
+                              f"--force to replace it, or set train.out_dir to a new folder")
         raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, --force to replace it, "
                           f"or set train.out_dir to a new folder")
     else:
@@ -229,7 +230,7 @@ class Trainer:
         self.run_folder = RunFolder(tc.out_dir)
         self.model = task.model
         if tc.precision == "auto":  # a CPU's choice depends on the model's width, known only now
-            self.precision = precision = resolve_precision("auto", device, _width(self.model))
+            self.precision = precision = resolve_precision("auto", device, width_of(self.model))
         self.peak_tflops = _peak_tflops(self.model, device, precision)  # of all processes, as tokens/s counts
         _check_distributed(task, tc)
         checkpoint = self._restore_weights() if resume else None  # before sharding: FSDP2 shards what is loaded
@@ -478,15 +479,10 @@ def _peak_tflops(model: nn.Module, device: torch.device, precision: str) -> floa
     any step is timed, since a CPU's peak is a timing probe."""
     if not hasattr(model, "flops_per_token"):
         return None
-    peak = peak_tflops(device, precision, _width(model))
+    peak = peak_tflops(device, precision, width_of(model))
     if peak is None or device.type != "cuda":
         return peak  # a CPU's probe already measures the whole machine, which its processes share
     return peak * world_size()  # one GPU per process
-
-
-def _width(model: nn.Module) -> int | None:
-    """The model's d_model, which decides a CPU's ``precision: auto`` (None for a model without one)."""
-    return getattr(getattr(model, "config", None), "d_model", None)
 
 
 def _check_distributed(task: Task, tc: TrainConfig) -> None:
