@@ -359,8 +359,8 @@ class Trainer:
 
     def _log_train(self, window: "_Window", bar) -> float:
         """Log the mean train loss and speed of the steps since the last log; refuse a non-finite loss."""
-        now = time.perf_counter()
-        loss = window.mean_loss()  # the only .item() of the steps in between
+        loss = window.mean_loss()  # the only .item() of the steps in between: it waits for the device ...
+        now = time.perf_counter()  # ... so that a GPU's queued steps count in this window, not the next
         if not math.isfinite(loss):
             raise DataError(f"loss became {loss} by step {self.step}; lower train.lr or check the data")
         seconds = max(now - window.start, 1e-9)
