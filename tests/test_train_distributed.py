@@ -2,9 +2,10 @@
 
 Each rank computes its rows of the same global batch, so the per-step losses of 1 and 2 processes
 agree up to float reduction order: within a relative 1e-5 (seen: about 2e-7); so do the validation
-losses, of which each rank scores a share. Checkpoints are
-consolidated, so a run resumes on another number of processes (2 -> 1, 1 -> 2) with the losses of an
-uninterrupted run, and FSDP2 (train.distributed: fsdp) takes the steps of DDP.
+losses, of which each rank scores a share. Checkpoints hold
+the whole weights (and, under FSDP2, the optimizer state in shards), so a run resumes on another number
+of processes (2 -> 1, 1 -> 2) with the losses of an uninterrupted run, and FSDP2 (train.distributed:
+fsdp) takes the steps of DDP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 import lmlab
 from lmlab.config import save_config
-from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.checkpoint import load_checkpoint, read_manifest
 from lmlab.train.lm import pretrain
 from lmlab.train.logger import read_metrics
 
@@ -149,3 +150,23 @@ train: {{out_dir: {run}, batch_size: 3, grad_accum: 2, epochs: 1, warmup_steps: 
     launch("lmlab", "finetune", "classify", str(tmp_path / "two.yaml"))  # python -m lmlab works too
     assert len(losses(runs["two"])) == 7
     assert losses(runs["two"]) == pytest.approx(losses(runs["one"]), rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("then", ["one", "two_fsdp"])
+def test_fsdp_checkpoint_keeps_the_optimizer_sharded(prepared, one_process, tmp_path, then):
+    """Under FSDP2 each rank writes its shard of the optimizer state (torch.distributed.checkpoint, listed
+    and hashed in the manifest; nothing gathered into state.pt), and the run resumes from it on one plain
+    process or on two sharded ones with the losses of the uninterrupted run."""
+    run = tmp_path / f"sharded_then_{then}"
+    torchrun(run_config(prepared, run, distributed="fsdp"), tmp_path, "--stop-after", "4")
+    ckpt = run / "checkpoints" / "step-000004"
+    shards = sorted(p.name for p in (ckpt / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert torch.load(ckpt / "state.pt", weights_only=True)["optimizer"] is None
+    assert set(read_manifest(ckpt)["files"]) >= {"optimizer/.metadata", "optimizer/__0_0.distcp"}
+    if then == "one":
+        pretrain(run_config(prepared, run), resume=True)
+    else:
+        torchrun(run_config(prepared, run, distributed="fsdp"), tmp_path, "--resume")
+    assert losses(run) == pytest.approx(losses(one_process), rel=TOLERANCE)
+    assert not list(run.glob("checkpoints/.*")), "a temporary was left behind"

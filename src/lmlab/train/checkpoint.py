@@ -66,11 +66,14 @@ def sha256_file(path: Path) -> str:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, train_state: dict | None = None,
-                    info: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    info: dict | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    folders: dict[str, Path] | None = None) -> Path:
     """Write model weights, tokenizer, optional training state and manifest to folder ``path``, atomically.
 
     ``weights`` are the model's whole weights where ``model`` does not hold them itself (an FSDP2 model
     sharded over processes: they were gathered); they are written as ``model``'s own would be.
+    ``folders`` (name -> a folder already written, such as the shards of an optimizer state) are moved
+    into the checkpoint under their names; the manifest hashes each of their files.
 
     A write that fails (disk full, no permission) leaves ``path`` as it was, removes the partial
     checkpoint and raises a CheckpointError saying why.
@@ -78,6 +81,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer, tr
     path = Path(path)
     try:
         with atomic_dir(path) as tmp:
+            for name, folder in (folders or {}).items():
+                os.replace(folder, tmp / name)
             _write_files(tmp, model, tokenizer, train_state, info, weights)
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
         code = _os_errno(e)
@@ -101,7 +106,7 @@ def _write_files(tmp: Path, model: nn.Module, tokenizer: Tokenizer, train_state:
     if train_state is not None:
         with open(tmp / "state.pt", "wb") as f:  # a file object, so that a failed write keeps its OSError
             torch.save(train_state, f)
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     manifest = {
         "format": FORMAT,
         "version": VERSION,

@@ -7,8 +7,10 @@ Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) the loop joi
 DistributedDataParallel (``train.distributed: ddp``) or shards it with FSDP2 (``fsdp``: every block of
 each nn.ModuleList, then the whole model). Each rank computes rows ``rank::world`` of the same global
 batch a single process would draw, so the steps are those of one process (up to float reduction order).
-Checkpoints stay consolidated (one model.safetensors and state.pt, written by rank 0), so a run resumes
-on any number of processes and every other command reads it as it is.
+Checkpoints keep the weights consolidated (one model.safetensors, gathered to rank 0, which every other
+command reads as it is). Under FSDP2 the optimizer state, twice the weights, is never gathered: every
+rank writes its shard with torch.distributed.checkpoint into the checkpoint's ``optimizer/`` folder,
+which resumes on any number of processes, sharded or not (torch.distributed.checkpoint reshards it).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import atexit
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -186,27 +189,46 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """An FSDP2 model's optimizer state, whole, in the format of a single process's
-    ``optimizer.state_dict()`` (parameters numbered in optimizer order), on rank 0. Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    state = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
-    if not state:
-        return {}
-    order = _names_in_optimizer_order(model, optimizer)
-    index = {name: i for i, name in enumerate(order)}
-    return {"state": {index[name]: s for name, s in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
-
-
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a single process's ``optimizer.state_dict()`` (or ``full_optimizer_state``'s) into the
-    optimizer of an FSDP2 model, each rank keeping its shard."""
+    """Load a single process's ``optimizer.state_dict()`` (a checkpoint of a run that was not sharded)
+    into the optimizer of an FSDP2 model, each rank keeping its shard."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     order = _names_in_optimizer_order(model, optimizer)
     named = {"state": {order[i]: s for i, s in state["state"].items()},
              "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=_options())
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Write the optimizer state of an FSDP2 model into ``folder`` with torch.distributed.checkpoint:
+    each rank its own shard (one .distcp file per rank and a .metadata file). Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    folder.mkdir(parents=True, exist_ok=True)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Load the optimizer state ``save_sharded_optimizer`` wrote into ``optimizer``, whatever the number of
+    processes now and whether ``model`` is sharded or not: torch.distributed.checkpoint reshards it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)  # this run's layout, filled in place by dcp.load
+    try:
+        dcp.load({"optimizer": state}, checkpoint_id=str(folder))
+    except CheckpointException as e:  # a BaseException: make it an error that reaches the user
+        raise RuntimeError(f"{folder} does not load: {first_line(e)[:200]}") from None
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def rank0_temporary(path: Path, what: str) -> Path:
+    """``.NAME.WHAT.tmp-PID`` beside ``path``, with rank 0's process id on every rank: a temporary folder
+    the ranks write together, which ``runs.remove_stale_temporaries`` removes if rank 0 dies."""
+    pid = [os.getpid()]
+    if active():
+        dist.broadcast_object_list(pid, src=0)
+    return path.with_name(f".{path.name}.{what}.tmp-{pid[0]}")
 
 
 def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -43,9 +43,9 @@ from lmlab.runtime import (autocast_context, peak_memory_mib, peak_tflops, resol
                            rng_state, seed_everything, set_rng_state, set_threads)
 from lmlab.train.checkpoint import (load_tokenizer, load_train_state, load_weights, manifest_model_config,
                                    read_manifest, save_checkpoint)
-from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, full_model_state, full_optimizer_state,
-                                     gradient_sync, is_main, is_sharded, load_full_optimizer_state, rank, rank0_says,
-                                     setup, world_size, wrap)
+from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, full_model_state, gradient_sync,
+                                     is_main, is_sharded, load_full_optimizer_state, load_sharded_optimizer, rank,
+                                     rank0_says, rank0_temporary, save_sharded_optimizer, setup, world_size, wrap)
 from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
@@ -399,20 +399,25 @@ class Trainer:
         """Checkpoint the current step: weights (the average with train.ema_decay), tokenizer, and what
         --resume needs (optimizer, schedule, scaler, RNG, the task's state, the raw weights under EMA).
 
-        Under torchrun rank 0 writes the one consolidated checkpoint (FSDP2 gathers the whole weights and
-        optimizer state to it first); every rank waits until it is written."""
-        sharded = is_sharded(self.model)
-        weights = full_model_state(self.model) if sharded else None  # collectives: every rank takes part
-        optimizer = full_optimizer_state(self.model, self.optimizer) if sharded else self.optimizer.state_dict()
+        Under torchrun rank 0 writes the checkpoint; under FSDP2 the whole weights are gathered to it first,
+        and every rank writes its shard of the optimizer state (distributed.save_sharded_optimizer) into a
+        folder that becomes the checkpoint's ``optimizer/``. Every rank waits until it is written."""
         path = self.run_folder.checkpoint(self.step)
+        weights, optimizer, folders = None, self.optimizer.state_dict(), {}
+        if is_sharded(self.model):  # collectives: every rank takes part
+            weights, optimizer = full_model_state(self.model), None
+            folders["optimizer"] = rank0_temporary(path, "optimizer")
+            save_sharded_optimizer(self.model, self.optimizer, folders["optimizer"])
+            barrier()  # every shard is written before rank 0 moves the folder
         if is_main():
-            self._write_checkpoint(path, optimizer, weights)
+            self._write_checkpoint(path, optimizer, weights, folders)
         barrier()
         return path
 
-    def _write_checkpoint(self, path: Path, optimizer: dict, weights: dict | None) -> None:
-        """Write checkpoint ``path`` (rank 0 only) with optimizer state ``optimizer`` and, for a sharded
-        model, its gathered ``weights``."""
+    def _write_checkpoint(self, path: Path, optimizer: dict | None, weights: dict | None,
+                          folders: dict[str, Path]) -> None:
+        """Write checkpoint ``path`` (rank 0 only) with optimizer state ``optimizer`` (None: it is sharded,
+        in ``folders``) and, for a sharded model, its gathered ``weights``."""
         state = {
             "step": self.step,
             "optimizer": optimizer,
@@ -427,7 +432,7 @@ class Trainer:
             state["ema"] = self.ema.raw_state()
         info = {"step": self.step, "kind": self.task.kind, **self.task.checkpoint_info()}
         with averaged(self.ema):
-            save_checkpoint(path, self.model, self.task.tokenizer, state, info=info, weights=weights)
+            save_checkpoint(path, self.model, self.task.tokenizer, state, info=info, weights=weights, folders=folders)
         if self.claim is not None:
             self.claim.keep()  # the run now holds a checkpoint: it stays, whatever happens next
         self.run_folder.prune_checkpoints(self.tc.keep_checkpoints)
@@ -459,7 +464,9 @@ class Trainer:
     def _load_state(self, state: dict, ckpt: Path) -> None:
         """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``
         (the training state of checkpoint ``ckpt``)."""
-        if is_sharded(self.model):
+        if (ckpt / "optimizer").is_dir():  # written in shards under FSDP2: read on any number of processes
+            load_sharded_optimizer(self.model, self.optimizer, ckpt / "optimizer")
+        elif is_sharded(self.model):
             load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
