@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parallel text (translation, summarization): the inputs, and likewise --val and --test, are "
                          "two aligned text files SOURCE TARGET (one example per line, .gz too; line counts must "
                          "agree) or one TSV/CSV (with a header) or JSONL table; one tokenizer is trained on both "
-                         "sides; val is a hash split of the source texts when no --val")
+                         "sides; val is a hash split of the source texts when no --val (--field, --split, --dedupe, "
+                         "--split-lines and --shard-tokens do not apply)")
     dp.add_argument("--source-field", default=Default(pairs, "source_field"),
                     help="--pairs: column/key of the source text in a table (default: %(default)s)")
     dp.add_argument("--target-field", default=Default(pairs, "target_field"),

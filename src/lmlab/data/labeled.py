@@ -76,7 +76,7 @@ def iter_rows(path: str | Path):
         raise DataError(f"{path}: unknown format {suffix!r} (use .tsv, .csv or .jsonl, optionally .gz)")
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is no header text
             yield from _rows(f, suffix, path)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None

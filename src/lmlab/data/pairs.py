@@ -66,6 +66,7 @@ def iter_pairs(paths: list[str], source_field: str = "source", target_field: str
     Texts are NFC-normalised (as read) and stripped; pairs with an empty side are skipped, counted in
     ``counts["skipped"]`` and logged. Misaligned files are a DataError naming both line counts.
     """
+    check_pair_input(paths)
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
     paths = [str(p) for p in paths]
@@ -137,7 +138,6 @@ def pairs_tokenizer(inputs: list[str], tokenizer: str | os.PathLike | None, kind
     encoder and decoder embeddings and copy names from source to target."""
     if tokenizer is not None:
         return Tokenizer.load(tokenizer)
-    check_pair_input(inputs)
     log.info(f"training a {kind} tokenizer on both sides of the train pairs (pass --tokenizer to reuse one)")
 
     def texts() -> Iterable[str]:
