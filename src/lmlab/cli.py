@@ -21,7 +21,7 @@ import os
 import sys
 import typing
 
-from lmlab.errors import LmlabError, first_line
+from lmlab.errors import ConfigError, LmlabError, first_line
 from lmlab.progress import ConsoleHandler
 
 log = logging.getLogger("lmlab.cli")  # named, not __name__: also right under `python -m lmlab.cli`
@@ -74,12 +74,36 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import check_prepare_output, prepare
     from lmlab.data.tokenizer import tokenizer_for
 
+    if args.pairs:
+        return cmd_data_prepare_pairs(args)
+    if given(args, *PAIR_FLAGS):
+        raise ConfigError(f"--{', --'.join(given(args, *PAIR_FLAGS)).replace('_', '-')}: only with --pairs")
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
     tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS))
     meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
                    **given(args, "val_fraction", "split", "dedupe", "field", "split_lines", "shard_tokens"))
     sizes = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
     print(f"wrote {args.output}: {meta['documents']} documents, {sizes}, {meta['duplicates_removed']} duplicates removed")
+
+
+PAIR_FLAGS = ("source_field", "target_field")
+NOT_FOR_PAIRS = ("split", "dedupe", "split_lines", "shard_tokens", "field")
+
+
+def cmd_data_prepare_pairs(args: argparse.Namespace) -> None:
+    from lmlab.data.pairs import pairs_tokenizer, prepare_pairs
+    from lmlab.data.prepare import check_prepare_output
+
+    if given(args, *NOT_FOR_PAIRS):
+        raise ConfigError(f"--{', --'.join(given(args, *NOT_FOR_PAIRS)).replace('_', '-')}: not used with --pairs")
+    check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
+    tok = pairs_tokenizer(args.inputs, args.tokenizer, args.kind,
+                          **given(args, *PAIR_FLAGS, "vocab_size", "min_freq", "max_bytes"))
+    meta = prepare_pairs(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
+                         **given(args, *PAIR_FLAGS, "val_fraction"))
+    sizes = ", ".join(f"{name} {info['pairs']:,} pairs ({info['source']['tokens']:,} + {info['target']['tokens']:,} "
+                      f"tokens)" for name, info in meta["splits"].items())
+    print(f"wrote {args.output}: {sizes}, {sum(meta['skipped'].values())} pairs skipped (an empty side)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -368,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="action", required=True,
                                                                               metavar="ACTION")
     dp = data.add_parser("prepare", help="tokenize text into train/val(/test) token shards + meta.json")
-    dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...)")
+    dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...); with "
+                    "--pairs: SOURCE TARGET aligned files, or one table")
     dp.add_argument("-o", "--output", required=True, help="output folder (new or empty; see --force)")
     dp.add_argument("--tokenizer", help="tokenizer.json to use (default: train one with --kind/--vocab-size)")
     dp.add_argument("--val", nargs="+", metavar="INPUT", help="validation inputs: all inputs go to train, these to val")
@@ -384,6 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="treat every non-empty line as a document")
     dp.add_argument("--shard-tokens", type=int, default=Default(prepare, "shard_tokens"),
                     help="tokens per shard file (default: %(default)s)")
+    pairs = "lmlab.data.pairs:prepare_pairs"
+    dp.add_argument("--pairs", action="store_true",
+                    help="parallel text (translation, summarization): the inputs, and likewise --val and --test, are "
+                         "two aligned text files SOURCE TARGET (one example per line, .gz too; line counts must "
+                         "agree) or one TSV/CSV (with a header) or JSONL table; one tokenizer is trained on both "
+                         "sides; val is a hash split of the source texts when no --val (--field, --split, --dedupe, "
+                         "--split-lines and --shard-tokens do not apply)")
+    dp.add_argument("--source-field", default=Default(pairs, "source_field"),
+                    help="--pairs: column/key of the source text in a table (default: %(default)s)")
+    dp.add_argument("--target-field", default=Default(pairs, "target_field"),
+                    help="--pairs: column/key of the target text in a table (default: %(default)s)")
     add_force_flag(dp, "OUTPUT", "prepared data folder")
     dp.set_defaults(func=cmd_data_prepare)
 

@@ -123,9 +123,9 @@ def output_kind(path: str | os.PathLike) -> str | None:
     A folder is recognised by its marker files, the most specific first: a run (config.yaml with
     checkpoints/ or metrics.jsonl), a checkpoint (manifest.json of format lmlab-checkpoint), a Hugging
     Face folder (config.json with model.safetensors or pytorch_model.bin), prepared data (meta.json of
-    format lmlab-tokens), a demo folder (data/ and run/ only), an evaluation report (results.json and
-    results.md). A file is a tokenizer when it is a tokenizers JSON (a "model" key). A place that
-    cannot be read is None.
+    format lmlab-tokens, or lmlab-pairs for parallel text), a demo folder (data/ and run/ only), an
+    evaluation report (results.json and results.md). A file is a tokenizer when it is a tokenizers JSON
+    (a "model" key). A place that cannot be read is None.
     """
     try:
         return _output_kind(Path(path))
@@ -146,7 +146,7 @@ def _output_kind(path: Path) -> str | None:
         return "checkpoint"
     if (path / "config.json").is_file() and any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
         return "hf"
-    if _json_object(path / "meta.json").get("format") == "lmlab-tokens":
+    if _json_object(path / "meta.json").get("format") in ("lmlab-tokens", "lmlab-pairs"):  # data/prepare.py, pairs.py
         return "data"
     if names and names <= {"data", "run"} and all(output_kind(path / n) == n for n in names):
         return "demo"

@@ -2,6 +2,7 @@
 
     .tsv / .csv   a header row names the columns; ``text_field`` and ``label_field`` pick two of them
     .jsonl        one object per line with those two keys
+    (any of them may be gzipped: .csv.gz; iter_rows reads the records, also for data/pairs.py)
 
 Labels are kept as strings ("0", "positive", ...); a classifier's label list fixes their ids.
 Batches group examples of similar length (less padding) in a seeded, reproducible order.
@@ -10,6 +11,7 @@ Batches group examples of similar length (less padding) in a seeded, reproducibl
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import random
 from dataclasses import dataclass
@@ -31,16 +33,7 @@ class Example:
 def read_examples(path: str | Path, text_field: str = "sentence", label_field: str | None = "label") -> list[Example]:
     """Every (text, label) of a TSV/CSV/JSONL file; empty texts and missing fields are DataErrors."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in (".tsv", ".csv", ".jsonl", ".json"):
-        raise DataError(f"{path}: unknown format {suffix!r} (use .tsv, .csv or .jsonl)")
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(_rows(f, suffix, path))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+    rows = list(iter_rows(path))
     if not rows:
         raise DataError(f"{path}: no examples")
     examples = []
@@ -58,6 +51,39 @@ def read_examples(path: str | Path, text_field: str = "sentence", label_field: s
             raise DataError(f"{where}: no field {label_field!r} (fields: {', '.join(map(str, row))}); set the label field")
         examples.append(Example(text, label, where))
     return examples
+
+
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+def table_suffix(path: str | Path) -> str:
+    """The suffix that says a table's format, looking through .gz (a.csv.gz -> .csv); may be none of TABLE_SUFFIXES."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    return Path(name).suffix
+
+
+def iter_rows(path: str | Path):
+    """(line number, dict) for every record of a TSV/CSV file with a header or a JSONL file, gzipped or not.
+
+    CSV fields may be quoted and hold line breaks (the csv module reads them); the line number is where
+    the record ends. A missing, unreadable or malformed file is a DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = table_suffix(path)
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unknown format {suffix!r} (use .tsv, .csv or .jsonl, optionally .gz)")
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is no header text
+            yield from _rows(f, suffix, path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed {suffix[1:].upper()} ({e})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({e})") from None
 
 
 def _rows(f, suffix: str, path: Path):

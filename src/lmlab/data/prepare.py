@@ -160,6 +160,8 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
+    if isinstance(meta, dict) and meta.get("format") == "lmlab-pairs":
+        raise DataError(f"{folder} holds parallel pairs (lmlab data prepare --pairs), not a token stream")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{path}: not an lmlab data folder's meta.json (format is not {FORMAT!r})")
     if meta.get("version") != VERSION:

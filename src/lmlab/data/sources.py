@@ -107,6 +107,24 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
+def iter_lines(path: str | Path) -> Iterator[str]:
+    """Every line of a text file (gzipped or not), blank ones included, NFC-normalised, without its
+    newline or a trailing \\r: what aligned files (one example per line) need, where a skipped blank
+    line would shift every later line. Lines end at "\\n" only (as ``wc -l`` counts them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with _open(path) as f:
+            offset = 0
+            for raw in f:
+                line = _decode(raw, path, offset)
+                offset += len(raw)
+                yield _nfc(line.removesuffix("\n").removesuffix("\r"))
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
 # ---------------------------------------------------------------------------- finding files
 
 
