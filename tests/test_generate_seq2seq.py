@@ -35,9 +35,9 @@ def model_of(name: str, vocab: int = VOCAB) -> torch.nn.Module:
 def mixed_params() -> list[SamplingParams]:
     """Greedy and sampled rows (seeded), with different limits and settings."""
     return [SamplingParams(max_new_tokens=6, temperature=0),
-            SamplingParams(max_new_tokens=9, temperature=1.0, seed=1),
+            SamplingParams(max_new_tokens=9, temperature=1.0, seed=2),
             SamplingParams(max_new_tokens=4, temperature=0.8, top_k=4, seed=2),
-            SamplingParams(max_new_tokens=8, temperature=1.2, top_p=0.9, seed=3)]
+            SamplingParams(max_new_tokens=8, temperature=1.2, top_p=0.9, seed=6, stop_tokens=[5, 7])]
 
 
 def alone(model, source, params):
@@ -54,7 +54,8 @@ def test_a_batch_of_sources_comes_out_as_each_alone(name):
     assert batched == [alone(model, s, p) for s, p in zip(SOURCES, params)]
     assert streamed == batched
     for out, p in zip(batched, params):
-        assert 1 <= len(out) <= p.max_new_tokens and (len(out) == p.max_new_tokens or out[-1] == END)
+        assert 1 <= len(out) <= p.max_new_tokens and (len(out) == p.max_new_tokens or out[-1] in [END, *p.stop_tokens])
+        assert not set(out[:-1]) & {END, *p.stop_tokens}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -99,11 +100,14 @@ def test_a_row_ends_at_the_end_token_or_at_block_size():
     assert stopped == tokens[:tokens.index(end) + 1] and generation.finish_reason[0] == "stop"
 
 
-def score(model, source, target, length_penalty):
-    """Total log-probability of target given source (teacher forcing), / len ** length_penalty."""
-    logits, _ = model(torch.tensor([source]), torch.tensor([[START] + target[:-1]]))
-    logprobs = logits[0].float().log_softmax(-1)
-    return float(logprobs[torch.arange(len(target)), torch.tensor(target)].sum()) / len(target) ** length_penalty
+def scores(model, source, targets, length_penalty):
+    """Total log-probability of each target given source (teacher forcing, one batch), / len ** length_penalty."""
+    longest = max(map(len, targets))
+    tgt_in = torch.tensor([[START] + t[:-1] + [END] * (longest - len(t)) for t in targets])  # causal: the filler
+    logits, _ = model(torch.tensor([source] * len(targets)), tgt_in)  # after each target changes nothing of it
+    logprobs = logits.float().log_softmax(-1)  # (targets, longest, V)
+    return [float(logprobs[i, torch.arange(len(t)), torch.tensor(t)].sum()) / len(t) ** length_penalty
+            for i, t in enumerate(targets)]
 
 
 def every_target(vocab: int, longest: int):
@@ -120,8 +124,9 @@ def test_beam_search_finds_the_best_target_of_brute_force_for_several_sources(na
     vocab, longest = 4, 3
     model = model_of(name, vocab=vocab)
     sources = [[1, 2, 3, 1], [3], [2, 2, 1]]
+    targets = list(every_target(vocab, longest))
     with torch.no_grad():
-        best = [max(every_target(vocab, longest), key=lambda t: score(model, s, t, length_penalty)) for s in sources]
+        best = [max(zip(scores(model, s, targets, length_penalty), targets))[1] for s in sources]
     found = seq2seq_beam_search(model, sources, num_beams=40, max_new_tokens=longest, start_id=START, end_id=END,
                                 length_penalty=length_penalty)
     assert found == best
