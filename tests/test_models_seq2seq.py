@@ -200,3 +200,19 @@ def test_a_tiny_model_learns_to_reverse_short_sequences(name, steps, lr, one_thr
     correct = [(out[r] == targets[r])[targets[r] != IGNORE_INDEX].all() for r in range(64)]
     assert loss.item() < 0.3
     assert sum(map(bool, correct)) >= 58  # >= 90% of unseen sources reversed exactly, end token included
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gru-bahdanau"])
+def test_a_checkpoint_of_an_encoder_decoder_loads_back_the_same_model(name, tmp_path):
+    """The checkpoint format holds the new families as they are: config filled, tied weights stored once."""
+    from lmlab.data.tokenizer import train_tokenizer
+    from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
+
+    tok = train_tokenizer("char", ["abc"])
+    model = model_of(name, vocab_size=tok.vocab_size, tie_embeddings=True)
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded = load_checkpoint(tmp_path / "ckpt").model.eval()
+    src, tgt = ids(2, 5), ids(2, 4, seed=1)
+    assert loaded.config == model.config and type(loaded) is type(model)
+    assert torch.equal(loaded(src, tgt)[0], model(src, tgt)[0])
+    assert loaded.src_emb.weight is loaded.tgt_emb.weight
