@@ -119,10 +119,6 @@ class Seq2SeqGeneration(BatchGeneration):
         """A sampler for these rows; penalties look at the target's tokens only (none yet), not the source."""
         return Sampler([self.params[r] for r in rows], [[] for _ in rows], self.model.config.vocab_size, self.device)
 
-    def _recompute(self) -> torch.Tensor:
-        raise NotImplementedError("Seq2SeqGeneration always decodes through the cache (tests compare "
-                                  "the cache with the model's forward)")
-
 
 def generate_targets(model: nn.Module, sources: list[list[int]], params: list[SamplingParams], start_id: int,
                      end_id: int | None = None, on_token: Callable[[int, int], None] | None = None
