@@ -162,9 +162,12 @@ def test_text_in_text_out_streams_and_cuts_at_stop_strings():
     assert stopped.text == done[0].text[:done[0].text.index(cut)] and stopped.finish_reason == "stop"
 
 
-def test_an_empty_or_too_long_source_is_a_clear_error():
+def test_an_empty_or_too_long_source_or_no_beams_is_a_clear_error():
     model = model_of("lstm-luong")
     with pytest.raises(LmlabError, match="empty"):
         generate_targets(model, [[]], [SamplingParams()], START, END)
     with pytest.raises(LmlabError, match="block_size"):
         seq2seq_beam_search(model, [[1] * 11], 2, 5, START, END)
+    with pytest.raises(LmlabError, match="num beams"):
+        seq2seq_beam_search(model, [[1]], 0, 5, START, END)
+    assert seq2seq_beam_search(model, [], 2, 5, START, END) == [] and generate_targets(model, [], [], START) == []

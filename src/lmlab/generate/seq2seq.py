@@ -190,6 +190,8 @@ def seq2seq_beam_search(model: nn.Module, sources: list[list[int]], num_beams: i
     searches = [Beams(num_beams, [end_id], length_penalty) for _ in sources]
     for source in sources:
         check_source(source, model.context_length)
+    if not sources:
+        return []
     device = next(model.parameters()).device
     limit = new_token_limit(model.context_length, 0, max_new_tokens)
     src, mask = right_padded(sources, device)
