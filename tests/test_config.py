@@ -75,7 +75,8 @@ def test_bad_overrides_are_one_line_errors(override, message):
     ("train.optimizer=adam", "(did you mean 'adamw'?)"),
     ("train.batching=sequentail", "(did you mean 'sequential'?)"),
     ("train.device=cdua", "train.device 'cdua' is not one of auto, cpu, cuda, cuda:N, mps (did you mean 'cuda'?)"),
-    ("model.family=lstn", "model.family 'lstn' is not one of gpt, rnn, lstm, gru, encoder (did you mean 'lstm'?)"),
+    ("model.family=lstn", "model.family 'lstn' is not one of gpt, rnn, lstm, gru, encoder, seq2seq, rnn_seq2seq "
+                          "(did you mean 'lstm'?)"),
     ("model.preset=lama", "(did you mean 'llama'?)"),
     ("model.pos_emb=rotary", "model.pos_emb 'rotary' is not one of learned, rope, null"),
     ("model.norm=rms_norm", "(did you mean 'rmsnorm'?)"),
@@ -206,16 +207,16 @@ def test_valid_combinations_load(overrides):
 
 
 @pytest.mark.parametrize("overrides, field, families", [
-    (["model.init_range=0.1"], "model.init_range", "rnn, lstm, gru"),
+    (["model.init_range=0.1"], "model.init_range", "rnn, lstm, gru, rnn_seq2seq"),
     (["model.reset_token=0"], "model.reset_token", "rnn, lstm, gru"),
     (["model.type_vocab_size=2"], "model.type_vocab_size", "encoder"),
-    (["model.family=lstm", "model.n_head=8"], "model.n_head", "gpt, encoder"),
-    (["model.family=lstm", "model.n_kv_head=2"], "model.n_kv_head", "gpt, encoder"),
-    (["model.family=gru", "model.preset=llama"], "model.preset", "gpt, encoder"),
-    (["model.family=rnn", "model.pos_emb=rope"], "model.pos_emb", "gpt, encoder"),
-    (["model.family=rnn", "model.rope_theta=500000"], "model.rope_theta", "gpt"),
+    (["model.family=lstm", "model.n_head=8"], "model.n_head", "gpt, encoder, seq2seq"),
+    (["model.family=lstm", "model.n_kv_head=2"], "model.n_kv_head", "gpt, encoder, seq2seq"),
+    (["model.family=gru", "model.preset=llama"], "model.preset", "gpt, encoder, seq2seq"),
+    (["model.family=rnn", "model.pos_emb=rope"], "model.pos_emb", "gpt, encoder, seq2seq"),
+    (["model.family=rnn", "model.rope_theta=500000"], "model.rope_theta", "gpt, seq2seq"),
     (["model.family=lstm", "model.rope_scaling=linear"], "model.rope_scaling", "gpt"),
-    (["model.family=lstm", "model.norm_eps=1e-6"], "model.norm_eps", "gpt, encoder"),
+    (["model.family=lstm", "model.norm_eps=1e-6"], "model.norm_eps", "gpt, encoder, seq2seq"),
     (["model.family=lstm", "model.type_vocab_size=2"], "model.type_vocab_size", "encoder"),
 ])
 def test_a_model_field_set_for_another_family_is_an_error(overrides, field, families):
@@ -296,9 +297,9 @@ def test_describe_config_lists_defaults_types_choices_ranges_and_families():
     assert "  train.eval_batch_size = None  (int >= 1 or null)" in text
     assert "  train.threads = None  (int in [1, 4096] or null)" in text
     assert "  train.device = 'auto'  (auto | cpu | cuda | cuda:N | mps)" in text
-    assert "  model.pos_emb = None  (learned | rope | null; gpt, encoder only)" in text
-    assert "  model.init_range = None  (float > 0 or null; rnn, lstm, gru only)" in text
-    assert "  model.family = 'gpt'  (gpt | rnn | lstm | gru | encoder)" in text
+    assert "  model.pos_emb = None  (learned | rope | null; gpt, encoder, seq2seq only)" in text
+    assert "  model.init_range = None  (float > 0 or null; rnn, lstm, gru, rnn_seq2seq only)" in text
+    assert "  model.family = 'gpt'  (gpt | rnn | lstm | gru | encoder | seq2seq | rnn_seq2seq)" in text
     assert "model.pooling = None  (cls | mean | last | null; classify only)" in describe_config(SftConfig)
     assert "data.val_fraction = 0.02  (float in (0, 1))" in describe_config(SftConfig)
     for cls in (RunConfig, ClassifyConfig, SftConfig):
@@ -308,9 +309,10 @@ def test_describe_config_lists_defaults_types_choices_ranges_and_families():
 
 
 def test_presets_agree_with_the_models():
-    from lmlab.models import encoder, gpt
+    from lmlab.models import encoder, gpt, seq2seq
 
     assert set(PRESETS["gpt"]) == set(gpt.PRESETS) and set(PRESETS["encoder"]) == set(encoder.PRESETS)
+    assert set(PRESETS["seq2seq"]) == set(seq2seq.PRESETS) and PRESETS["seq2seq"][0] == "gpt2"
     assert PRESETS["gpt"][0] == "gpt2"  # gpt's resolve_config default
     for presets in (gpt.PRESETS, encoder.PRESETS):
         assert all(PRESET_POS_EMB[name] == fields["pos_emb"] for name, fields in presets.items())

@@ -6,7 +6,7 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
-from lmlab.models.interface import Backbone, LanguageModel, Model
+from lmlab.models.interface import Backbone, LanguageModel, Model, Seq2SeqModel
 from lmlab.models.registry import build_model
 
 VOCAB = 40
@@ -20,6 +20,12 @@ FAMILIES = {
     "encoder": ModelConfig(family="encoder", n_head=2, **SMALL),
 }
 DECODERS = {"gpt-gpt2", "gpt-llama", "rnn", "lstm", "gru"}
+ENCODER_DECODERS = {
+    "seq2seq-gpt2": ModelConfig(family="seq2seq", preset="gpt2", n_head=2, **SMALL),
+    "seq2seq-llama": ModelConfig(family="seq2seq", preset="llama", n_head=2, n_kv_head=1, **SMALL),
+    "rnn_seq2seq-luong": ModelConfig(family="rnn_seq2seq", cell="lstm", attention="luong", **SMALL),
+    "rnn_seq2seq-bahdanau": ModelConfig(family="rnn_seq2seq", cell="gru", attention="bahdanau", d_ff=24, **SMALL),
+}
 
 
 def tokens(batch: int = 2, length: int = 5) -> torch.Tensor:
@@ -68,3 +74,22 @@ def test_a_classifier_is_a_model_over_a_backbone(name):
     x = tokens()
     logits, loss = classifier(x, torch.ones_like(x), torch.tensor([0, 2]))
     assert logits.shape == (2, 3) and loss.ndim == 0
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_DECODERS))
+def test_an_encoder_decoder_is_a_seq2seq_model_that_decodes_through_its_cache(name):
+    """Encoder-decoders have their own interface (a source and a target), not a language model's."""
+    model = build_model(ENCODER_DECODERS[name]).eval()
+    assert isinstance(model, Model) and isinstance(model, Seq2SeqModel)
+    assert not isinstance(model, LanguageModel) and not isinstance(model, Backbone)
+    assert model.config.family == ENCODER_DECODERS[name].family and model.context_length == model.config.block_size
+    src, tgt = tokens(2, 6), tokens(2, 4)
+    src_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        full, loss = model(src, tgt, src_mask, targets=tgt)
+        cache = model.make_cache(model.encode(src, src_mask), src_mask, max_len=4)
+        steps = [model.decode(tgt[:, i:i + 1], cache) for i in range(4)]
+        cache.select(torch.tensor([1]))
+    assert full.shape == (2, 4, VOCAB) and loss.ndim == 0
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert model.flops_per_token() > 0

@@ -35,10 +35,11 @@ from lmlab.errors import ConfigError, first_line
 from lmlab.runs import atomic_write_text, read_text_file
 
 RECURRENT = ("rnn", "lstm", "gru")
-TRANSFORMERS = ("gpt", "encoder")
+TRANSFORMERS = ("gpt", "encoder", "seq2seq")
+SEQ2SEQ = ("seq2seq", "rnn_seq2seq")  # encoder-decoders: (source, target) pairs, one joint vocabulary
 # The presets of each Transformer family (the first is the default) and the positions each implies;
-# models/gpt.py and models/encoder.py hold the presets in full (tests check that they agree).
-PRESETS = {"gpt": ("gpt2", "llama"), "encoder": ("bert",)}
+# models/gpt.py, models/encoder.py and models/seq2seq.py hold the presets in full (tests check that they agree).
+PRESETS = {"gpt": ("gpt2", "llama"), "encoder": ("bert",), "seq2seq": ("gpt2", "llama")}
 PRESET_POS_EMB = {"gpt2": "learned", "llama": "rope", "bert": "learned"}
 
 # Value ranges, as pydantic constraints (describe_config and the error messages show them).
@@ -77,15 +78,18 @@ class ModelConfig:
     """
 
     # every family
-    family: Literal["gpt", "rnn", "lstm", "gru", "encoder"] = "gpt"  # registry name
-    n_layer: Count = 4
+    family: Literal["gpt", "rnn", "lstm", "gru", "encoder", "seq2seq", "rnn_seq2seq"] = "gpt"  # registry name
+    n_layer: Count = 4  # encoder-decoders: the encoder's layers
     d_model: Count = 128
     # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)
     d_ff: Count | None = None
-    block_size: Count = 256  # the context length; for recurrent models the training window (truncated BPTT length)
+    # the context length; for recurrent models the training window (truncated BPTT length); for
+    # encoder-decoders the longest source and the longest target
+    block_size: Count = 256
     vocab_size: Count | None = None  # None = taken from the tokenizer
     dropout: Fraction = 0.0
-    # Transformers (gpt, encoder); preset: gpt2 (gpt's default) | llama; bert (encoder); it sets the fields left None
+    # Transformers (gpt, encoder, seq2seq); preset: gpt2 (gpt's and seq2seq's default) | llama; bert (encoder);
+    # it sets the fields left None
     preset: Literal["gpt2", "llama", "bert"] | None = only(*TRANSFORMERS)
     n_head: Count = only(*TRANSFORMERS, default=4)
     n_kv_head: Count | None = only(*TRANSFORMERS)  # grouped-query attention when < n_head (llama); None = n_head
@@ -95,21 +99,26 @@ class ModelConfig:
     bias: bool | None = only(*TRANSFORMERS)  # biases in linear layers and norms
     norm_eps: Positive = only(*TRANSFORMERS, default=1e-5)
     init_std: Positive = only(*TRANSFORMERS, default=0.02)  # normal(0, init_std)
-    # language models (not encoder): the output layer softmax(h @ E^T) shares E with the input
-    tie_embeddings: bool | None = only("gpt", *RECURRENT)
-    # rotary positions (gpt with pos_emb rope, e.g. preset llama); scaling stretches them to longer contexts
-    rope_theta: Positive = only("gpt", default=10000.0)
+    # language models (not encoder): the output layer softmax(h @ E^T) shares E with the input (encoder-decoders:
+    # the encoder's input, the decoder's input and the output layer share one matrix)
+    tie_embeddings: bool | None = only("gpt", *RECURRENT, *SEQ2SEQ)
+    # rotary positions (gpt or seq2seq with pos_emb rope, e.g. preset llama); scaling stretches them (gpt)
+    rope_theta: Positive = only("gpt", "seq2seq", default=10000.0)
     rope_scaling: Literal["linear", "llama3"] | None = only("gpt")
     rope_factor: Positive = only("gpt", default=1.0)  # linear/llama3: how many times longer than the original context
     rope_low_freq_factor: Positive = only("gpt", default=1.0)  # llama3
     rope_high_freq_factor: Positive = only("gpt", default=4.0)  # llama3
     rope_original_context: Count | None = only("gpt")  # llama3: the pretraining context (None = block_size)
-    # recurrent models (rnn, lstm, gru)
-    init_range: Positive | None = only(*RECURRENT)  # uniform(-r, r); None = 0.1
+    # recurrent models (rnn, lstm, gru, rnn_seq2seq)
+    init_range: Positive | None = only(*RECURRENT, "rnn_seq2seq")  # uniform(-r, r); None = 0.1
     # the state is zeroed before this token id (a document start); None = end-of-text, -1 = never
     reset_token: Annotated[int, Field(ge=-1)] | None = only(*RECURRENT)
     # encoder
     type_vocab_size: NonNegativeInt | None = only("encoder")  # token-type (segment) embeddings, 0 = none; None = 2 (bert)
+    # encoder-decoders (seq2seq, rnn_seq2seq)
+    n_dec_layer: Count | None = only(*SEQ2SEQ)  # the decoder's layers; None = n_layer
+    cell: Literal["lstm", "gru"] | None = only("rnn_seq2seq")  # the recurrent cell; None = lstm
+    attention: Literal["luong", "bahdanau"] | None = only("rnn_seq2seq")  # None = luong (general score)
 
 
 @dataclass
@@ -520,6 +529,8 @@ def _check_families(cfg: Any, prefix: str = "") -> None:
 
 def _model_rules(m: ModelConfig, p: str) -> None:
     """Shapes that fit together and choices that fit the family: what the model constructors assume."""
+    if m.family == "rnn_seq2seq":  # no heads: its attention has one score per source token
+        return
     if m.family in RECURRENT:
         if m.tie_embeddings and m.d_ff not in (None, m.d_model):
             raise ConfigError(f"{p}tie_embeddings needs {p}d_ff ({m.d_ff}) equal to {p}d_model ({m.d_model})")

@@ -8,7 +8,8 @@
 - ``TextGeneration`` / ``generate_texts`` / ``generate_text``: the same with text in and out:
   prompts encoded, output decoded as it streams (never splitting a character that spans several
   byte-level tokens), cut at stop strings.
-- ``beam_search``: the highest-scoring continuation among ``num_beams`` kept at each step.
+- ``beam_search``: the highest-scoring continuation among ``num_beams`` kept at each step (``Beams``:
+  one search's state, also driven by the encoder-decoders' batched beam search, generate/seq2seq.py).
 
 Every decoder family makes its own cache (``model.make_cache``) and steps on it
 (``model(idx, cache=cache)``), so the engine never asks which family it drives.
@@ -429,7 +430,15 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | l
     fires as soon as a row finishes. End-of-text, ``params.stop_tokens`` and ``params.stop`` strings
     end a row and are not part of its text. ``truncate`` cuts prompts that do not fit from the left.
     """
-    generation = TextGeneration(model, tokenizer, truncate)
+    return complete_all(TextGeneration(model, tokenizer, truncate), prompts, params, on_text, on_done)
+
+
+def complete_all(generation: TextGeneration, prompts: list, params: list[SamplingParams],
+                 on_text: Callable[[int, str], None] | None = None,
+                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    """Add every prompt (the i-th with ``params[i]``) to ``generation`` and run it until all are done; a
+    Completion per prompt. ``on_text(i, piece)`` streams the i-th row's text, ``on_done(i, completion)``
+    fires when it ends. (The loop of ``generate_texts``, for any TextGeneration: seq2seq's too.)"""
     completions: list[Completion | None] = [None] * len(prompts)
 
     def done(i: int, completion: Completion) -> None:
@@ -452,6 +461,58 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int
     return generate_texts(model, tokenizer, [prompt], [params], on_text=stream, truncate=truncate)[0].text
 
 
+class Beams:
+    """The state of one beam search: the ``num_beams`` best open sequences and the best ended ones.
+
+    A sequence's score is its total log-probability divided by length ** length_penalty (above 0
+    favours longer answers). Sequences end at a stop token (kept in the output). ``done`` becomes true
+    when no sequence is open, or ``num_beams`` have ended and no open one can still beat them.
+    """
+
+    def __init__(self, num_beams: int, stop_tokens: list[int] = (), length_penalty: float = 1.0):
+        if num_beams < 1:
+            raise LmlabError(f"num beams must be at least 1, got {num_beams}")
+        self.num_beams, self.stop_tokens, self.length_penalty = num_beams, set(stop_tokens), length_penalty
+        self.open: list[list[int]] = [[]]  # token lists of the open sequences
+        self.scores: list[float] = [0.0]  # their total log-probabilities
+        self.ended: list[tuple[float, list[int]]] = []  # (length-normalised score, tokens), best first
+        self.done = False
+
+    def normalised(self, score: float, length: int) -> float:
+        """A sequence's score: total log-probability / length ** length_penalty."""
+        return score / length ** self.length_penalty
+
+    def advance(self, logprobs: torch.Tensor) -> list[int]:
+        """Extend the open sequences by the best of their next tokens, given log-probabilities
+        (len(open), V); returns, per new open sequence, the index of the open sequence it extends."""
+        vocab = logprobs.size(-1)
+        scores = torch.tensor(self.scores, device=logprobs.device)
+        candidates = (scores[:, None] + logprobs.float()).flatten()  # (open * V,)
+        top_scores, top_index = candidates.topk(min(2 * self.num_beams, candidates.numel()))
+        next_open, next_scores, origin = [], [], []
+        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+            beam, token = divmod(index, vocab)
+            sequence = self.open[beam] + [token]
+            if token in self.stop_tokens:
+                self.ended.append((self.normalised(score, len(sequence)), sequence))
+            else:
+                next_open.append(sequence)
+                next_scores.append(score)
+                origin.append(beam)
+            if len(next_open) == self.num_beams:
+                break
+        self.ended = sorted(self.ended, key=lambda e: e[0], reverse=True)[:self.num_beams]
+        self.open, self.scores = next_open, next_scores
+        self.done = not next_open or (len(self.ended) == self.num_beams and
+                                      self.normalised(max(next_scores), len(next_open[0])) <= self.ended[-1][0])
+        return origin
+
+    def best(self) -> list[int]:
+        """The highest-scoring sequence, ended or still open."""
+        final = self.ended + [(self.normalised(s, len(b)), b) for s, b in zip(self.scores, self.open)]
+        return max(final, key=lambda e: e[0])[1]
+
+
 @torch.inference_mode()
 def beam_search(model: nn.Module, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
                 stop_tokens: list[int] = (), length_penalty: float = 1.0) -> list[int]:
@@ -462,45 +523,20 @@ def beam_search(model: nn.Module, prompt_ids: list[int], num_beams: int, max_new
     ``max_new_tokens``. Search stops early once ``num_beams`` sequences have ended and no open one
     can still beat them. ``num_beams=1`` is greedy decoding.
     """
-    if num_beams < 1:
-        raise LmlabError(f"num beams must be at least 1, got {num_beams}")
+    beams = Beams(num_beams, stop_tokens, length_penalty)
     context = model.context_length
     prompt_ids = fit_prompt(prompt_ids, context, max_new_tokens)
     limit = new_token_limit(context, len(prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     cache = model.make_cache(1, len(prompt_ids) + limit)
     logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, only_last=True)
-    beams, scores = [[]], torch.zeros(1, device=device)  # token lists and total log-probs of the open sequences
-    ended: list[tuple[float, list[int]]] = []  # (length-normalised score, tokens), best first
-
-    def normalised(score: float, length: int) -> float:
-        return score / length ** length_penalty
-
     for _ in range(limit):
-        logprobs = logits[:, -1].float().log_softmax(dim=-1)  # (beams, V)
-        vocab = logprobs.size(-1)
-        candidates = (scores[:, None] + logprobs).flatten()  # (beams * V,)
-        top_scores, top_index = candidates.topk(min(2 * num_beams, candidates.numel()))
-        next_beams, next_scores, origin = [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist()):
-            beam, token = divmod(index, vocab)
-            sequence = beams[beam] + [token]
-            if token in stop_tokens:
-                ended.append((normalised(score, len(sequence)), sequence))
-            else:
-                next_beams.append(sequence)
-                next_scores.append(score)
-                origin.append(beam)
-            if len(next_beams) == num_beams:
-                break
-        ended = sorted(ended, key=lambda e: e[0], reverse=True)[:num_beams]
-        beams, scores = next_beams, torch.tensor(next_scores, device=device)
-        if not beams or (len(ended) == num_beams and normalised(max(next_scores), len(beams[0])) <= ended[-1][0]):
+        origin = beams.advance(logits[:, -1].float().log_softmax(dim=-1))  # from (open, V)
+        if beams.done:
             break
         cache.select(torch.tensor(origin, device=device))
-        logits, _ = model(torch.tensor([b[-1:] for b in beams], device=device), cache=cache, only_last=True)
-    ended += [(normalised(s, len(b)), b) for s, b in zip(scores.tolist(), beams)]
-    return max(ended, key=lambda e: e[0])[1]
+        logits, _ = model(torch.tensor([b[-1:] for b in beams.open], device=device), cache=cache, only_last=True)
+    return beams.best()
 
 
 def print_stream(text: str) -> None:

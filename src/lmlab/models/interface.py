@@ -4,7 +4,8 @@ may count on, whatever the family.
 Every model, task heads included (``SequenceClassifier``), has ``config`` and ``context_length``
 (``Model``); every backbone (GPT, RecurrentLM, Encoder) also has ``hidden_size`` and ``features``
 (``Backbone``); decoders (GPT, RecurrentLM) also decode incrementally with ``make_cache`` and
-``forward(idx, cache=...)`` (``LanguageModel``). tests/test_models_interface.py checks every family. ``context_length`` is the number of tokens a model can attend to at once,
+``forward(idx, cache=...)`` (``LanguageModel``); encoder-decoders (Seq2SeqTransformer, RecurrentSeq2Seq)
+have their own shape (``Seq2SeqModel``). tests/test_models_interface.py checks every family. ``context_length`` is the number of tokens a model can attend to at once,
 or ``None`` when it has no limit (a recurrent model carries a state instead); ``config.block_size`` is
 the training window, which for Transformers is the same number.
 """
@@ -63,6 +64,51 @@ class LanguageModel(Backbone, Protocol):
 
     def resize_vocab(self, vocab_size: int) -> None:
         """Grow the vocabulary (new special tokens)."""
+
+
+class Seq2SeqCache(Protocol):
+    """What an encoder-decoder decodes from: what it read from the sources (computed once per source)
+    and the decoder's own state, one row per sequence."""
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows, in this order (finished rows leave; beam search repeats rows)."""
+
+    def shrink(self, rows: torch.Tensor, room: int) -> None:
+        """Keep only these rows, drop the positions and source columns none of them needs, and leave room
+        for ``room`` more target tokens (continuous batching gives finished rows' room back)."""
+
+    def join(self, other: "Seq2SeqCache", max_len: int) -> "Seq2SeqCache":
+        """A cache with this cache's rows, then ``other``'s (of any source and target lengths), with room
+        for ``max_len`` target positions (rows joining a running batch)."""
+
+
+@runtime_checkable
+class Seq2SeqModel(Model, Protocol):
+    """An encoder-decoder over one joint vocabulary: a source (B, S), padded on the right with ``src_mask``
+    (B, S) 1 for real tokens, in; the logits of a target out. ``context_length`` (= config.block_size) is
+    the longest source and the longest target."""
+
+    hidden_size: int
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, src_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing: logits (B, T, vocab) after each token of tgt_in (B, T), the decoder causal over
+        it, and with targets (B, T) the mean cross-entropy (IGNORE_INDEX skipped)."""
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the decoder reads of the sources: memory (B, S, width)."""
+
+    def make_cache(self, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
+                   max_len: int | None = None) -> Seq2SeqCache:
+        """A cache for decoding ``max_len`` target tokens from memory: what the decoder reads of the
+        sources at every step, computed here once, and the decoder's empty state."""
+
+    def decode(self, idx: torch.Tensor, cache: Seq2SeqCache) -> torch.Tensor:
+        """Logits (B, T, vocab) after each of the target tokens idx (B, T), which follow those already in
+        the cache; the cache advances by T positions."""
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per target token (a source of the same length counted with it), for MFU."""
 
 
 def width_of(model: torch.nn.Module) -> int | None:

@@ -176,15 +176,21 @@ class Attention(nn.Module):
                 # causal, and every query sees at least itself: a padding query with no visible key
                 # would give NaN, which would then leak into real tokens through the values
                 mask = (mask & (key_pos <= query_pos)) | (key_pos == query_pos)  # (B, 1, T, S)
-        gqa = {}
-        if self.n_kv_head != self.n_head:
-            if _SDPA_HAS_GQA:
-                gqa = {"enable_gqa": True}
-            else:
-                repeat = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        dropout = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, **gqa)
+        return sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         is_causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of q (B, H, T, d) over k, v (B, H_kv, S, d), grouped-query
+    when H_kv < H (key/value heads repeated by hand on a torch without ``enable_gqa``)."""
+    gqa = {}
+    if k.size(1) != q.size(1):
+        if _SDPA_HAS_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            repeat = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, **gqa)
 
 
 class MLP(nn.Module):

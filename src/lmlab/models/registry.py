@@ -10,6 +10,7 @@ from lmlab.models.encoder import Encoder
 from lmlab.models.gpt import GPT
 from lmlab.models.heads import SequenceClassifier, head_from_dict
 from lmlab.models.rnn import RecurrentLM
+from lmlab.models.seq2seq import RecurrentSeq2Seq, Seq2SeqTransformer
 
 MODELS: dict[str, type[nn.Module]] = {
     "gpt": GPT,
@@ -17,6 +18,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "lstm": RecurrentLM,
     "gru": RecurrentLM,
     "encoder": Encoder,
+    "seq2seq": Seq2SeqTransformer,
+    "rnn_seq2seq": RecurrentSeq2Seq,
 }
 
 
