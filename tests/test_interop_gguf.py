@@ -86,7 +86,7 @@ def expected_keys(model, tokenizer, dtype: str) -> dict:
     cfg = model.config
     arch = cfg.preset
     keys = {"general.architecture": arch, "general.name": "model",
-            "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[dtype],
+            "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[dtype], "general.quantization_version": 2,
             f"{arch}.context_length": 64, f"{arch}.embedding_length": 64, f"{arch}.block_count": 2,
             f"{arch}.feed_forward_length": cfg.d_ff, f"{arch}.attention.head_count": 4,
             f"{arch}.attention.head_count_kv": 4 if arch == "gpt2" else 2,
@@ -97,8 +97,6 @@ def expected_keys(model, tokenizer, dtype: str) -> dict:
             "tokenizer.ggml.bos_token_id": tokenizer.eot_id, "tokenizer.ggml.eos_token_id": tokenizer.eot_id,
             "tokenizer.ggml.padding_token_id": tokenizer.eot_id,
             "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
-    if dtype == "q8_0":
-        keys["general.quantization_version"] = 2
     if arch == "gpt2":
         keys["gpt2.attention.layer_norm_epsilon"] = pytest.approx(1e-5)
     else:

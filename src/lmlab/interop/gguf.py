@@ -256,8 +256,7 @@ def export_gguf(model: nn.Module, tokenizer: Tokenizer, path: str | os.PathLike,
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or path.stem)
         writer.add_file_type(_FILE_TYPES[dtype])
-        if dtype == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter, whatever the dtype
         _add_hyperparameters(writer, cfg, arch)
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
         for tensor_name, tensor in tensors:
