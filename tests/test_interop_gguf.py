@@ -199,6 +199,22 @@ def test_byte_tokenizer_gets_a_merge_that_never_applies(tmp_path):
     assert fields["tokenizer.ggml.tokens"][:256] == bytes_to_unicode_chars()
 
 
+@pytest.fixture(scope="module")
+def char():
+    return train_tokenizer("char", TEXTS)
+
+
+def test_char_tokenizer_is_a_sentencepiece_style_vocabulary(char, tmp_path):
+    """Characters as normal tokens (the space spelled "▁", as llama.cpp looks it up), <0xXX> as byte tokens."""
+    fields, _ = read(export_gguf(tiny("llama", char.vocab_size), char, tmp_path / "char.gguf"))
+    tokens = [char.tk.id_to_token(i) for i in range(char.vocab_size)]
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    assert fields["tokenizer.ggml.tokens"] == ["\u2581" if t == " " else t for t in tokens]
+    assert fields["tokenizer.ggml.token_type"] == [3 if t == "<|endoftext|>" else 6 if t.startswith("<0x") else 1
+                                                   for t in tokens]
+    assert "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.pre" not in fields
+
+
 def test_larger_model_vocabulary_is_padded_with_unused_tokens(bpe, tmp_path):
     fields, tensors = read(export_gguf(tiny("llama", bpe.vocab_size + 3), bpe, tmp_path / "m.gguf"))
     assert fields["tokenizer.ggml.tokens"][-3:] == [f"[PAD{bpe.vocab_size + i}]" for i in range(3)]
@@ -209,7 +225,7 @@ def test_larger_model_vocabulary_is_padded_with_unused_tokens(bpe, tmp_path):
 def test_unsupported_models_and_tokenizers_are_refused_in_one_line(bpe, tmp_path):
     out = tmp_path / "x.gguf"
     cases = [
-        (tiny("gpt2", bpe.vocab_size), train_tokenizer("char", TEXTS), "a char tokenizer has no llama.cpp counterpart"),
+        (tiny("gpt2", bpe.vocab_size), train_tokenizer("char", TEXTS + ["\u2581"]), "a token '\u2581' .U.2581."),
         (tiny("gpt2", bpe.vocab_size), train_tokenizer("word", TEXTS), "a word tokenizer has no llama.cpp counterpart"),
         (tiny("gpt2", bpe.vocab_size, mlp="gelu_exact"), bpe, "GPT-2 with exact GELU"),
         (tiny("gpt2", 100), bpe, "the tokenizer has ids up to"),
@@ -296,10 +312,24 @@ def test_llama_cpp_runs_f16_and_q8_0_files(dtype, tolerance, bpe, tmp_path):
         assert theirs.argmax() == ours.argmax(), preset
 
 
-def test_llama_cpp_tokenizes_text_as_lmlab_does(bpe, tmp_path):
-    """The pre-tokenizer "gpt-2" and the merges give lmlab's ids, and special tokens parse alike."""
-    llm = llama_cpp_model(export_gguf(tiny("gpt2", bpe.vocab_size), bpe, tmp_path / "model.gguf"))
-    for text in [TRICKY, *TEXTS[:2], "a<|endoftext|>b"]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == bpe.encode(text, allow_special=False)
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == bpe.encode(text)
-    assert llm.token_eos() == bpe.eot_id
+@pytest.mark.parametrize("kind", ["bpe", "byte", "char"])
+def test_llama_cpp_tokenizes_and_detokenizes_as_lmlab_does(kind, bpe, char, tmp_path):
+    """bpe: the pre-tokenizer "gpt-2" and the merges give lmlab's ids; char: characters and byte
+    fallback give them; special tokens parse alike; token pieces join to lmlab's text."""
+    tokenizer = {"bpe": bpe, "char": char, "byte": train_tokenizer("byte", [])}[kind]
+    llm = llama_cpp_model(export_gguf(tiny("gpt2", tokenizer.vocab_size), tokenizer, tmp_path / "model.gguf"))
+    for text in [TRICKY, *TEXTS[:2], "a<|endoftext|>b", " leading space", "\n\n"]:
+        ids = tokenizer.encode(text, allow_special=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+        assert b"".join(llm.detokenize([i]) for i in ids).decode() == tokenizer.decode(ids), text
+    assert llm.token_eos() == tokenizer.eot_id
+
+
+def test_llama_cpp_generates_with_a_char_tokenizer(char, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model = tiny("gpt2", char.vocab_size)
+    llm = llama_cpp_model(export_gguf(model, char, tmp_path / "model.gguf"))
+    prompt = char.encode(TEXTS[1])[:12]
+    ours = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=40, temperature=0.0)))
+    assert llama_cpp_greedy(llm, prompt, len(ours)) == ours

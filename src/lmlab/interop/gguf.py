@@ -15,8 +15,12 @@ Tokenizer: lmlab's byte-level BPE (and the byte tokenizer, BPE without merges) i
 vocabulary type with pre-tokenizer "gpt-2", whose regex is exactly the one of the ByteLevel
 pre-tokenizer from `tokenizers` (``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``),
 so llama.cpp tokenizes text to the same ids (tests/test_interop_gguf.py checks it where
-llama-cpp-python is installed). The char and word tokenizers have no llama.cpp counterpart and are
-refused. Weights: f32, f16, or q8_0 (blocks of 32 values sharing one f16 scale, gguf.quants).
+llama-cpp-python is installed). The char tokenizer (one token per character, <0xXX> byte tokens for
+the others) is llama.cpp's SentencePiece-style "llama" vocabulary without merges, with the space
+spelled "▁" as llama.cpp looks it up: the same ids for every text without a literal "▁" (U+2581),
+which llama.cpp reads as a space. The word tokenizer (newlines normalised to <eos>, unknown words to
+<unk>) has no llama.cpp counterpart and is refused. Weights: f32, f16, or q8_0 (blocks of 32 values
+sharing one f16 scale, gguf.quants).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import gguf
@@ -50,6 +55,8 @@ _QUANT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizati
 # llama.cpp refuses a gpt2 vocabulary without merges; a byte tokenizer has none. This one never
 # applies: its left side is two symbols, and no merge makes a two-symbol token.
 _INERT_MERGE = "ĠĠ Ġ"
+SPACE = "\u2581"  # how llama.cpp's SentencePiece-style vocabularies spell a space ("▁")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +140,8 @@ def _stored(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, gg
 # tokenizer
 
 
-def _tokenizer_spec(tokenizer: Tokenizer) -> dict:
+def _byte_level_spec(tokenizer: Tokenizer) -> dict:
     """The tokenizer's JSON, checked to be a byte-level BPE that llama.cpp's "gpt-2" pre-tokenizer reproduces."""
-    kind = tokenizer.kind
-    if kind in ("char", "word"):
-        raise Unsupported(f"a {kind} tokenizer has no llama.cpp counterpart (GGUF export takes lmlab's bpe and byte "
-                          "tokenizers: byte-level BPE)")
     spec = json.loads(tokenizer.tk.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     plain_bpe = (model.get("type") == "BPE" and not model.get("byte_fallback") and model.get("dropout") is None
@@ -151,37 +154,62 @@ def _tokenizer_spec(tokenizer: Tokenizer) -> dict:
     return spec
 
 
-def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Tokens by id (``vocab_size`` of them), their llama.cpp token types, and the BPE merges in rank order.
+def _char_spec(tokenizer: Tokenizer) -> dict:
+    """The tokenizer's JSON, checked to be lmlab's char tokenizer with no token llama.cpp would confuse with a space."""
+    spec = json.loads(tokenizer.tk.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    one_per_character = pre.get("pattern") == {"Regex": "[\\s\\S]"} and pre.get("behavior") == "Isolated"
+    if spec.get("normalizer") is not None or not one_per_character:
+        raise Unsupported("this character tokenizer normalises or splits text unlike lmlab's char tokenizer")
+    if SPACE in spec["model"]["vocab"]:
+        raise Unsupported(f"the char tokenizer has a token {SPACE!r} (U+2581), which llama.cpp reads as a space")
+    return spec
 
-    Ids the tokenizer does not use (a model vocabulary larger than the tokenizer's) become unused
-    ``[PADi]`` tokens, as in llama.cpp's converter.
-    """
-    spec = _tokenizer_spec(tokenizer)
+
+def _vocabulary(tokenizer: Tokenizer, spec: dict, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id (``vocab_size`` of them) and their llama.cpp token types: special tokens are control
+    tokens, ``<0xXX>`` byte tokens (char) byte tokens. Ids the tokenizer does not use (a model vocabulary
+    larger than the tokenizer's) become unused ``[PADi]`` tokens, as in llama.cpp's converter."""
     vocab = tokenizer.tk.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise Unsupported(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} "
                           "embedding rows")
     added = {t["content"]: t for t in spec.get("added_tokens") or []}
+    byte_fallback = spec["model"].get("byte_fallback")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
     for token, i in vocab.items():
         tokens[i] = token
-        if token not in added:
-            types[i] = gguf.TokenType.NORMAL
-        else:
+        if token in added:
             types[i] = gguf.TokenType.CONTROL if added[token].get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges") or []]
-    return tokens, [int(t) for t in types], merges or [_INERT_MERGE]
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(token):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    return tokens, [int(t) for t in types]
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    tokens, types, merges = _vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    kind = tokenizer.kind
+    if kind == "word":
+        raise Unsupported("a word tokenizer has no llama.cpp counterpart (it turns newlines into <eos> and unknown "
+                          "words into <unk>); GGUF export takes lmlab's bpe, byte and char tokenizers")
+    if kind == "char":
+        spec = _char_spec(tokenizer)
+        tokens, types = _vocabulary(tokenizer, spec, vocab_size)
+        writer.add_tokenizer_model("llama")  # SentencePiece-style: characters, then <0xXX> bytes
+        writer.add_token_list([SPACE if t == " " else t for t in tokens])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(False)
+    else:
+        spec = _byte_level_spec(tokenizer)
+        tokens, types = _vocabulary(tokenizer, spec, vocab_size)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges") or []]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(PRE_TOKENIZER)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges or [_INERT_MERGE])
     eos = eos_id(tokenizer)
     if eos is not None:  # lmlab's documents end with it and begin after it (llama.cpp's gpt2 default bos is id 11)
         writer.add_bos_token_id(eos)
@@ -235,8 +263,8 @@ def export_gguf(model: nn.Module, tokenizer: Tokenizer, path: str | os.PathLike,
     runs, atomically; LoRA adapters are merged into the weights (the caller's model is left unmerged).
 
     ``dtype``: f32, f16 or q8_0 for the matrices (see the module docstring). ``name`` is general.name.
-    Anything llama.cpp would compute differently (a classifier, an RNN, exact GELU in GPT-2, a char or
-    word tokenizer) is refused with an Unsupported error naming it.
+    Anything llama.cpp would compute differently (a classifier, an RNN, exact GELU in GPT-2, a word
+    tokenizer) is refused with an Unsupported error naming it.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
