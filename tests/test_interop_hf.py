@@ -131,6 +131,25 @@ def test_lmlab_trained_models_export(tokenizer, tmp_path):
         assert hf_tok("héllo wörld")["input_ids"] == tokenizer.encode("héllo wörld")
 
 
+# the config.json keys llama.cpp's convert_hf_to_gguf.py reads without a default (conversion/gpt2.py,
+# llama.py, base.py: TextModel), and the value each must have
+LLAMA_CPP_CONVERTER_KEYS = {
+    "gpt2": {"n_ctx": 32, "n_embd": 32, "n_head": 4, "n_layer": 2, "layer_norm_epsilon": 1e-5},
+    "llama": {"max_position_embeddings": 32, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "vocab_size": 257},
+}
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_exported_config_has_what_llama_cpps_converter_reads(preset, tokenizer, tmp_path):
+    """GPT-2's context is n_ctx to llama.cpp's converter (transformers reads n_positions): both are written."""
+    ours = build_model(ModelConfig(preset=preset, n_layer=2, n_head=4, n_kv_head=2 if preset == "llama" else None,
+                                   d_model=32, d_ff=128, block_size=32, vocab_size=tokenizer.vocab_size))
+    config = json.loads((export_hf(ours, tokenizer, tmp_path / preset) / "config.json").read_text())
+    assert {k: config.get(k) for k in LLAMA_CPP_CONVERTER_KEYS[preset]} == LLAMA_CPP_CONVERTER_KEYS[preset]
+
+
 def test_unsupported_features_are_named(tokenizer, tmp_path):
     theirs = hf_model("llama", attention_bias=True)
     with pytest.raises(Unsupported, match="biases"):

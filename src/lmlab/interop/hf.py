@@ -303,7 +303,7 @@ def import_hf(source: str | os.PathLike) -> tuple[nn.Module, Tokenizer]:
 # export
 
 
-def _hf_architecture(model: nn.Module) -> str:
+def hf_architecture(model: nn.Module) -> str:
     """Which HF architecture an lmlab model maps to, or Unsupported naming what does not fit."""
     classifier = isinstance(model, SequenceClassifier)
     cfg = model.config
@@ -324,7 +324,7 @@ def _hf_architecture(model: nn.Module) -> str:
                       "matches neither GPT2LMHeadModel nor LlamaForCausalLM")
 
 
-def _eos_id(tokenizer: Tokenizer) -> int | None:
+def eos_id(tokenizer: Tokenizer) -> int | None:
     """The tokenizer's end-of-text id, or None if it has none."""
     try:
         return tokenizer.eot_id
@@ -334,11 +334,13 @@ def _eos_id(tokenizer: Tokenizer) -> int | None:
 
 def _hf_config(model: nn.Module, arch: str, tokenizer: Tokenizer) -> dict:
     cfg = model.config
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     if arch == "gpt2":
         act = "gelu_new" if cfg.mlp == "gelu" else "gelu"
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
                 "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff, "n_positions": cfg.block_size,
+                # n_ctx: the context key llama.cpp's convert_hf_to_gguf.py reads for GPT-2 (transformers: n_positions)
+                "n_ctx": cfg.block_size,
                 "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.norm_eps, "activation_function": act,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "tie_word_embeddings": bool(cfg.tie_embeddings), "bos_token_id": eos, "eos_token_id": eos}
@@ -424,7 +426,7 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
                 return export_hf(model, tokenizer, out_dir)
         finally:
             unmerge_lora(model)
-    arch = _hf_architecture(model)
+    arch = hf_architecture(model)
     cfg = model.config
     backbone = model.backbone if isinstance(model, SequenceClassifier) else model
     prefix = "bert." if arch == "bert-classifier" else ""
@@ -455,7 +457,7 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
             write_adapter(tmp / "adapter", tensors, adapter_config(model.lora_config, targets, keep, task,
                                                        fan_in_fan_out=arch == "gpt2"))
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
-        eos = _eos_id(tokenizer)
+        eos = eos_id(tokenizer)
         if arch in ("gpt2", "llama") and eos is not None:
             name = tokenizer.tk.id_to_token(eos)
             tok_config.update(eos_token=name, bos_token=name, pad_token=name)
@@ -473,4 +475,5 @@ def describe(model: nn.Module) -> str:
     return text
 
 
-__all__ = ["PRETRAINED", "Unsupported", "describe", "export_hf", "import_hf", "read_weights", "resolve_source"]
+__all__ = ["PRETRAINED", "Unsupported", "describe", "eos_id", "export_hf", "hf_architecture", "import_hf", "read_weights",
+           "resolve_source"]

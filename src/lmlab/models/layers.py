@@ -47,6 +47,16 @@ def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None =
     (shorter than original_context / high_freq_factor), and blends smoothly in between. ``None``
     leaves them as they are (model.rope_scaling's choices are checked when the config loads).
     """
+    inv_freq = rope_frequencies(head_dim, theta, scaling, factor, low_freq_factor, high_freq_factor, original_context)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str | None = None, factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_context: int | None = None) -> torch.Tensor:
+    """The rotation speed of each pair of a head's dimensions, (head_dim // 2,), scaled as ``rope_tables``
+    describes: what the tables are made of, and what an export that stores the scaling needs."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if scaling == "linear":
         inv_freq = inv_freq / factor
@@ -55,8 +65,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None =
         blend = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         blend = blend.clamp(0.0, 1.0)  # 0 for long wavelengths (fully divided), 1 for short (kept)
         inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
