@@ -124,7 +124,7 @@ def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict
 
 @torch.no_grad()
 def masked_lm_report(model: MaskedLM, tokenizer: Tokenizer, ids: np.ndarray, batch_size: int = 8,
-                     seed: int = MLM_EVAL_SEED) -> dict:
+                     seed: int = MLM_EVAL_SEED, progress: bool = False) -> dict:
     """Masked-token loss, its exp and accuracy of a masked language model on token ids: consecutive
     windows of its context, BERT-masked (15%, 80/10/10) by a generator seeded with ``seed``."""
     if mask_token_id(tokenizer) is None:
@@ -137,7 +137,7 @@ def masked_lm_report(model: MaskedLM, tokenizer: Tokenizer, ids: np.ndarray, bat
         groups.append(torch.as_tensor(np.asarray(ids[n_full * context:], dtype=np.int64)).unsqueeze(0))
     masker, rng = Masker(tokenizer), np.random.default_rng(seed)
     batches = [masker(x, rng) for x in groups]
-    nll, correct, count = masked_lm_totals(model, batches, next(model.parameters()).device)
+    nll, correct, count = masked_lm_totals(model, batches, next(model.parameters()).device, progress)
     if count == 0:
         raise DataError("the text has no tokens to mask")
     loss = nll / count
@@ -172,7 +172,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
     precision = resolve_precision(precision, device, width_of(model))
     with autocast_context(precision, device):
         if masked:
-            return masked_lm_report(model, tokenizer, ids, batch_size)
+            return masked_lm_report(model, tokenizer, ids, batch_size, progress=progress)
         total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
     return {**perplexity_report(total, count, n_bytes), "stride": stride if model.context_length else None,
             "context": model.context_length or "unlimited (recurrent state)"}

@@ -35,8 +35,9 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.models.encoder import MaskedLM
 from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.registry import build_model
+from lmlab.progress import progress_bar
 from lmlab.train.distributed import all_sum, rank, world_size
-from lmlab.train.lm import fit_model_config, load_shards
+from lmlab.train.lm import PROGRESS_EVERY, fit_model_config, load_shards
 from lmlab.train.loop import Batch, TaskBase
 
 MASK_NAMES = ("[MASK]", "<mask>")  # the first is what lmlab adds
@@ -118,22 +119,25 @@ def _whitespace_edges(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def masked_lm_totals(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     device: torch.device) -> tuple[float, int, int]:
+def masked_lm_totals(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                     progress: bool = False) -> tuple[float, int, int]:
     """Summed cross-entropy, correct predictions and count of the chosen tokens of (inputs, targets)
     batches. Under torchrun each rank scores batches rank::world and the sums are all-reduced; every
     rank runs as many forwards (the last batch again, not counted), which FSDP2's all-gathers need."""
     world, me = world_size(), rank()
     nll, correct, count = 0.0, 0, 0
-    for i in range(me, me + world * math.ceil(len(batches) / world), world):
-        inputs, targets = batches[min(i, len(batches) - 1)]
-        logits, _ = model(inputs.to(device), targets.to(device))  # (N, vocab): the chosen positions
-        if i >= len(batches):
-            continue
-        gold = targets[targets != IGNORE_INDEX].to(device)  # (N,)
-        nll += F.cross_entropy(logits.float(), gold, reduction="sum").item()
-        correct += int((logits.argmax(-1) == gold).sum())
-        count += len(gold)
+    mine = range(me, me + world * math.ceil(len(batches) / world), world)
+    with progress_bar(len(mine), unit="batch", desc="masked LM", enabled=progress, every=PROGRESS_EVERY) as bar:
+        for i in mine:
+            inputs, targets = batches[min(i, len(batches) - 1)]
+            logits, _ = model(inputs.to(device), targets.to(device))  # (N, vocab): the chosen positions
+            bar.update(1)
+            if i >= len(batches):
+                continue
+            gold = targets[targets != IGNORE_INDEX].to(device)  # (N,)
+            nll += F.cross_entropy(logits.float(), gold, reduction="sum").item()
+            correct += int((logits.argmax(-1) == gold).sum())
+            count += len(gold)
     if world > 1:
         nll, correct, count = all_sum(nll, device), round(all_sum(correct, device)), round(all_sum(count, device))
     return nll, correct, count
