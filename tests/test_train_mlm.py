@@ -108,6 +108,8 @@ def test_loss_is_on_masked_positions_only():
     assert logits.shape == (int(chosen.sum()), tok.vocab_size)
     assert torch.allclose(logits, full[chosen], atol=1e-5)
     assert loss.item() == pytest.approx(F.cross_entropy(full[chosen], targets[chosen]).item(), rel=1e-5)
+    _, none_scored = model(inputs, torch.full_like(targets, IGNORE_INDEX))
+    assert none_scored.item() == 0.0  # a micro-batch without masked tokens adds nothing (not NaN) to its step
 
 
 def test_resumed_mlm_run_equals_uninterrupted(prepared, tmp_path):

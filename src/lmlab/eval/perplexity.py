@@ -9,8 +9,8 @@ Bits per byte = total NLL / ln 2 / UTF-8 bytes of the text: unlike perplexity, i
 with different tokenizers.
 
 A masked language model (an encoder with its MLM head, train/mlm.py) predicts no next token; it is
-scored on consecutive windows of its context, masked as in its pretraining (15% of the tokens, BERT's
-80/10/10) by a generator with a fixed seed: the mean cross-entropy of the masked tokens, its exp (a
+scored on consecutive windows of its context, masked as BERT pretrains (15% of the tokens, 80/10/10,
+whatever mlm settings it was trained with) by a generator with a fixed seed: the mean cross-entropy of the masked tokens, its exp (a
 "pseudo" perplexity of that one masking, not Salazar et al.'s token-by-token pseudo-log-likelihood) and
 the share of masked tokens predicted exactly.
 """

@@ -173,11 +173,12 @@ class MaskedLM(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) of token ids idx (B, T); with targets (B, T), the logits (N, vocab) of the N
         scored positions only (targets != IGNORE_INDEX, in row-major order: the head skips the rest) and
-        their mean cross-entropy."""
+        their mean cross-entropy (0 where none is scored, so that a micro-batch without any adds nothing)."""
         hidden = self.backbone(idx, attention_mask)  # (B, T, d)
         embedding = self.backbone.tok_emb.weight
         if targets is None:
             return self.head(hidden, embedding), None
         scored = targets != IGNORE_INDEX  # (B, T)
         logits = self.head(hidden[scored], embedding)  # (N, vocab)
-        return logits, F.cross_entropy(logits.float(), targets[scored])
+        total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        return logits, total / max(logits.size(0), 1)  # a batch without scored positions has loss 0, not NaN
