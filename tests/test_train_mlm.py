@@ -182,6 +182,23 @@ train: {{out_dir: {tmp_path / 'cls'}, batch_size: 2, max_steps: 2, warmup_steps:
     assert all(torch.allclose(tuned[k], v, atol=1e-4) for k, v in encoder.state_dict().items())
 
 
+def test_mlm_on_two_processes_takes_the_steps_of_one(prepared, tmp_path):
+    """Under torchrun (DDP, gloo) the rows and their masked-token counts split over the ranks, and the frozen
+    pooler (no MLM gradient reaches it) keeps DDP from waiting for its gradient."""
+    import torch.distributed as dist
+    from test_train_distributed import TOLERANCE, losses, torchrun
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    one, two = (mlm_config(prepared, tmp_path / name, max_steps=6, grad_accum=2, eval_interval=3, eval_batches=3)
+                for name in ("one", "two"))
+    one.mlm = two.mlm = MlmConfig(whole_word=True)
+    pretrain(one)
+    torchrun(two, tmp_path)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert losses(tmp_path / "two", key) == pytest.approx(losses(tmp_path / "one", key), rel=TOLERANCE)
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("mlm.mask_prob=1.5", "mlm.mask_prob must be in (0, 1), got 1.5"),
     ("mlm.mask_prob=0", "mlm.mask_prob must be in (0, 1), got 0"),

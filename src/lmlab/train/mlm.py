@@ -155,6 +155,9 @@ class MaskedLMTask(TaskBase):
         self.block = cfg.model.block_size
         self.model = MaskedLM(build_model(fit_model_config(cfg.model, self.tokenizer))).to(device)
         self.model.scored_fraction = self.mc.mask_prob
+        # the MLM loss never reaches the pooler (BERT trained it with next-sentence prediction): frozen, so
+        # that DDP waits for no gradient of it; it is saved as initialised, and fine-tuning trains it
+        self.model.backbone.pooler.requires_grad_(False)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def steps_per_epoch(self) -> int:
