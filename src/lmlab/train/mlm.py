@@ -110,9 +110,9 @@ class Masker:
 def _whitespace_edges(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """For every token id: whether its text begins with whitespace, and whether it ends with it. Every
     token of a word tokenizer counts as beginning a word."""
-    texts = tokenizer.tk.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
     if tokenizer.kind == "word":
-        return np.ones(len(texts), dtype=bool), np.zeros(len(texts), dtype=bool)
+        return np.ones(tokenizer.vocab_size, dtype=bool), np.zeros(tokenizer.vocab_size, dtype=bool)
+    texts = tokenizer.tk.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
     before = np.array([t[:1].isspace() for t in texts], dtype=bool)
     after = np.array([t[-1:].isspace() for t in texts], dtype=bool)
     return before, after
