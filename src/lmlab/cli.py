@@ -176,7 +176,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from lmlab.runs import atomic_dir
 
     out = args.out and check_report_output(args.out, args.checkpoint, args.data, force=args.force)
-    ckpt = load(args, language_model=True)
+    ckpt = load(args, language_model=True, masked=True)
     report = evaluate_perplexity(ckpt.model, ckpt.tokenizer, args.data,
                                  **given(args, "stride", "split", "field", "batch_size", "precision"))
     report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
@@ -214,15 +214,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.source, args.output, to=args.to, merge=args.merge, force=args.force, dtype=args.dtype))
 
 
-def load(args: argparse.Namespace, language_model: bool = False):
+def load(args: argparse.Namespace, language_model: bool = False, masked: bool = False):
     """The model of ``args.checkpoint`` (lmlab checkpoint or run, Hugging Face folder, pretrained name)
-    on ``args.device``; with ``language_model``, one that predicts tokens (not a classifier)."""
+    on ``args.device``; with ``language_model``, one that predicts tokens (not a classifier), a masked
+    language model too with ``masked``."""
     from lmlab.interop import load_model
     from lmlab.models.heads import require_language_model
     from lmlab.runtime import resolve_device
 
     ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
-    return require_language_model(ckpt) if language_model else ckpt
+    return require_language_model(ckpt, masked) if language_model else ckpt
 
 
 def sampling_params(args: argparse.Namespace):

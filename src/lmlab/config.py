@@ -63,8 +63,8 @@ def described(default: Any, help: str) -> Any:
 
 
 def only(*names: str, default: Any = None) -> Any:
-    """A dataclass field that applies only to these model families (on ModelConfig) or commands (on
-    BaseModelConfig): setting it elsewhere is a ConfigError, and ``describe_config`` says where it applies."""
+    """A dataclass field that applies only to these model families (on ModelConfig and MlmConfig) or commands
+    (on BaseModelConfig): setting it elsewhere is a ConfigError, and ``describe_config`` says where it applies."""
     return field(default=default, metadata={"only": names})
 
 
@@ -263,12 +263,23 @@ class ServeConfig:
 
 
 @dataclass
+class MlmConfig:
+    """Masked-language-model pretraining (model.family encoder, train/mlm.py): which tokens the model
+    learns to fill in. Of the chosen tokens 80% become [MASK], 10% a random token and 10% stay (BERT)."""
+
+    mask_prob: Annotated[float, Field(gt=0, lt=1)] = only("encoder", default=0.15)  # share of tokens chosen
+    whole_word: bool = only("encoder", default=False)  # choose whole words: all of a word's tokens or none
+
+
+@dataclass
 class RunConfig:
-    """Everything ``lmlab train`` needs: the model, the data and the training recipe."""
+    """Everything ``lmlab train`` needs: the model, the data and the training recipe (and, for an
+    encoder, its masking)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -571,10 +582,11 @@ def _train_rules(t: TrainConfig, p: str) -> None:
 
 
 def _run_rules(r: RunConfig, p: str) -> None:
-    """What ``lmlab train`` can train: a language model, with a carried state only if it has one."""
-    if r.model.family == "encoder":
-        raise ConfigError(f"{p}model.family encoder has no language-model head, so lmlab train cannot train it; "
-                          f"fine-tune an encoder with lmlab finetune classify")
+    """What ``lmlab train`` can train: a language model (an encoder as a masked one, the mlm fields for it
+    alone), with a carried state only if it has one."""
+    for f in _foreign_fields(r.mlm, r.model.family):
+        raise ConfigError(f"{p}mlm.{f.name} applies to masked-LM pretraining ({p}model.family encoder) only, "
+                          f"not {r.model.family}")
     if r.train.carry_state and r.model.family not in RECURRENT:
         raise ConfigError(f"{p}train.carry_state needs a model that carries a state ({p}model.family "
                           f"{', '.join(RECURRENT)}), not {r.model.family}")

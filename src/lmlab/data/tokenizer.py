@@ -160,6 +160,11 @@ class Tokenizer:
         self.__dict__.pop("_truncators", None)
 
     @property
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens (end-of-text, [MASK], a chat template's markers, ...), in order."""
+        return sorted(i for i, token in self.tk.get_added_tokens_decoder().items() if token.special)
+
+    @property
     def pad_id(self) -> int:
         """Id to pad batches with: the tokenizer's padding token if it has one, else end-of-text."""
         for name in ("[PAD]", "<pad>", "<|pad|>"):

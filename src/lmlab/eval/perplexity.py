@@ -7,6 +7,12 @@ fastest and stride = 1 gives every token the full context.
 
 Bits per byte = total NLL / ln 2 / UTF-8 bytes of the text: unlike perplexity, it compares models
 with different tokenizers.
+
+A masked language model (an encoder with its MLM head, train/mlm.py) predicts no next token; it is
+scored on consecutive windows of its context, masked as BERT pretrains (15% of the tokens, 80/10/10,
+whatever mlm settings it was trained with) by a generator with a fixed seed: the mean cross-entropy of the masked tokens, its exp (a
+"pseudo" perplexity of that one masking, not Salazar et al.'s token-by-token pseudo-log-likelihood) and
+the share of masked tokens predicted exactly.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ from lmlab.config import Count, Precision, check_argument
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
+from lmlab.models.encoder import MaskedLM
 from lmlab.models.interface import IGNORE_INDEX, width_of
 from lmlab.progress import progress_bar
 from lmlab.runtime import autocast_context, resolve_precision
 from lmlab.train.lm import PROGRESS_EVERY, stateful_nll
+from lmlab.train.mlm import Masker, add_mask_token, mask_token_id, masked_lm_totals
+
+MLM_EVAL_SEED = 0  # the masking of a masked language model's evaluation
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -112,31 +122,74 @@ def perplexity_report(total_nll: float, count: int, n_bytes: int | None) -> dict
     return report
 
 
+@torch.no_grad()
+def masked_lm_report(model: MaskedLM, tokenizer: Tokenizer, ids: np.ndarray, batch_size: int = 8,
+                     seed: int = MLM_EVAL_SEED, progress: bool = False) -> dict:
+    """Masked-token loss, its exp and accuracy of a masked language model on token ids: consecutive
+    windows of its context, BERT-masked (15%, 80/10/10) by a generator seeded with ``seed``."""
+    if mask_token_id(tokenizer) is None:
+        raise DataError("the tokenizer has no mask token ([MASK] or <mask>)")
+    context = model.context_length
+    n_full = len(ids) // context
+    rows = torch.as_tensor(np.asarray(ids[:n_full * context], dtype=np.int64)).view(n_full, context)  # (N, context)
+    groups = [rows[i:i + batch_size] for i in range(0, n_full, batch_size)]
+    if len(ids) % context:
+        groups.append(torch.as_tensor(np.asarray(ids[n_full * context:], dtype=np.int64)).unsqueeze(0))
+    masker, rng = Masker(tokenizer), np.random.default_rng(seed)
+    batches = [masker(x, rng) for x in groups]
+    nll, correct, count = masked_lm_totals(model, batches, next(model.parameters()).device, progress)
+    if count == 0:
+        raise DataError("the text has no tokens to mask")
+    loss = nll / count
+    return {"tokens": len(ids), "masked_tokens": count, "masked_loss": loss,
+            "pseudo_perplexity": math.exp(min(loss, 700)), "accuracy": correct / count,
+            "masking": f"{masker.mask_prob:.0%} of the tokens (80% [MASK], 10% random, 10% kept), seed {seed}; "
+                       f"pseudo_perplexity = exp(masked_loss)",
+            "context": context}
+
+
 def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,
                         split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True,
                         precision: str = "auto") -> dict:
-    """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder.
+    """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder; of a
+    masked language model, its masked-token figures instead (``masked_lm_report``).
 
     ``stride`` None means the model's context; ``batch_size`` windows go through the model at once;
     ``precision`` is train.precision's choice for the forward passes (auto: as training would choose).
     """
     check_argument("batch_size", batch_size, Count)
     check_argument("precision", precision, Precision)
+    masked = isinstance(model, MaskedLM)
+    if masked and stride is not None:
+        raise LmlabError("stride does not apply to a masked language model (it reads consecutive windows)")
     stride = model.context_length if check_argument("stride", stride, Count | None) is None else stride
     inputs = [data] if isinstance(data, str) else list(data)
     if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
-        from lmlab.data.loader import TokenShards
-
-        shards = TokenShards(inputs[0], split)
-        if shards.meta["tokenizer_sha256"] != tokenizer.sha256():
-            raise DataError(f"{inputs[0]} was prepared with another tokenizer than the checkpoint's")
-        ids = np.concatenate([[tokenizer.eot_id], *[np.asarray(s, dtype=np.int64) for s in shards.shards]])
-        n_bytes = shards.bytes
+        ids, n_bytes = _prepared_ids(inputs[0], split, tokenizer, masked)
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device, width_of(model))
     with autocast_context(precision, device):
+        if masked:
+            return masked_lm_report(model, tokenizer, ids, batch_size, progress=progress)
         total, count = sliding_window_nll(model, ids, stride, batch_size, progress)
     return {**perplexity_report(total, count, n_bytes), "stride": stride if model.context_length else None,
             "context": model.context_length or "unlimited (recurrent state)"}
+
+
+def _prepared_ids(data_dir: str, split: str, tokenizer: Tokenizer, masked: bool) -> tuple[np.ndarray, int | None]:
+    """The token ids of a split of a prepared data folder, end-of-text in front, and its byte count; the
+    folder's tokenizer must be the model's (with the [MASK] that masked-LM pretraining added, if it did)."""
+    from lmlab.data.loader import TokenShards
+
+    shards = TokenShards(data_dir, split)
+    expected = shards.meta["tokenizer_sha256"]
+    if masked:
+        data_tokenizer = Tokenizer.load(data_dir)
+        add_mask_token(data_tokenizer)
+        expected = data_tokenizer.sha256()
+    if expected != tokenizer.sha256():
+        raise DataError(f"{data_dir} was prepared with another tokenizer than the checkpoint's")
+    ids = np.concatenate([[tokenizer.eot_id], *[np.asarray(s, dtype=np.int64) for s in shards.shards]])
+    return ids, shards.bytes

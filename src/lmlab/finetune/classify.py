@@ -29,6 +29,7 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.metrics import classification_report
 from lmlab.eval.report import write_classification_report
+from lmlab.models.encoder import MaskedLM
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
@@ -85,8 +86,8 @@ def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None
 
     ``pooling`` is model.pooling, which the config checks; ``labels`` come from ``sorted_labels`` (two or more).
     """
-    if isinstance(backbone, SequenceClassifier):  # start a new head on a classifier's backbone
-        backbone = backbone.backbone
+    if isinstance(backbone, (SequenceClassifier, MaskedLM)):  # a new head on the backbone of a classifier or of
+        backbone = backbone.backbone  # a masked language model (its MLM head is dropped)
     if pooling is None:
         pooling = "cls" if backbone.config.family == "encoder" else "last"
     return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))

@@ -6,14 +6,24 @@ first token, [CLS]) for sentence-level tasks. This is the layout of Hugging Face
 its checkpoints (all-MiniLM-L6-v2, bert-base, ...) convert weight for weight (see interop/hf.py).
 
 Attention is the same module the decoders use, with ``causal=False`` and a key mask for padding.
+
+``MaskedLM`` puts BERT's masked-language-model head on an encoder (pretraining: train/mlm.py). Its
+weights are named after Hugging Face ``BertForMaskedLM``'s, one to one: ``backbone.*`` is ``bert.*``
+(BertForMaskedLM has no pooler), ``head.dense`` / ``head.norm`` / ``head.bias`` are
+``cls.predictions.transform.dense`` / ``.transform.LayerNorm`` / ``cls.predictions.bias``, and the
+decoder is the token embedding, as in BERT.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.layers import MLP, Attention, fill_from_preset
 
 PRESETS = {
@@ -109,3 +119,66 @@ class Encoder(nn.Module):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(h of the first token)), (B, d)."""
         return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+@dataclass
+class MaskedLMConfig:
+    """What a masked-LM head records in a checkpoint manifest's ``head`` entry: that it is one."""
+
+    kind: str = "mlm"
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: dense + GELU + LayerNorm, then logits over the vocabulary through the token
+    embedding (the decoder weight, tied) plus a bias of its own."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.approximate = "tanh" if cfg.mlp == "gelu" else "none"  # the encoder's own GELU
+        nn.init.normal_(self.dense.weight, std=cfg.init_std)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of hidden states (..., d); ``embedding`` is the (vocab, d) token embedding."""
+        h = self.norm(F.gelu(self.dense(hidden), approximate=self.approximate))
+        return F.linear(h, embedding, self.bias)
+
+
+class MaskedLM(nn.Module):
+    """An encoder with BERT's masked-language-model head: it predicts the original token at the positions
+    that targets mark (the others are IGNORE_INDEX)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        if not isinstance(backbone, Encoder):
+            raise ValueError(f"a masked-LM head needs an encoder, not a {backbone.config.family} model")
+        self.backbone = backbone
+        self.config = backbone.config  # the encoder's ModelConfig (what checkpoints record)
+        self.head_config = MaskedLMConfig()
+        self.context_length = backbone.context_length
+        self.head = MaskedLMHead(backbone.config)
+        self.scored_fraction = 0.15  # share of tokens the head decodes in training (the task sets it), for MFU
+
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token, for the MFU estimate: the encoder's, plus 6 per weight of
+        the head (dense and the tied decoder) for the share of tokens it decodes (only the masked ones)."""
+        cfg = self.config
+        head = cfg.d_model * cfg.d_model + cfg.d_model * cfg.vocab_size
+        return self.backbone.flops_per_token() + 6 * head * self.scored_fraction
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) of token ids idx (B, T); with targets (B, T), the logits (N, vocab) of the N
+        scored positions only (targets != IGNORE_INDEX, in row-major order: the head skips the rest) and
+        their mean cross-entropy (0 where none is scored, so that a micro-batch without any adds nothing)."""
+        hidden = self.backbone(idx, attention_mask)  # (B, T, d)
+        embedding = self.backbone.tok_emb.weight
+        if targets is None:
+            return self.head(hidden, embedding), None
+        scored = targets != IGNORE_INDEX  # (B, T)
+        logits = self.head(hidden[scored], embedding)  # (N, vocab)
+        total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        return logits, total / max(logits.size(0), 1)  # a batch without scored positions has loss 0, not NaN

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
+from lmlab.models.encoder import MaskedLM
 
 POOLINGS = ("cls", "mean", "last")
 
@@ -87,9 +88,15 @@ def head_from_dict(data: dict) -> ClassifierConfig:
     return ClassifierConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def require_language_model(ckpt):
+def require_language_model(ckpt, masked: bool = False):
     """``ckpt`` itself if its model predicts tokens (what generate, chat, serve and eval ppl need), else a
-    ConfigError saying what it is and which commands take it."""
+    ConfigError saying what it is and which commands take it. With ``masked``, a masked language model
+    (an encoder with its MLM head) counts too: eval ppl scores one, nothing generates with one."""
+    if isinstance(ckpt.model, MaskedLM):
+        if masked:
+            return ckpt
+        raise ConfigError(f"{ckpt.path} is a masked language model (an encoder): it fills in [MASK] tokens but "
+                          f"does not generate; evaluate it with lmlab eval ppl, fine-tune it with lmlab finetune classify")
     if isinstance(ckpt.model, SequenceClassifier):
         raise ConfigError(f"{ckpt.path} is a sequence classifier, not a language model; "
                           f"use lmlab predict or lmlab eval classify")

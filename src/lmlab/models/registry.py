@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError, first_line
-from lmlab.models.encoder import Encoder
+from lmlab.models.encoder import Encoder, MaskedLM
 from lmlab.models.gpt import GPT
 from lmlab.models.heads import SequenceClassifier, head_from_dict
 from lmlab.models.rnn import RecurrentLM
@@ -26,13 +26,16 @@ MODELS: dict[str, type[nn.Module]] = {
 def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
     """Instantiate the model family named by ``cfg.family``.
 
-    With ``head`` (a checkpoint's ``head`` entry: labels, pooling), the model is that family's
-    backbone under a ``SequenceClassifier``. ``cfg`` is a checked config (``from_dict`` or
-    ``load_config``: a known family, shapes that fit); what the constructors still refuse, such as a
-    missing vocab_size or a head's unknown pooling, becomes a one-line ConfigError.
+    With ``head`` (a checkpoint's ``head`` entry), the model is that family's backbone under a
+    ``SequenceClassifier`` (labels, pooling) or, for kind mlm, an encoder under a ``MaskedLM`` head.
+    ``cfg`` is a checked config (``from_dict`` or ``load_config``: a known family, shapes that fit); what
+    the constructors still refuse, such as a missing vocab_size or a head's unknown pooling, becomes a
+    one-line ConfigError.
     """
     try:
         model = MODELS[cfg.family](cfg)
-        return SequenceClassifier(model, head_from_dict(head)) if head else model
+        if not head:
+            return model
+        return MaskedLM(model) if head.get("kind") == "mlm" else SequenceClassifier(model, head_from_dict(head))
     except (ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"invalid model config: {first_line(e)}") from None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.config import RECURRENT, RunConfig
+from lmlab.config import RECURRENT, ModelConfig, RunConfig
 from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
@@ -61,9 +61,9 @@ class LanguageModelTask(TaskBase):
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.tc = cfg.train
-        self.train_data, self.val_data, self.tokenizer, model_cfg = _load_data(cfg)
-        self.block = model_cfg.block_size
-        self.model = build_model(model_cfg).to(device)
+        self.train_data, self.val_data, self.tokenizer = load_shards(cfg)
+        self.block = cfg.model.block_size
+        self.model = build_model(fit_model_config(cfg.model, self.tokenizer)).to(device)
         self.carry = self._make_carry()
 
     def _make_carry(self):
@@ -148,8 +148,9 @@ def _mean_batch_loss(model: nn.Module, batches: list, device: torch.device) -> f
     return all_sum(total, device) / len(batches)
 
 
-def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, object]:
-    """Train/val shards, the tokenizer, and the model config completed from it (vocabulary, reset token)."""
+def load_shards(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer]:
+    """The train and val shards of ``cfg.data`` (each long enough for a window of model.block_size) and
+    the tokenizer that made them."""
     data_dir = cfg.data.path
     if not data_dir:
         raise ConfigError("data.path is not set (the folder written by `lmlab data prepare`)")
@@ -157,22 +158,28 @@ def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, obj
     val_data = TokenShards(data_dir, cfg.data.val_split)
     train_data.check_context(cfg.model.block_size)
     val_data.check_context(cfg.model.block_size)
-    tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
-    model_cfg = cfg.model
+    return train_data, val_data, Tokenizer.load(Path(data_dir) / "tokenizer.json")
+
+
+def fit_model_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """``model_cfg`` completed from the tokenizer: its vocabulary (checked when given), and for recurrent
+    models the reset token (documents end with end-of-text)."""
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     elif model_cfg.vocab_size < tokenizer.vocab_size:
         raise DataError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if model_cfg.family in RECURRENT and model_cfg.reset_token is None:  # documents end with end-of-text
+    if model_cfg.family in RECURRENT and model_cfg.reset_token is None:
         model_cfg = dataclasses.replace(model_cfg, reset_token=tokenizer.eot_id)
-    return train_data, val_data, tokenizer, model_cfg
+    return model_cfg
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
              force: bool = False) -> RunResult:
-    """Train a language model as ``cfg`` describes; ``resume`` continues the run in train.out_dir,
-    ``force`` replaces a previous run there (see Trainer)."""
+    """Train a language model as ``cfg`` describes (an encoder as a masked language model, train/mlm.py);
+    ``resume`` continues the run in train.out_dir, ``force`` replaces a previous run there (see Trainer)."""
+    from lmlab.train.mlm import MaskedLMTask  # it builds on this module
+
     device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
-    task = LanguageModelTask(cfg, device)
+    task = (MaskedLMTask if cfg.model.family == "encoder" else LanguageModelTask)(cfg, device)
     cfg = dataclasses.replace(cfg, model=task.model.config)  # presets resolved, for config.yaml
     return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()
