@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch.nn as nn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from pydantic.json_schema import models_json_schema
 
@@ -69,9 +70,25 @@ async def _lifespan(app: FastAPI):
     app.state.serve.close()
 
 
-async def page() -> HTMLResponse:
-    """The web chat page: one static file that talks to /v1/chat/completions."""
+async def page(request: Request) -> HTMLResponse:
+    """The web chat page: one static file that talks to /v1/chat/completions; for an encoder-decoder, which
+    does not chat, a note on how to call /v1/completions instead."""
+    if request.app.state.serve.encoder_decoder:
+        return HTMLResponse(SEQ2SEQ_PAGE.format(name=html.escape(request.app.state.serve.cfg.model_name),
+                                                base=html.escape(str(request.base_url))))
     return HTMLResponse(resources.files("lmlab.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+
+SEQ2SEQ_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lmlab: {name}</title></head>
+<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto">
+<h1>{name}</h1>
+<p>This server serves an encoder-decoder (translation, summarization): it answers
+<code>POST /v1/completions</code> with the source as the <code>prompt</code> and the target as the completion.
+It does not chat, so there is no chat page. The API is described at <a href="/docs">/docs</a>.</p>
+<pre>curl -s {base}v1/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "{name}", "prompt": "A man rides a bike.", "max_tokens": 64, "temperature": 0}}'</pre>
+</body></html>
+"""
 
 
 def openapi(app: FastAPI) -> dict:
