@@ -97,7 +97,8 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: list[tuple[s
 
         done = seq2seq_completions(model, tokenizer, sources, params, num_beams, length_penalty, batch_size,
                                    on_done=one_done)
-    seconds = time.monotonic() - started
+        seconds = time.monotonic() - started
+        bar.set_postfix(examples_s=f"{len(sources) / max(seconds, 1e-9):.1f}")
     hypotheses = [c.text for c in done]
     scores = text_scores(hypotheses, [target for _, target in pairs], metrics)
     report = {**scores, "decoding": "greedy" if num_beams == 1 else f"beam search, {num_beams} beams",
