@@ -5,6 +5,7 @@ vocabulary), and every bad input as a one-line error."""
 import gzip
 import json
 import random
+import urllib.request
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lmlab.models.registry import build_model
 from lmlab.serve.app import create_app
 from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
 
+from conftest import live_server
 from test_cli import assert_one_line_error, run
 
 WORDS = "red green blue black white pink".split()
@@ -185,3 +187,11 @@ def test_bad_inputs_are_one_line_errors(s2s, capsys):
     assert not (root / "bad").exists()  # nothing half-written
     code, out, _ = run(["generate", s2s["copy"], "--source", too_long, "--truncate-source", "--greedy"], capsys)
     assert code == 0 and len(out.split()) <= BLOCK
+
+
+def test_lmlab_serve_command_serves_an_encoder_decoder(s2s):
+    with live_server(s2s["copy"], "--model-name", "copy") as url:
+        body = json.dumps({"model": "copy", "prompt": "white pink", "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == "white pink"
