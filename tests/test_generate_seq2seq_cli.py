@@ -17,7 +17,7 @@ from lmlab.data.labeled import pad_rows
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.eval.text_metrics import text_scores
 from lmlab.generate.sampling import SamplingParams
-from lmlab.generate.seq2seq import encode_sources, seq2seq_completions
+from lmlab.generate.seq2seq import encode_sources, generate_target_texts, seq2seq_beam_search, seq2seq_completions
 from lmlab.models.registry import build_model
 from lmlab.serve.app import create_app
 from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
@@ -107,6 +107,24 @@ def test_generate_from_a_source_file_writes_a_line_per_source_in_order(s2s, caps
     expected = [" ".join(c.text.splitlines()) for c in done]  # a line per target: its line breaks as spaces
     assert code == 0 and out.splitlines() == expected  # sample i of each source seeded seed + i; in any batch
     assert len(set(expected)) > 1
+
+
+def test_targets_come_back_in_order_whatever_the_batch_size(s2s):
+    """Sources run shortest first, a few at a time (continuous batching, or beam batches): each target
+    is still the one its source gets alone, in input order."""
+    ckpt = load_checkpoint(s2s["untrained"])
+    model, tok = ckpt.model, ckpt.tokenizer
+    sources = encode_sources(tok, phrases(10, 5))
+    params = [SamplingParams(max_new_tokens=3 + i % 4, temperature=1.0, seed=i) for i in range(10)]
+    alone = [generate_target_texts(model, tok, [s], [p])[0].text for s, p in zip(sources, params)]
+    assert [c.text for c in seq2seq_completions(model, tok, sources, params, batch_size=3)] == alone
+    assert len(set(alone)) > 5  # different targets: a row out of place would show
+    model = load_checkpoint(s2s["copy"]).model  # the untrained model's best beam is the same for every source
+    beams = [seq2seq_beam_search(model, [s], 3, 6, tok.eot_id, tok.eot_id)[0] for s in sources]
+    alone = [tok.decode([t for t in b if t != tok.eot_id]) for b in beams]
+    same = [SamplingParams(max_new_tokens=6)] * len(sources)
+    assert len(set(alone)) > 2
+    assert [c.text for c in seq2seq_completions(model, tok, sources, same, num_beams=3, batch_size=4)] == alone
 
 
 def test_eval_seq2seq_scores_the_targets_against_the_references(s2s, capsys):
