@@ -145,12 +145,22 @@ def print_result(result) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lmlab.generate.text import read_prompt, write_generation
+    from lmlab.generate.text import check_input_flags, read_prompt, read_sources, write_generation, write_targets
+    from lmlab.models.heads import is_encoder_decoder, require_generator
 
+    ckpt = require_generator(load(args))
+    seq2seq = is_encoder_decoder(ckpt.model)
+    inputs = {"--prompt": args.prompt, "--prompt-file": args.prompt_file, "--truncate-prompt": args.truncate_prompt,
+              "--source": args.source, "--source-file": args.source_file, "--truncate-source": args.truncate_source}
+    check_input_flags(args.checkpoint, seq2seq, [flag for flag, value in inputs.items() if value])
+    options = given(args, "num_beams", "length_penalty", "num_samples")
+    if seq2seq:
+        write_targets(ckpt.model, ckpt.tokenizer, read_sources(args.source, args.source_file), sampling_params(args),
+                      stream=not args.no_stream, truncate=args.truncate_source, **options)
+        return
     prompt = read_prompt(args.prompt, args.prompt_file)
-    ckpt = load(args, language_model=True)
     write_generation(ckpt.model, ckpt.tokenizer, prompt, sampling_params(args), stream=not args.no_stream,
-                     truncate=args.truncate_prompt, **given(args, "num_beams", "length_penalty", "num_samples"))
+                     truncate=args.truncate_prompt, **options)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -162,11 +172,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from lmlab.config import ServeConfig
+    from lmlab.models.heads import require_generator
     from lmlab.serve.app import check_can_listen, run_server, serve_config
 
     cfg = serve_config(given(args, *(f.name for f in dataclasses.fields(ServeConfig))), args.checkpoint)
     check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
-    ckpt = load(args, language_model=True)
+    ckpt = require_generator(load(args))
     run_server(ckpt.model, ckpt.tokenizer, cfg, args.log_level)
 
 
@@ -184,6 +195,24 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         with atomic_dir(out) as folder:
             write_metrics_report(report, folder, "Perplexity")
     print(json.dumps(report, indent=2))
+
+
+def cmd_eval_seq2seq(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output
+    from lmlab.eval.seq2seq import evaluate_seq2seq, read_eval_pairs, write_seq2seq_report
+    from lmlab.models.heads import require_encoder_decoder
+    from lmlab.runs import atomic_dir
+
+    out = args.out and check_report_output(args.out, args.checkpoint, args.data, force=args.force)
+    pairs = read_eval_pairs(args.data, **given(args, "split", "source_field", "target_field", "limit"))
+    ckpt = require_encoder_decoder(load(args))
+    report, hypotheses = evaluate_seq2seq(ckpt.model, ckpt.tokenizer, pairs, **given(
+        args, "metrics", "num_beams", "length_penalty", "batch_size", "max_new_tokens"))
+    report = {"checkpoint": str(ckpt.path), "data": args.data, **report}
+    if out:
+        with atomic_dir(out) as folder:
+            write_seq2seq_report(report, hypotheses, folder)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
@@ -446,12 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     engine = "lmlab.generate.text:write_generation"
     g = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     g.add_argument("checkpoint", help="checkpoint or run folder (its newest checkpoint), HF folder or pretrained name")
-    g.add_argument("--prompt", help="prompt text")
-    g.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    g.add_argument("--prompt", help="prompt text (decoder-only models)")
+    g.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (decoder-only models)")
+    g.add_argument("--source", help="encoder-decoders: the source text to write a target for (a translation, a summary)")
+    g.add_argument("--source-file", help="encoder-decoders: one source per line (UTF-8, .gz too); writes one target "
+                                         "line per source, in order")
     add_sampling_flags(g, max_new_tokens=200, temperature=0.8)
     g.add_argument("--truncate-prompt", action="store_true",
                    help="drop the oldest prompt tokens so that prompt + max new tokens fit the context "
                         "(default: refuse a prompt that does not fit)")
+    g.add_argument("--truncate-source", action="store_true",
+                   help="encoder-decoders: keep the first block_size tokens of a longer source, as training does "
+                        "(default: refuse it)")
     g.add_argument("--num-beams", type=int, default=Default(engine, "num_beams"),
                    help="beam search with this many beams (default: %(default)s = off)")
     g.add_argument("--length-penalty", type=float, default=Default(engine, "length_penalty"),
@@ -501,6 +536,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_force_flag(pp, "--out", "evaluation report")
     add_device_flag(pp)
     pp.set_defaults(func=cmd_eval_ppl)
+
+    seq = "lmlab.eval.seq2seq:evaluate_seq2seq"
+    pairs_of = "lmlab.eval.seq2seq:read_eval_pairs"
+    es = ev.add_parser("seq2seq", help="BLEU, chrF and ROUGE of an encoder-decoder's targets against references",
+                       description="Decode every source of a test set (greedy, or beam search with --num-beams), "
+                                   "detokenize, and score the targets against the reference texts: BLEU and chrF "
+                                   "with sacrebleu (signature printed), ROUGE-1/2/L/Lsum with rouge-score (stemmed).")
+    es.add_argument("checkpoint", help="encoder-decoder checkpoint or run folder (model.family seq2seq, rnn_seq2seq)")
+    es.add_argument("--data", required=True, nargs="+",
+                    help="a prepared pairs folder (lmlab data prepare --pairs), or SOURCE TARGET aligned files, "
+                         "or one TSV/CSV/JSONL table")
+    es.add_argument("--split", default=Default(pairs_of, "split"),
+                    help="split of a pairs folder: val or test (default: %(default)s)")
+    es.add_argument("--source-field", default=Default(pairs_of, "source_field"),
+                    help="column/key of the source in a table (default: %(default)s)")
+    es.add_argument("--target-field", default=Default(pairs_of, "target_field"),
+                    help="column/key of the reference in a table (default: %(default)s)")
+    es.add_argument("--limit", type=int, default=Default(pairs_of, "limit"),
+                    help="score only the first K pairs (default: %(default)s = all)")
+    es.add_argument("--metrics", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                    default=Default(seq, "metrics"), help="comma-separated, of bleu, chrf, rouge (default: all)")
+    es.add_argument("--num-beams", type=int, default=Default(seq, "num_beams"),
+                    help="beam search with this many beams (default: %(default)s = greedy)")
+    es.add_argument("--length-penalty", type=float, default=Default(seq, "length_penalty"),
+                    help="beam search: score = log-prob / length ** this (default: %(default)s)")
+    es.add_argument("--batch-size", type=int, default=Default(seq, "batch_size"),
+                    help="sources decoded at once (default: %(default)s)")
+    es.add_argument("--max-new-tokens", type=int, default=Default(seq, "max_new_tokens"),
+                    help="longest target in tokens (default: %(default)s = the model's block_size)")
+    es.add_argument("--out", help="folder for results.json, results.md and hypotheses.txt (new or empty; see --force)")
+    add_force_flag(es, "--out", "evaluation report")
+    add_device_flag(es)
+    es.set_defaults(func=cmd_eval_seq2seq)
 
     evaluate = "lmlab.finetune.classify:evaluate_file"
     ec = ev.add_parser("classify", help="accuracy, macro precision/recall/F1 and confusion matrix of a classifier")

@@ -73,7 +73,7 @@ def iter_pairs(paths: list[str], source_field: str = "source", target_field: str
     pairs = _line_pairs(*paths) if len(paths) == 2 else _table_pairs(paths[0], source_field, target_field)
     skipped = 0
     for source, target in pairs:
-        source, target = source.strip(), target.strip()
+        source, target = clean_text(source), clean_text(target)
         if source and target:
             yield source, target
         else:
@@ -81,6 +81,12 @@ def iter_pairs(paths: list[str], source_field: str = "source", target_field: str
     if skipped:
         counts["skipped"] += skipped
         log.warning(f"{' + '.join(paths)}: skipped {skipped} pairs with an empty source or target")
+
+
+def clean_text(text: str) -> str:
+    """A text as the data path stores it: NFC-normalised, surrounding whitespace stripped (what generation
+    does to a source too, so that the model reads it as it read its training sources)."""
+    return unicodedata.normalize("NFC", text).strip()
 
 
 def check_pair_input(paths: list[str], what: str = "input") -> None:

@@ -28,9 +28,15 @@ def write_results(out_dir: str | Path, results: dict, markdown: str) -> None:
 
 
 def write_metrics_report(report: dict, out_dir: str | Path, title: str) -> None:
-    """A flat report (metric -> value) as results.json and a two-column results.md table."""
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
+    """A flat report (metric -> value) as results.json and a two-column results.md table (a "|" in a value,
+    as in sacrebleu's signatures, escaped so that it stays in its cell)."""
+    rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in report.items())
     write_results(out_dir, report, f"# {title}\n\n| metric | value |\n|---|---|\n{rows}\n")
+
+
+def _cell(value) -> str:
+    """A value as a Markdown table cell: a float to 4 places, any "|" escaped."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", r"\|")
 
 
 def write_classification_report(report: dict, out_dir: str | Path, title: str, extra: dict | None = None) -> None:

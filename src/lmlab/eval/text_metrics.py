@@ -64,13 +64,18 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 def text_scores(hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str] = METRICS) -> dict:
     """The named metrics (any of bleu, chrf, rouge) as one flat dict (figures and signatures), plus the
     number of examples: what a seq2seq evaluation writes to results.json / results.md."""
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ConfigError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    check_metrics(metrics)
     out: dict = {"examples": len(hypotheses)}
     for name in dict.fromkeys(metrics):
         out.update({"bleu": bleu, "chrf": chrf, "rouge": rouge}[name](hypotheses, references))
     return out
+
+
+def check_metrics(metrics: Sequence[str]) -> None:
+    """Refuse an empty list or a metric text_scores does not know, naming the ones it does."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
 
 
 def sentence_lines(text: str) -> str:

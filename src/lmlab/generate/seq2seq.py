@@ -18,11 +18,13 @@ is computed once, when its cache is made (models/seq2seq.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+from lmlab.data.pairs import clean_text
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import (BatchGeneration, Beams, Completion, TextGeneration, TextStream, _TextRow,
@@ -37,6 +39,19 @@ def check_source(source_ids: list[int], context: int | None) -> None:
     if context is not None and len(source_ids) > context:
         raise LmlabError(f"the source has {len(source_ids)} tokens but the model takes at most {context} "
                          f"(its block_size); shorten it")
+
+
+def fit_source(source_ids: list[int], context: int | None, truncate: bool = False) -> list[int]:
+    """The source to encode: refused when empty or, without ``truncate``, longer than the model's positions
+    (a one-line error naming --truncate-source); with ``truncate``, its first ``context`` tokens, as training
+    cuts long sources."""
+    if truncate and source_ids and context is not None and len(source_ids) > context:
+        return source_ids[:context]
+    if source_ids and context is not None and len(source_ids) > context:
+        raise LmlabError(f"the source has {len(source_ids)} tokens but the model reads at most {context} (its "
+                         f"block_size); shorten it or keep its first {context} tokens with --truncate-source")
+    check_source(source_ids, context)
+    return source_ids
 
 
 def right_padded(sources: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +167,11 @@ class Seq2SeqTextGeneration(TextGeneration):
     def add(self, source: str | list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
             on_done: Callable[[Completion], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> int:
-        """Queue a source; ``on_text(piece)`` gets its target's text as it comes, ``on_done(completion)``
-        fires when it ends (``prompt_tokens`` counts the source), and it stops with finish reason
-        "cancelled" once ``cancelled()`` is true. Returns its row."""
-        ids = self.tokenizer.encode(source) if isinstance(source, str) else list(source)
+        """Queue a source (a text is read as the data path reads it: encode_sources); ``on_text(piece)``
+        gets its target's text as it comes, ``on_done(completion)`` fires when it ends (``prompt_tokens``
+        counts the source), and it stops with finish reason "cancelled" once ``cancelled()`` is true.
+        Returns its row."""
+        ids = encode_sources(self.tokenizer, [source])[0] if isinstance(source, str) else list(source)
         params = dataclasses.replace(params, stop_tokens=list(dict.fromkeys([*params.stop_tokens,
                                                                              self.tokenizer.eot_id])))
         row = self.generation.add(ids, params)
@@ -216,3 +232,63 @@ def seq2seq_beam_search(model: nn.Module, sources: list[list[int]], num_beams: i
         idx = torch.tensor(last_tokens, device=device)[:, None]  # (rows, 1)
         logprobs = model.decode(idx, cache)[:, -1].float().log_softmax(dim=-1)
     return [search.best() for search in searches]
+
+
+def encode_sources(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of source texts, read as the data path reads them (clean_text; a literal end-of-text
+    marker in the text is ordinary text)."""
+    return tokenizer.encode_batch([clean_text(t) for t in texts], allow_special=False) if texts else []
+
+
+def seq2seq_completions(model: nn.Module, tokenizer: Tokenizer, sources: list[list[int]],
+                        params: list[SamplingParams], num_beams: int = 1, length_penalty: float = 1.0,
+                        batch_size: int = 32, on_text: Callable[[int, str], None] | None = None,
+                        on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    """The target of each token-id source, a Completion each, in order, at most ``batch_size`` sources
+    decoding at once (for a file or a test set of any size).
+
+    Sampling or greedy (``num_beams`` 1, each source with its ``params``): continuous batching, a new
+    source joining as soon as another finishes. Beam search (``num_beams`` > 1; of the params it reads
+    only max_new_tokens, the batch's largest): the sources in batches of ``batch_size``. Sources are
+    taken shortest first, so that a batch holds sources of similar length (less padding); seeded rows
+    come out the same in any batch.
+    ``on_text(i, piece)`` streams source i's text (sampling only), ``on_done(i, completion)`` fires when
+    it ends. Start and end are the tokenizer's end-of-text, as the data path makes targets.
+    """
+    if len(sources) != len(params):
+        raise ValueError("give one SamplingParams per source")
+    if batch_size < 1:
+        raise LmlabError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    done: list[Completion | None] = [None] * len(sources)
+
+    def finished(i: int, completion: Completion) -> None:
+        done[i] = completion
+        if on_done is not None:
+            on_done(i, completion)
+
+    if num_beams > 1:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            best = seq2seq_beam_search(model, [sources[i] for i in chunk], num_beams,
+                                       max(params[i].max_new_tokens for i in chunk), tokenizer.eot_id,
+                                       tokenizer.eot_id, length_penalty)
+            for i, ids in zip(chunk, best):
+                finished(i, _ended_completion(tokenizer, ids, len(sources[i])))
+        return done
+    generation = Seq2SeqTextGeneration(model, tokenizer)
+    waiting = iter(order)
+    while True:
+        while generation.active < batch_size and (i := next(waiting, None)) is not None:
+            generation.add(sources[i], params[i], on_text=None if on_text is None else functools.partial(on_text, i),
+                           on_done=functools.partial(finished, i))
+        if not generation.active:
+            return done
+        generation.step()
+
+
+def _ended_completion(tokenizer: Tokenizer, ids: list[int], source_tokens: int) -> Completion:
+    """A beam search's target as a Completion: "stop" when it ended at end-of-text (left out of the text)."""
+    ended = bool(ids) and ids[-1] == tokenizer.eot_id
+    tokens = ids[:-1] if ended else ids
+    return Completion(tokenizer.decode(tokens), tokens, "stop" if ended else "length", source_tokens, len(ids))

@@ -1,5 +1,6 @@
 """Text for a person at a terminal: a prompt from an argument or a file, and its continuation written
-to a stream as it is produced, as several seeded samples, or by beam search (``lmlab generate``)."""
+to a stream as it is produced, as several seeded samples, or by beam search (``lmlab generate``); for
+an encoder-decoder, sources (an argument, or a file of one per line) and their targets, a line each."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch.nn as nn
 from pydantic import Field
 
 from lmlab.config import Finite, check_argument
+from lmlab.data.sources import iter_lines
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import ConfigError, DataError, LmlabError
 from lmlab.generate.engine import beam_search, fit_prompt, generate_text, generate_texts
 from lmlab.generate.sampling import SamplingParams
+from lmlab.generate.seq2seq import encode_sources, fit_source, seq2seq_completions
 from lmlab.runs import read_text_file
 
 log = logging.getLogger(__name__)
@@ -104,3 +107,93 @@ def write_generation(model: nn.Module, tokenizer: Tokenizer, prompt: str, params
         generate_text(model, tokenizer, fitted, params, on_text=write)
         out.write("\n")
     out.flush()
+
+
+def check_input_flags(checkpoint: str, encoder_decoder: bool, given: list[str]) -> None:
+    """Refuse the prompt flags for an encoder-decoder and the source flags for a decoder, naming the right
+    ones (``given``: the input flags the user gave, as spelled on the command line)."""
+    wrong = [f for f in given if f in (PROMPT_FLAGS if encoder_decoder else SOURCE_FLAGS)]
+    if wrong and encoder_decoder:
+        raise ConfigError(f"{checkpoint} is an encoder-decoder: give its source with --source TEXT or --source-file "
+                          f"FILE ({', '.join(wrong)} is for decoder-only language models)")
+    if wrong:
+        raise ConfigError(f"{checkpoint} is a decoder-only language model: give a prompt with --prompt TEXT or "
+                          f"--prompt-file FILE ({', '.join(wrong)} is for encoder-decoders)")
+
+
+PROMPT_FLAGS = ("--prompt", "--prompt-file", "--truncate-prompt")
+SOURCE_FLAGS = ("--source", "--source-file", "--truncate-source")
+
+
+def read_sources(source: str | None, source_file: str | None) -> list[str]:
+    """The sources to write targets for: [``source``], or the lines of ``source_file`` (UTF-8, .gz too, one
+    source per line, as an aligned pairs file holds them; exactly one of the two). A blank line is refused
+    with its line number rather than skipped, so that output line i stays the target of input line i."""
+    if (source is None) == (source_file is None):
+        raise LmlabError("give a source with --source TEXT or --source-file FILE (one of them)")
+    if source is not None:
+        return [source]
+    sources = list(iter_lines(source_file))
+    blank = next((n for n, line in enumerate(sources, 1) if not line.strip()), None)
+    if blank is not None:
+        raise DataError(f"{source_file}:{blank}: the source is empty (one source per line, none blank)")
+    if not sources:
+        raise DataError(f"{source_file}: no sources (one source per line)")
+    return sources
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (its line breaks as spaces): one output line per source, whatever the model wrote."""
+    return " ".join(text.splitlines())
+
+
+def write_targets(model: nn.Module, tokenizer: Tokenizer, sources: list[str], params: SamplingParams,
+                  out: TextIO | None = None, num_beams: int = 1, length_penalty: float = 1.0, num_samples: int = 1,
+                  truncate: bool = False, stream: bool = True, batch_size: int = 32) -> None:
+    """Write the target an encoder-decoder generates for each source to ``out`` (default: stdout).
+
+    One source and one sample: its target streams as produced (``stream``). Otherwise one line per source
+    (a target's own line breaks as spaces), in input order, ``num_samples`` lines per source (seeded seed,
+    seed + 1, ...); at most ``batch_size`` sources decode at once; ``num_beams`` > 1: the best beam.
+    A source longer than the model reads is refused, or with ``truncate`` cut to its first tokens.
+    """
+    check_generation_options(num_beams, length_penalty, num_samples)
+    out = out or sys.stdout
+    ids = []
+    for n, source_ids in enumerate(encode_sources(tokenizer, sources), 1):
+        try:
+            fitted = fit_source(source_ids, model.context_length, truncate)
+        except LmlabError as e:
+            raise type(e)(f"source {n}: {e}" if len(sources) > 1 else str(e)) from None
+        if len(fitted) < len(source_ids):
+            log.info(f"note: source {n} cut to its first {len(fitted)} of {len(source_ids)} tokens")
+        ids.append(fitted)
+    if model.context_length is not None and params.max_new_tokens > model.context_length:
+        log.info(f"note: targets stop at {model.context_length} tokens, the model's block_size")
+    if num_beams > 1:
+        warn_ignored_by_beam_search(params)
+    rows = [source for source in ids for _ in range(num_samples)]
+    row_params = seeded_samples(params, num_samples) * len(ids)
+
+    if stream and len(rows) == 1 and num_beams == 1:
+        def write(_row: int, piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        seq2seq_completions(model, tokenizer, rows, row_params, on_text=write)
+        out.write("\n")
+        out.flush()
+        return
+    finished: dict[int, str] = {}
+    written = 0
+
+    def write_ready(row: int, completion) -> None:
+        """Write the targets whose turn has come: each row as soon as every earlier row is done."""
+        nonlocal written
+        finished[row] = one_line(completion.text)
+        while written in finished:
+            out.write(finished.pop(written) + "\n")
+            written += 1
+        out.flush()
+
+    seq2seq_completions(model, tokenizer, rows, row_params, num_beams, length_penalty, batch_size, on_done=write_ready)

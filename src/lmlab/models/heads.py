@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmlab.config import SEQ2SEQ
 from lmlab.errors import ConfigError
 from lmlab.models.encoder import MaskedLM
 
@@ -97,10 +98,33 @@ def require_language_model(ckpt, masked: bool = False):
             return ckpt
         raise ConfigError(f"{ckpt.path} is a masked language model (an encoder): it fills in [MASK] tokens but "
                           f"does not generate; evaluate it with lmlab eval ppl, fine-tune it with lmlab finetune classify")
+    if is_encoder_decoder(ckpt.model):
+        raise ConfigError(f"{ckpt.path} is an encoder-decoder ({ckpt.model.config.family}): it writes a target for a "
+                          f"source; use lmlab generate --source, lmlab eval seq2seq or lmlab serve")
     if isinstance(ckpt.model, SequenceClassifier):
         raise ConfigError(f"{ckpt.path} is a sequence classifier, not a language model; "
                           f"use lmlab predict or lmlab eval classify")
     if ckpt.model.config.family == "encoder":
         raise ConfigError(f"{ckpt.path} is an encoder without a language-model head; "
                           f"fine-tune a classifier on it with lmlab finetune classify")
+    return ckpt
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder (model.family seq2seq or rnn_seq2seq: a source in, a target out)."""
+    return getattr(getattr(model, "config", None), "family", None) in SEQ2SEQ
+
+
+def require_generator(ckpt):
+    """``ckpt`` itself if its model generates text, a decoder (see require_language_model) or an
+    encoder-decoder: what generate and serve take."""
+    return ckpt if is_encoder_decoder(ckpt.model) else require_language_model(ckpt)
+
+
+def require_encoder_decoder(ckpt):
+    """``ckpt`` itself if its model is an encoder-decoder (what eval seq2seq scores), else a ConfigError."""
+    if not is_encoder_decoder(ckpt.model):
+        family = getattr(ckpt.model.config, "family", "?")
+        raise ConfigError(f"{ckpt.path} is not an encoder-decoder (model.family {family}); lmlab eval seq2seq "
+                          f"scores seq2seq and rnn_seq2seq checkpoints (a language model: lmlab eval ppl)")
     return ckpt

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch.nn as nn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from pydantic.json_schema import models_json_schema
 
@@ -29,6 +30,7 @@ import lmlab
 from lmlab.config import ServeConfig, from_dict
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
+from lmlab.models.heads import is_encoder_decoder
 from lmlab.serve.errors import add_error_handlers, error_response
 from lmlab.serve.routes import ServeState, router
 from lmlab.serve.schemas import ChatCompletionChunk, ErrorResponse, TextCompletionChunk
@@ -45,7 +47,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     generation worker starts now and stops when the app shuts down."""
     app = FastAPI(title="lmlab", version=lmlab.__version__, lifespan=_lifespan,
                   description="OpenAI-compatible completions and chat completions from an lmlab checkpoint.")
-    warn_if_beyond_context(cfg, model.context_length)
+    warn_if_beyond_context(cfg, model.context_length, room=0 if is_encoder_decoder(model) else 1)
     app.state.serve = ServeState.start(model, tokenizer, cfg)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     add_error_handlers(app)
@@ -55,11 +57,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     return app
 
 
-def warn_if_beyond_context(cfg: ServeConfig, context: int | None) -> None:
-    """Say so when --max-prompt-tokens asks for more than the model's context allows (it is capped)."""
-    if context is not None and cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens > context - 1:
+def warn_if_beyond_context(cfg: ServeConfig, context: int | None, room: int = 1) -> None:
+    """Say so when --max-prompt-tokens asks for more than the model's context allows, ``room`` positions
+    kept for the output (it is capped; an encoder-decoder's source may fill its context: room 0)."""
+    if context is not None and cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens > context - room:
         log.warning(f"--max-prompt-tokens {cfg.max_prompt_tokens} is beyond the model's context of {context} tokens: "
-                    f"prompts are limited to {context - 1} tokens")
+                    f"prompts are limited to {context - room} tokens")
 
 
 @contextlib.asynccontextmanager
@@ -69,9 +72,25 @@ async def _lifespan(app: FastAPI):
     app.state.serve.close()
 
 
-async def page() -> HTMLResponse:
-    """The web chat page: one static file that talks to /v1/chat/completions."""
+async def page(request: Request) -> HTMLResponse:
+    """The web chat page: one static file that talks to /v1/chat/completions; for an encoder-decoder, which
+    does not chat, a note on how to call /v1/completions instead."""
+    if request.app.state.serve.encoder_decoder:
+        return HTMLResponse(SEQ2SEQ_PAGE.format(name=html.escape(request.app.state.serve.cfg.model_name),
+                                                base=html.escape(str(request.base_url))))
     return HTMLResponse(resources.files("lmlab.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+
+SEQ2SEQ_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lmlab: {name}</title></head>
+<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto">
+<h1>{name}</h1>
+<p>This server serves an encoder-decoder (translation, summarization): it answers
+<code>POST /v1/completions</code> with the source as the <code>prompt</code> and the target as the completion.
+It does not chat, so there is no chat page. The API is described at <a href="/docs">/docs</a>.</p>
+<pre>curl -s {base}v1/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "{name}", "prompt": "A man rides a bike.", "max_tokens": 64, "temperature": 0}}'</pre>
+</body></html>
+"""
 
 
 def openapi(app: FastAPI) -> dict:

@@ -30,6 +30,8 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import Completion, fit_prompt
 from lmlab.generate.sampling import SamplingParams
+from lmlab.generate.seq2seq import encode_sources, fit_source
+from lmlab.models.heads import is_encoder_decoder
 from lmlab.serve.errors import APIError, error_responses
 from lmlab.serve.scheduler import QueueFull, Scheduler, Sequence
 from lmlab.serve.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
@@ -72,10 +74,17 @@ class ServeState:
             self.scheduler = Scheduler(self.model, self.tokenizer, cfg.max_batch_size, cfg.max_queue)
 
     @property
+    def encoder_decoder(self) -> bool:
+        """Whether the model is an encoder-decoder: its prompts are sources, and it does not chat."""
+        return is_encoder_decoder(self.model)
+
+    @property
     def max_prompt_tokens(self) -> int | None:
-        """The longest prompt accepted: ``cfg.max_prompt_tokens``, and the context less room for one token."""
+        """The longest prompt accepted: ``cfg.max_prompt_tokens``, and the context less room for one token
+        (an encoder-decoder's source may fill its context: the target has positions of its own)."""
         context = self.model.context_length
-        limits = [x for x in (self.cfg.max_prompt_tokens, context and context - 1) if x is not None]
+        room = 0 if self.encoder_decoder else 1
+        limits = [x for x in (self.cfg.max_prompt_tokens, context and context - room) if x is not None]
         return min(limits) if limits else None
 
 
@@ -119,7 +128,7 @@ async def completions(req: CompletionRequest, state: ServeState = Depends(served
     if req.logprobs is not None:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     max_tokens = req.max_tokens or 16
-    ids = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in _prompts_of(req.prompt)]
+    ids = [p if isinstance(p, list) else encode_prompt(state, p) for p in _prompts_of(req.prompt)]
     for p in ids:
         check_model_and_prompt(state, req, p, max_tokens)
     vocab_size = state.model.config.vocab_size
@@ -151,6 +160,9 @@ async def chat_completions(req: ChatCompletionRequest, state: ServeState = Depen
     ChatCompletion, or with ``stream`` a ChatCompletionChunk per piece of text."""
     if req.logprobs:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if state.encoder_decoder:
+        raise APIError(400, f"'{state.cfg.model_name}' is an encoder-decoder (a source in, a target out): it answers "
+                            f"/v1/completions, with the source as the prompt, not chat", code="unsupported_endpoint")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     max_tokens = req.max_completion_tokens or req.max_tokens or state.cfg.default_max_tokens
     ids, stop_tokens, stop = chat_prompt(state.tokenizer, messages)
@@ -187,9 +199,14 @@ def check_model_and_prompt(state: ServeState, req: SamplingFields, prompt_ids: l
                             f"{f' (the model context is {context} tokens)' if context else ''}",
                        param="prompt", code="context_length_exceeded")
     try:
-        fit_prompt(prompt_ids, context, max_tokens)
+        fit_source(prompt_ids, context) if state.encoder_decoder else fit_prompt(prompt_ids, context, max_tokens)
     except LmlabError as e:
         raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+
+
+def encode_prompt(state: ServeState, text: str) -> list[int]:
+    """A text prompt's token ids: an encoder-decoder's source is read as the data path reads sources."""
+    return encode_sources(state.tokenizer, [text])[0] if state.encoder_decoder else state.tokenizer.encode(text)
 
 
 def sampling(state: ServeState, req: SamplingFields, max_tokens: int, choice: int, stop_tokens: list[int] = (),

@@ -6,7 +6,8 @@ continuous: between two decoding steps the worker lets waiting requests join the
 (``engine.TextGeneration.add``) as long as it holds at most ``max_batch_size`` sequences, so a
 new request starts at the next step instead of waiting for the batch to end, and finished rows
 leave at once. Each sequence reports its text pieces and its end to its request through an
-asyncio queue.
+asyncio queue. For an encoder-decoder the batch is a ``Seq2SeqTextGeneration`` (same interface):
+a sequence's prompt is its source.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.nn as nn
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.generate.engine import TextGeneration
 from lmlab.generate.sampling import SamplingParams
+from lmlab.generate.seq2seq import Seq2SeqTextGeneration
+from lmlab.models.heads import is_encoder_decoder
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +101,13 @@ class Scheduler:
                 admitted.extend(self.waiting.popleft())
             return [s for s in admitted if not s.cancelled]
 
+    def new_generation(self) -> TextGeneration:
+        """An empty batch for the model: a decoder's TextGeneration, or an encoder-decoder's Seq2SeqTextGeneration."""
+        kind = Seq2SeqTextGeneration if is_encoder_decoder(self.model) else TextGeneration
+        return kind(self.model, self.tokenizer)
+
     def _work(self) -> None:
-        generation = TextGeneration(self.model, self.tokenizer)
+        generation = self.new_generation()
         members: dict[int, Sequence] = {}  # row of the generation -> its sequence
         while (admitted := self._admit(generation.active)) is not None:
             for s in admitted:
@@ -112,9 +120,9 @@ class Scheduler:
                 for row, s in members.items():
                     if generation.generation.finish_reason.get(row) is None:
                         s.send("error", s.index, f"generation failed: {type(e).__name__}: {e}")
-                generation, members = TextGeneration(self.model, self.tokenizer), {}
+                generation, members = self.new_generation(), {}
             if not generation.active:  # all done: start afresh (row numbers, cache)
-                generation, members = TextGeneration(self.model, self.tokenizer), {}
+                generation, members = self.new_generation(), {}
             members = {row: s for row, s in members.items() if row in generation.rows}  # finished ones go
             self.running, self.width = generation.active, generation.generation.width
 
