@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from lmlab.data.labeled import TABLE_SUFFIXES, iter_rows, pad_rows, sequential_batches, table_suffix
-from lmlab.data.prepare import _unit_interval, token_dtype
+from lmlab.data.prepare import _unit_interval, read_meta_json, token_dtype
 from lmlab.data.sources import iter_lines
 from lmlab.data.tokenizer import Tokenizer, train_tokenizer
 from lmlab.errors import DataError
@@ -307,12 +307,7 @@ def load_pairs_meta(data_dir: str | os.PathLike) -> dict:
     """Read and check a prepared pairs folder's meta.json (format, version, files present)."""
     folder = Path(data_dir)
     path = folder / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{folder} is not a prepared data folder (no meta.json); run `lmlab data prepare --pairs` first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
+    meta = read_meta_json(folder, "lmlab data prepare --pairs")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise DataError(f"{folder}: not a prepared pairs folder (format {found!r}, not {FORMAT!r}); "

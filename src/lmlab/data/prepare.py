@@ -150,16 +150,23 @@ def check_prepare_output(out_dir: str | os.PathLike, inputs: list[str], val_inpu
     return check_output(out_dir, "data", reads, force)
 
 
+def read_meta_json(folder: Path, command: str) -> object:
+    """The parsed meta.json of a prepared data folder (of either format), or a DataError naming ``command``
+    (the one that prepares it) when the folder has none or it is not JSON."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{folder} is not a prepared data folder (no meta.json); run `{command}` first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """Read and check a prepared data folder's meta.json (format, version, shards present)."""
     folder = Path(data_dir)
     path = folder / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{folder} is not a prepared data folder (no meta.json); run `lmlab data prepare` first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
+    meta = read_meta_json(folder, "lmlab data prepare")
     if isinstance(meta, dict) and meta.get("format") == "lmlab-pairs":
         raise DataError(f"{folder} holds parallel pairs (lmlab data prepare --pairs), not a token stream")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
