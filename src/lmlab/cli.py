@@ -111,7 +111,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.train.lm import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force))
+    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force,
+                          scorer=greedy_scores))
+
+
+def greedy_scores(model, tokenizer, sources: list[list[int]], references: list[str], max_new_tokens: int) -> dict:
+    """BLEU of an encoder-decoder's greedy targets for token-id sources against reference texts: the
+    val_bleu ``lmlab train`` reports (train/ sits below generate/ and eval/, so they are joined here)."""
+    from lmlab.eval.text_metrics import bleu
+    from lmlab.generate.sampling import SamplingParams
+    from lmlab.generate.seq2seq import generate_target_texts
+
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(sources)
+    hypotheses = [c.text for c in generate_target_texts(model, tokenizer, sources, params)]
+    return {"bleu": bleu(hypotheses, references)["bleu"]}
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.config import RECURRENT, RunConfig
+from lmlab.config import RECURRENT, SEQ2SEQ, RunConfig
 from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
@@ -26,6 +26,7 @@ from lmlab.models.registry import build_model
 from lmlab.progress import progress_bar
 from lmlab.train.distributed import all_sum, rank, world_size
 from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
+from lmlab.train.seq2seq import Scorer, Seq2SeqTask
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
 
@@ -169,10 +170,11 @@ def _load_data(cfg: RunConfig) -> tuple[TokenShards, TokenShards, Tokenizer, obj
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-             force: bool = False) -> RunResult:
-    """Train a language model as ``cfg`` describes; ``resume`` continues the run in train.out_dir,
-    ``force`` replaces a previous run there (see Trainer)."""
+             force: bool = False, scorer: Scorer | None = None) -> RunResult:
+    """Train a language model as ``cfg`` describes (an encoder-decoder on pairs: train/seq2seq.py, whose
+    val_bleu needs ``scorer``); ``resume`` continues the run in train.out_dir, ``force`` replaces a
+    previous run there (see Trainer)."""
     device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
-    task = LanguageModelTask(cfg, device)
+    task = Seq2SeqTask(cfg, device, scorer) if cfg.model.family in SEQ2SEQ else LanguageModelTask(cfg, device)
     cfg = dataclasses.replace(cfg, model=task.model.config)  # presets resolved, for config.yaml
     return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()
