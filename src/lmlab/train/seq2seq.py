@@ -85,7 +85,6 @@ class Seq2SeqTask(TaskBase):
         block = self.model.config.block_size
         self.max_source_len = self.sc.max_source_len or block
         self.max_target_len = self.sc.max_target_len or block
-        self.device = device
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train_data) // (self.tc.batch_size * self.tc.grad_accum))
