@@ -107,11 +107,14 @@ def cmd_data_prepare_pairs(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmlab.config import load_config
+    from lmlab.config import SEQ2SEQ, load_config
     from lmlab.train.lm import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force))
+    scorer = None
+    if cfg.model.family in SEQ2SEQ:  # greedy val BLEU: generation and metrics, which train/ sits below
+        from lmlab.eval.seq2seq import greedy_scores as scorer
+    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force, scorer=scorer))
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> None:

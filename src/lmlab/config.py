@@ -272,14 +272,28 @@ class MlmConfig:
 
 
 @dataclass
+class Seq2SeqConfig:
+    """Training an encoder-decoder (model.family seq2seq or rnn_seq2seq, train/seq2seq.py) on a prepared
+    pairs folder: length limits, length grouping, label smoothing, and greedy BLEU at each evaluation."""
+
+    label_smoothing: Fraction = only(*SEQ2SEQ, default=0.0)  # of the training loss (val_loss is without)
+    max_source_len: Count | None = only(*SEQ2SEQ)  # longer sources are cut; None = model.block_size
+    max_target_len: Count | None = only(*SEQ2SEQ)  # longer targets are cut (+ end-of-text); None = model.block_size
+    # a pool of this many batches is sorted by length and one of them taken (less padding); 0 or 1 = off
+    length_grouping: NonNegativeInt = only(*SEQ2SEQ, default=16)
+    val_bleu_examples: NonNegativeInt = only(*SEQ2SEQ, default=0)  # greedy-translate this many val pairs, report BLEU
+
+
+@dataclass
 class RunConfig:
     """Everything ``lmlab train`` needs: the model, the data and the training recipe (and, for an
-    encoder, its masking)."""
+    encoder, its masking; for an encoder-decoder, how it reads its pairs)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -583,10 +597,23 @@ def _train_rules(t: TrainConfig, p: str) -> None:
 
 def _run_rules(r: RunConfig, p: str) -> None:
     """What ``lmlab train`` can train: a language model (an encoder as a masked one, the mlm fields for it
-    alone), with a carried state only if it has one."""
+    alone; an encoder-decoder on pairs, the seq2seq fields for it alone), with a carried state only if it
+    has one."""
     for f in _foreign_fields(r.mlm, r.model.family):
         raise ConfigError(f"{p}mlm.{f.name} applies to masked-LM pretraining ({p}model.family encoder) only, "
                           f"not {r.model.family}")
+    for f in _foreign_fields(r.seq2seq, r.model.family):
+        raise ConfigError(f"{p}seq2seq.{f.name} applies to {p}model.family {', '.join(SEQ2SEQ)} only, "
+                          f"not {r.model.family}")
+    if r.model.family in SEQ2SEQ:
+        for name in ("max_source_len", "max_target_len"):
+            limit = getattr(r.seq2seq, name)
+            if limit is not None and limit > r.model.block_size:
+                raise ConfigError(f"{p}seq2seq.{name} {limit} is above {p}model.block_size {r.model.block_size} "
+                                  f"(the model's longest source and target)")
+        if r.train.batching != "random":
+            raise ConfigError(f"{p}train.batching {r.train.batching!r} does not apply to pairs; an encoder-decoder "
+                              f"draws random (length-grouped) batches")
     if r.train.carry_state and r.model.family not in RECURRENT:
         raise ConfigError(f"{p}train.carry_state needs a model that carries a state ({p}model.family "
                           f"{', '.join(RECURRENT)}), not {r.model.family}")

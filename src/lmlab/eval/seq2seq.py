@@ -23,9 +23,9 @@ from lmlab.data.pairs import PairShards, iter_pairs
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.report import write_metrics_report
-from lmlab.eval.text_metrics import METRICS, check_metrics, text_scores
+from lmlab.eval.text_metrics import METRICS, bleu, check_metrics, text_scores
 from lmlab.generate.sampling import SamplingParams
-from lmlab.generate.seq2seq import encode_sources, fit_source, seq2seq_completions
+from lmlab.generate.seq2seq import encode_sources, fit_source, generate_target_texts, seq2seq_completions
 from lmlab.generate.text import check_generation_options, one_line
 from lmlab.progress import progress_bar
 from lmlab.runs import atomic_write_text
@@ -113,3 +113,11 @@ def write_seq2seq_report(report: dict, hypotheses: list[str], out_dir: str | Pat
     order of the sources; a target's own line breaks written as spaces) into ``out_dir``."""
     write_metrics_report(report, out_dir, "Sequence-to-sequence evaluation")
     atomic_write_text(Path(out_dir) / "hypotheses.txt", "".join(one_line(h) + "\n" for h in hypotheses))
+
+
+def greedy_scores(model, tokenizer, sources: list[list[int]], references: list[str], max_new_tokens: int) -> dict:
+    """BLEU of an encoder-decoder's greedy targets for token-id sources against reference texts: the
+    val_bleu ``lmlab train`` reports (train/ sits below generate/ and eval/: the CLI hands this scorer to it)."""
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(sources)
+    hypotheses = [c.text for c in generate_target_texts(model, tokenizer, sources, params)]
+    return {"bleu": bleu(hypotheses, references)["bleu"]}

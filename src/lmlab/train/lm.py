@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.config import RECURRENT, ModelConfig, RunConfig
+from lmlab.config import RECURRENT, SEQ2SEQ, ModelConfig, RunConfig
 from lmlab.data.loader import TokenShards, eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
@@ -26,6 +27,9 @@ from lmlab.models.registry import build_model
 from lmlab.progress import progress_bar
 from lmlab.train.distributed import all_sum, rank, world_size
 from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
+
+if TYPE_CHECKING:
+    from lmlab.train.seq2seq import Scorer
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
 
@@ -174,12 +178,19 @@ def fit_model_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfi
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-             force: bool = False) -> RunResult:
-    """Train a language model as ``cfg`` describes (an encoder as a masked language model, train/mlm.py);
+             force: bool = False, scorer: "Scorer | None" = None) -> RunResult:
+    """Train a model on the data ``cfg`` describes: a language model, an encoder as a masked language model
+    (train/mlm.py), an encoder-decoder on pairs (train/seq2seq.py, whose val_bleu needs ``scorer``);
     ``resume`` continues the run in train.out_dir, ``force`` replaces a previous run there (see Trainer)."""
-    from lmlab.train.mlm import MaskedLMTask  # it builds on this module
+    from lmlab.train.mlm import MaskedLMTask  # these tasks build on this module
+    from lmlab.train.seq2seq import Seq2SeqTask
 
     device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
-    task = (MaskedLMTask if cfg.model.family == "encoder" else LanguageModelTask)(cfg, device)
+    if cfg.model.family in SEQ2SEQ:
+        task = Seq2SeqTask(cfg, device, scorer)
+    elif cfg.model.family == "encoder":
+        task = MaskedLMTask(cfg, device)
+    else:
+        task = LanguageModelTask(cfg, device)
     cfg = dataclasses.replace(cfg, model=task.model.config)  # presets resolved, for config.yaml
     return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()
