@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmlab.generate.text import read_prompt, write_generation
 
     prompt = read_prompt(args.prompt, args.prompt_file)
-    ckpt = load(args, language_model=True)
+    ckpt = load_for_decoding(args)
     write_generation(ckpt.model, ckpt.tokenizer, prompt, sampling_params(args), stream=not args.no_stream,
                      truncate=args.truncate_prompt, **given(args, "num_beams", "length_penalty", "num_samples"))
 
@@ -156,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import chat
 
-    ckpt = load(args, language_model=True)
+    ckpt = load_for_decoding(args)
     chat(ckpt.model, ckpt.tokenizer, sampling_params(args), system=args.system, messages=args.message)
 
 
@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = serve_config(given(args, *(f.name for f in dataclasses.fields(ServeConfig))), args.checkpoint)
     check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
-    ckpt = load(args, language_model=True)
+    ckpt = load_for_decoding(args)
     run_server(ckpt.model, ckpt.tokenizer, cfg, args.log_level)
 
 
@@ -223,6 +223,15 @@ def load(args: argparse.Namespace, language_model: bool = False):
 
     ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
     return require_language_model(ckpt) if language_model else ckpt
+
+
+def load_for_decoding(args: argparse.Namespace):
+    """``load``'s language model, converted for decoding in ``args.dtype`` (generate, chat, serve)."""
+    from lmlab.generate.precision import for_decoding_as
+
+    ckpt = load(args, language_model=True)
+    ckpt.model, _ = for_decoding_as(ckpt.model, args.dtype)
+    return ckpt
 
 
 def sampling_params(args: argparse.Namespace):
@@ -300,6 +309,13 @@ def _scalar_type(ftype) -> type:
     while typing.get_args(ftype):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype if ftype in (int, float) else str
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """--dtype, for the commands that decode (generate, chat, serve)."""
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "int8"], default="fp32",
+                   help="weights to decode with: bf16, or int8 (weight-only, bf16 activations; CPU), or auto: "
+                        "the fastest of the three measured on this machine's CPU (default: %(default)s)")
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
@@ -459,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=Default(engine, "num_samples"),
                    help="how many samples to draw, as one batch, sample i seeded with seed + i (default: %(default)s)")
     g.add_argument("--no-stream", action="store_true", help="print each sample when complete")
+    add_dtype_flag(g)
     add_device_flag(g)
     g.set_defaults(func=cmd_generate)
 
@@ -470,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--message", action="append", default=None, metavar="TEXT",
                     help="send this message and print the answer instead of starting the interactive chat (repeatable)")
     add_sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_p=0.9)
+    add_dtype_flag(ch)
     add_device_flag(ch)
     ch.set_defaults(func=cmd_chat)
 
@@ -478,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sv, ServeConfig)
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default: %(default)s)")
+    add_dtype_flag(sv)
     add_device_flag(sv)
     sv.set_defaults(func=cmd_serve)
 
