@@ -42,8 +42,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)  # (N, out)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        if self.bias is not None:
+            y.add_(self.bias)  # in place: y is new
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class PackedBf16Linear(nn.Module):
