@@ -164,7 +164,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 * H_kv, T, d)
+        qkv = self.qkv(x)  # (B, T, (H + 2 * H_kv) * d) -> (B, H + 2 * H_kv, T, d): one token needs no transpose
+        qkv = qkv.view(B, -1, 1, self.head_dim) if T == 1 else qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H, T, d), (B, H_kv, T, d) x2
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -173,7 +174,7 @@ class Attention(nn.Module):
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, H_kv, past + T, d)
         y = self._attend(q, k, v, past, key_mask)  # (B, H, T, d)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.reshape(B, T, C) if T == 1 else y.transpose(1, 2).reshape(B, T, C)  # one token: a view again
         return self.proj(y)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
