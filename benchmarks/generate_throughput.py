@@ -249,13 +249,15 @@ def main() -> None:
         diff = (model(ids)[0] - hf(ids).logits).abs().max().item()
     auto = auto_choice(model)
     models = {d: model if d == "fp32" else for_decoding(copy.deepcopy(model), d) for d in args.dtypes}
+    if "bf16" in args.dtypes:  # what issue 16 measured first: the model merely cast, linears unpacked
+        models["bf16-cast"] = copy.deepcopy(model).to(torch.bfloat16)
     folder = tempfile.TemporaryDirectory()
     gguf = "llama.cpp rows skipped (--no-llama-cpp)" if args.no_llama_cpp else export_for_llama_cpp(model, Path(folder.name))
 
     rows, summary, crashes = [], {}, {}
     for batch in args.batch_sizes:
         prompts = prompts_for(batch, args.prompt_len)
-        impls = [f"lmlab {d}" for d in models] + ["hf"]
+        impls = [f"lmlab {d}" for d in models if d != "bf16-cast" or batch <= 8] + ["hf"]
         if batch == 1 and isinstance(gguf, dict):
             impls += [f"llama.cpp {d}" for d in gguf]
         reference = run_lmlab(models["fp32"], prompts, n)[0] if "fp32" in models else None
@@ -317,7 +319,8 @@ def main() -> None:
              f"transformers GPT2LMHeadModel holds a copy of the same weights (identical {n}-token sequence at batch 1, "
              f"asserted before timing), llama.cpp the same weights in GGUF files written by lmlab's exporter (lmlab "
              f"convert), q8_0 loaded without AMX repacking. lmlab dtypes: fp32; bf16 = bf16 model with oneDNN-packed "
-             f"bf16 linears; int8 = weight-only int8 linears (per-channel scales) with bf16 activations. Batch 1: a "
+             f"bf16 linears; bf16-cast = model.to(bfloat16) alone (batch 1 and 8); int8 = weight-only int8 linears "
+             f"(per-channel scales) with bf16 activations. Batch 1: a "
              f"{args.prompt_len}-token prompt; batch B > 1: prompts of {args.prompt_len // 2} to "
              f"{args.prompt_len // 2 + args.prompt_len} tokens, padded on the left with an attention mask. "
              f"{args.rounds} rounds after {args.warmup} warmup run(s), order alternating; tokens/s = B x {n} / wall "

@@ -23,7 +23,7 @@ from lmlab.runtime import cpu_bf16_units
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", *DECODE_DTYPES)
-PROBE_PROMPT, PROBE_STEPS, PROBE_ROUNDS = 8, 8, 3
+PROBE_PROMPT, PROBE_STEPS, PROBE_ROUNDS = 8, 8, 5
 
 
 def for_decoding_as(model: nn.Module, dtype: str) -> tuple[nn.Module, str]:
@@ -35,7 +35,8 @@ def for_decoding_as(model: nn.Module, dtype: str) -> tuple[nn.Module, str]:
 
 
 def choose_dtype(model: nn.Module) -> str:
-    """What ``auto`` means for ``model`` where it is: the fastest measured dtype on a CPU with bf16 units."""
+    """What ``auto`` means for ``model`` where it is: on a CPU with bf16 units, the dtype whose decoding step
+    was fastest in PROBE_ROUNDS rounds that time each in turn (copies of the model in each are held meanwhile)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -45,8 +46,12 @@ def choose_dtype(model: nn.Module) -> str:
     if not units:
         log.info("dtype auto: fp32 (%s)", "CPU has no bf16 matrix units" if device.type == "cpu" else device.type)
         return "fp32"
-    times = {dtype: step_seconds(model if dtype == "fp32" else for_decoding(copy.deepcopy(model), dtype))
-             for dtype in DECODE_DTYPES}
+    candidates = {dtype: model if dtype == "fp32" else for_decoding(copy.deepcopy(model), dtype)
+                  for dtype in DECODE_DTYPES}
+    times = dict.fromkeys(candidates, float("inf"))
+    for _ in range(PROBE_ROUNDS):  # round-robin, so that a burst of load from elsewhere falls on all alike
+        for dtype, candidate in candidates.items():
+            times[dtype] = min(times[dtype], step_seconds(candidate))
     choice = min(times, key=times.get)
     log.info("dtype auto: %s (CPU has %s; one-token decoding step %s)", choice, units,
              ", ".join(f"{d} {1000 * s:.2f} ms" for d, s in times.items()))
@@ -54,11 +59,11 @@ def choose_dtype(model: nn.Module) -> str:
 
 
 def step_seconds(model: nn.Module) -> float:
-    """Seconds per one-token greedy decoding step of ``model`` at batch 1 (best of PROBE_ROUNDS runs of
-    PROBE_STEPS steps after a prefill of PROBE_PROMPT tokens, through the generation engine)."""
+    """Seconds per one-token greedy decoding step of ``model`` at batch 1: PROBE_STEPS steps after a prefill
+    of PROBE_PROMPT tokens, through the generation engine, the better of two runs (the first warms up)."""
     params = SamplingParams(max_new_tokens=PROBE_STEPS + 1, temperature=0)
     best = float("inf")
-    for _ in range(PROBE_ROUNDS):
+    for _ in range(2):
         generation = BatchGeneration(model, [[0] * PROBE_PROMPT], [params])
         generation.step()  # the prefill, not timed
         start = time.perf_counter()
