@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", *DECODE_DTYPES)
 PROBE_PROMPT, PROBE_STEPS, PROBE_ROUNDS = 8, 8, 5
+AUTO_MIN_GAIN = 1.1  # bf16 must be this much faster than fp32, int8 than the faster of those, to be chosen
 
 
 def for_decoding_as(model: nn.Module, dtype: str) -> tuple[nn.Module, str]:
@@ -36,7 +37,8 @@ def for_decoding_as(model: nn.Module, dtype: str) -> tuple[nn.Module, str]:
 
 def choose_dtype(model: nn.Module) -> str:
     """What ``auto`` means for ``model`` where it is: on a CPU with bf16 units, the dtype whose decoding step
-    was fastest in PROBE_ROUNDS rounds that time each in turn (copies of the model in each are held meanwhile)."""
+    was fastest in PROBE_ROUNDS rounds that time each in turn (copies of the model in each are held meanwhile),
+    where one that rounds the weights more must be AUTO_MIN_GAIN times faster to win (a tie keeps precision)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -52,7 +54,10 @@ def choose_dtype(model: nn.Module) -> str:
     for _ in range(PROBE_ROUNDS):  # round-robin, so that a burst of load from elsewhere falls on all alike
         for dtype, candidate in candidates.items():
             times[dtype] = min(times[dtype], step_seconds(candidate))
-    choice = min(times, key=times.get)
+    choice = "fp32"  # a dtype that rounds more must be clearly faster than the best that rounds less
+    for dtype in DECODE_DTYPES[1:]:
+        if times[dtype] * AUTO_MIN_GAIN <= times[choice]:
+            choice = dtype
     log.info("dtype auto: %s (CPU has %s; one-token decoding step %s)", choice, units,
              ", ".join(f"{d} {1000 * s:.2f} ms" for d, s in times.items()))
     return choice
