@@ -64,6 +64,19 @@ def test_generate_and_eval_from_the_cli(cli_run, capsys):
     assert json.loads((cli_run / "eval" / "results.json").read_text())["tokens"] == report["tokens"]
 
 
+def test_generate_with_lower_precision_weights(cli_run, capsys, caplog):
+    greedy = ["generate", cli_run / "run", "--prompt", "the quick", "--max-new-tokens", "8", "--greedy", "--no-stream"]
+    for dtype in ("bf16", "int8"):
+        code, out, _ = run([*greedy, "--dtype", dtype], capsys)
+        assert code == 0 and out.startswith("the quick") and len(out) > len("the quick")
+    with caplog.at_level(logging.INFO, logger="lmlab"):
+        code, out, _ = run([*greedy, "--dtype", "auto"], capsys)
+    assert code == 0 and "dtype auto: " in caplog.text  # the choice and its reason are logged
+    with pytest.raises(SystemExit):
+        run([*greedy, "--dtype", "int4"], capsys)
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_one_line_errors(cli_run, tmp_path, capsys):
     binary = tmp_path / "x.txt"
     binary.write_bytes(b"abc\x00\x01\x02")

@@ -149,9 +149,9 @@ def print_result(result) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmlab.generate.text import check_input_flags, read_prompt, read_sources, write_generation, write_targets
-    from lmlab.models.heads import is_encoder_decoder, require_generator
+    from lmlab.models.heads import is_encoder_decoder
 
-    ckpt = require_generator(load(args))
+    ckpt = load_for_decoding(args, encoder_decoder=True)
     seq2seq = is_encoder_decoder(ckpt.model)
     inputs = {"--prompt": args.prompt, "--prompt-file": args.prompt_file, "--truncate-prompt": args.truncate_prompt,
               "--source": args.source, "--source-file": args.source_file, "--truncate-source": args.truncate_source}
@@ -169,18 +169,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import chat
 
-    ckpt = load(args, language_model=True)
+    ckpt = load_for_decoding(args)
     chat(ckpt.model, ckpt.tokenizer, sampling_params(args), system=args.system, messages=args.message)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from lmlab.config import ServeConfig
-    from lmlab.models.heads import require_generator
     from lmlab.serve.app import check_can_listen, run_server, serve_config
 
     cfg = serve_config(given(args, *(f.name for f in dataclasses.fields(ServeConfig))), args.checkpoint)
     check_can_listen(cfg.host, cfg.port)  # before the model loads: fail fast
-    ckpt = require_generator(load(args))
+    ckpt = load_for_decoding(args, encoder_decoder=True)
     run_server(ckpt.model, ckpt.tokenizer, cfg, args.log_level)
 
 
@@ -258,6 +257,21 @@ def load(args: argparse.Namespace, language_model: bool = False, masked: bool = 
     return require_language_model(ckpt, masked) if language_model else ckpt
 
 
+def load_for_decoding(args: argparse.Namespace, encoder_decoder: bool = False):
+    """``load``'s language model (or, with ``encoder_decoder``, an encoder-decoder too: generate, serve),
+    converted for decoding in ``args.dtype``; encoder-decoders decode in fp32 only."""
+    from lmlab.generate.precision import for_decoding_as
+    from lmlab.models.heads import is_encoder_decoder, require_generator
+
+    ckpt = require_generator(load(args)) if encoder_decoder else load(args, language_model=True)
+    if is_encoder_decoder(ckpt.model):
+        if args.dtype not in ("auto", "fp32"):
+            raise ConfigError(f"--dtype {args.dtype} is for decoder-only models; an encoder-decoder decodes in fp32")
+        return ckpt
+    ckpt.model, _ = for_decoding_as(ckpt.model, args.dtype)
+    return ckpt
+
+
 def sampling_params(args: argparse.Namespace):
     """The validated SamplingParams that the sampling flags (see add_sampling_flags) ask for."""
     from lmlab.generate.sampling import SamplingParams
@@ -333,6 +347,13 @@ def _scalar_type(ftype) -> type:
     while typing.get_args(ftype):
         ftype = next(a for a in typing.get_args(ftype) if a is not type(None))
     return ftype if ftype in (int, float) else str
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """--dtype, for the commands that decode (generate, chat, serve)."""
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "int8"], default="fp32",
+                   help="weights to decode with: bf16, or int8 (weight-only, bf16 activations; CPU), or auto: "
+                        "the fastest of the three measured on this machine's CPU (default: %(default)s)")
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
@@ -498,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=Default(engine, "num_samples"),
                    help="how many samples to draw, as one batch, sample i seeded with seed + i (default: %(default)s)")
     g.add_argument("--no-stream", action="store_true", help="print each sample when complete")
+    add_dtype_flag(g)
     add_device_flag(g)
     g.set_defaults(func=cmd_generate)
 
@@ -509,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--message", action="append", default=None, metavar="TEXT",
                     help="send this message and print the answer instead of starting the interactive chat (repeatable)")
     add_sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_p=0.9)
+    add_dtype_flag(ch)
     add_device_flag(ch)
     ch.set_defaults(func=cmd_chat)
 
@@ -517,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sv, ServeConfig)
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default: %(default)s)")
+    add_dtype_flag(sv)
     add_device_flag(sv)
     sv.set_defaults(func=cmd_serve)
 

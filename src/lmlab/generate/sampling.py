@@ -172,9 +172,12 @@ class Sampler:
     def _build(self) -> None:
         """The processors some row uses, each with its value per row (B, 1); which rows are greedy."""
         self.steps: list[tuple[str, Callable, torch.Tensor]] = []
+        # greedy rows take the argmax, which temperature and the filters (they always keep the top token)
+        # never change: when every row is greedy only the penalties run (a decoding step's sampling is one argmax)
+        all_greedy = all(p.temperature == 0 for p in self.params)
         for name, fn, neutral in PROCESSORS:
             values = [neutral if getattr(p, name) is None else float(getattr(p, name)) for p in self.params]
-            if all(v == neutral for v in values):
+            if all(v == neutral for v in values) or (all_greedy and name not in PENALTIES):
                 continue
             if name == "top_k":
                 values = [min(v, self.vocab_size) for v in values]

@@ -110,7 +110,7 @@ class GPT(nn.Module):
         ``attention_mask`` marks real tokens when rows are padded (see ``features``).
         """
         x = self.features(idx, attention_mask, cache)  # (B, T, C)
-        if only_last:
+        if only_last and x.size(1) > 1:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
@@ -144,7 +144,8 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # each (T, d/2)
         else:
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # each (B, 1, T, d/2)
-        x = self.drop(x)
+        if self.training and self.drop.p:  # skipped otherwise: a module call per decoding step for nothing
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, key_mask)
         if cache is not None:

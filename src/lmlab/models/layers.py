@@ -91,13 +91,20 @@ class KVCache:
         # uninitialised: a position is always written before it is read (reads stop at pos)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self._split_layers()
         self.max_len = max_len
         self.pos = 0
+
+    def _split_layers(self) -> None:
+        """Each layer's (B, n_kv, max_len, d) views of k and v, made once per new k and v rather than
+        indexed out at every layer of every decoding step."""
+        # one select per layer, not unbind: its views may not be written in place when grad mode is on
+        self.layer_k, self.layer_v = [self.k[i] for i in range(len(self.k))], [self.v[i] for i in range(len(self.v))]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, d) at the current position; return all keys/values so far."""
         T, end = k.size(2), self.pos + k.size(2)
-        keys, values = self.k[layer], self.v[layer]  # (B, n_kv, max_len, d) views
+        keys, values = self.layer_k[layer], self.layer_v[layer]  # (B, n_kv, max_len, d) views
         keys.narrow(2, self.pos, T).copy_(k)  # narrow + copy_: fewer ops per decoding step than slice assignment
         values.narrow(2, self.pos, T).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
@@ -105,6 +112,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep the sequences at these batch indices, in this order (repeats allowed: beam search)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._split_layers()
 
     def compact(self, rows: torch.Tensor, start: int, max_len: int) -> None:
         """Keep the sequences at these batch indices and drop the first ``start`` positions (padding that
@@ -115,6 +123,7 @@ class KVCache:
             new = old.new_empty(old.size(0), len(rows), old.size(2), max_len, old.size(4))  # (L, b, n_kv, max_len, d)
             new.narrow(3, 0, kept).copy_(old[:, rows, :, start:self.pos])
             setattr(self, name, new)
+        self._split_layers()
         self.max_len, self.pos = max_len, kept
 
     def join(self, other: "KVCache", max_len: int) -> "KVCache":
@@ -155,7 +164,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 * H_kv, T, d)
+        qkv = self.qkv(x)  # (B, T, (H + 2 * H_kv) * d) -> (B, H + 2 * H_kv, T, d): one token needs no transpose
+        qkv = qkv.view(B, -1, 1, self.head_dim) if T == 1 else qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H, T, d), (B, H_kv, T, d) x2
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -164,7 +174,7 @@ class Attention(nn.Module):
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, H_kv, past + T, d)
         y = self._attend(q, k, v, past, key_mask)  # (B, H, T, d)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.reshape(B, T, C) if T == 1 else y.transpose(1, 2).reshape(B, T, C)  # one token: a view again
         return self.proj(y)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
