@@ -495,7 +495,7 @@ def writer_cases():
                 yield pytest.param(verb, place, force, id=f"{verb}-{place}{'-force' if force else ''}")
 
 
-@pytest.mark.parametrize("verb,place,force", writer_cases())
+@pytest.mark.parametrize("verb,place,force", list(writer_cases()))
 def test_writing_verbs_refuse_to_overwrite(ws, capsys, verb, place, force):
     """New or empty places are written; anything else is refused, and --force replaces only an earlier
     output of the verb's own kind that is not one of its inputs."""
