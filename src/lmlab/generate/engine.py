@@ -105,10 +105,15 @@ class BatchGeneration:
         fit_prompt(prompt_ids, self.context, params.max_new_tokens)
         if self.started and not self.use_cache:
             raise ValueError("the recompute reference (use_cache=False) takes no rows once started")
+        return self._queue(prompt_ids, params, new_token_limit(self.context, len(prompt_ids), params.max_new_tokens))
+
+    def _queue(self, ids: list[int], params: SamplingParams, limit: int) -> int:
+        """Register a new row of input ``ids`` (a prompt, or a source) that may generate ``limit`` tokens;
+        it waits to join the batch at the next step. Returns its row number."""
         row, self.next_row = self.next_row, self.next_row + 1
-        self.prompts[row] = list(prompt_ids)
+        self.prompts[row] = list(ids)
         self.params[row] = params
-        self.limits[row] = new_token_limit(self.context, len(prompt_ids), params.max_new_tokens)
+        self.limits[row] = limit
         self.counts[row] = 0
         self.finish_reason[row] = None
         self.waiting.append(row)

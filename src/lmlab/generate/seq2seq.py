@@ -89,14 +89,7 @@ class Seq2SeqGeneration(BatchGeneration):
         check_source(source_ids, self.context)
         if self.end_id is not None and self.end_id not in params.stop_tokens:
             params = dataclasses.replace(params, stop_tokens=[*params.stop_tokens, self.end_id])
-        row, self.next_row = self.next_row, self.next_row + 1
-        self.prompts[row] = list(source_ids)
-        self.params[row] = params
-        self.limits[row] = new_token_limit(self.context, 0, params.max_new_tokens)  # target positions
-        self.counts[row] = 0
-        self.finish_reason[row] = None
-        self.waiting.append(row)
-        return row
+        return self._queue(source_ids, params, new_token_limit(self.context, 0, params.max_new_tokens))  # target positions
 
     @property
     def width(self) -> int:
