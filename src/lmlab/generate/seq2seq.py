@@ -89,7 +89,8 @@ class Seq2SeqGeneration(BatchGeneration):
         check_source(source_ids, self.context)
         if self.end_id is not None and self.end_id not in params.stop_tokens:
             params = dataclasses.replace(params, stop_tokens=[*params.stop_tokens, self.end_id])
-        return self._queue(source_ids, params, new_token_limit(self.context, 0, params.max_new_tokens))  # target positions
+        limit = new_token_limit(self.context, 0, params.max_new_tokens)  # the target's positions alone
+        return self._queue(source_ids, params, limit)
 
     @property
     def width(self) -> int:
