@@ -25,7 +25,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.eval.report import write_metrics_report
 from lmlab.eval.text_metrics import METRICS, bleu, check_metrics, text_scores
 from lmlab.generate.sampling import SamplingParams
-from lmlab.generate.seq2seq import encode_sources, fit_source, generate_target_texts, seq2seq_completions
+from lmlab.generate.seq2seq import encode_sources, fit_source, seq2seq_completions
 from lmlab.generate.text import check_generation_options, one_line
 from lmlab.progress import progress_bar
 from lmlab.runs import atomic_write_text
@@ -119,5 +119,5 @@ def greedy_scores(model, tokenizer, sources: list[list[int]], references: list[s
     """BLEU of an encoder-decoder's greedy targets for token-id sources against reference texts: the
     val_bleu ``lmlab train`` reports (train/ sits below generate/ and eval/: the CLI hands this scorer to it)."""
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)] * len(sources)
-    hypotheses = [c.text for c in generate_target_texts(model, tokenizer, sources, params)]
+    hypotheses = [c.text for c in seq2seq_completions(model, tokenizer, sources, params)]  # as evaluate_seq2seq
     return {"bleu": bleu(hypotheses, references)["bleu"]}
