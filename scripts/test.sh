@@ -2,7 +2,7 @@
 # Set everything up, then run the test suite. pytest's exit code 5 (no tests collected) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LMLAB_EXTRAS=test,pretrained bash scripts/setup.sh || exit 1
+LMLAB_EXTRAS=test,pretrained,data,privacy,lm-eval,embeddings bash scripts/setup.sh || exit 1
 # the web page test drives headless Chromium: install it from Debian's packages if it is missing
 if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null \
     && [ "$(id -u)" = 0 ]; then
