@@ -30,9 +30,8 @@ import lmlab
 from lmlab.config import ServeConfig, from_dict
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
-from lmlab.models.heads import is_encoder_decoder
 from lmlab.serve.errors import add_error_handlers, error_response
-from lmlab.serve.routes import ServeState, router
+from lmlab.serve.routes import ServeState, context_prompt_limit, router
 from lmlab.serve.schemas import ChatCompletionChunk, ErrorResponse, TextCompletionChunk
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     generation worker starts now and stops when the app shuts down."""
     app = FastAPI(title="lmlab", version=lmlab.__version__, lifespan=_lifespan,
                   description="OpenAI-compatible completions and chat completions from an lmlab checkpoint.")
-    warn_if_beyond_context(cfg, model.context_length, room=0 if is_encoder_decoder(model) else 1)
+    warn_if_beyond_context(cfg, context_prompt_limit(model))
     app.state.serve = ServeState.start(model, tokenizer, cfg)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     add_error_handlers(app)
@@ -57,12 +56,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, cfg: ServeConfig) -> Fast
     return app
 
 
-def warn_if_beyond_context(cfg: ServeConfig, context: int | None, room: int = 1) -> None:
-    """Say so when --max-prompt-tokens asks for more than the model's context allows, ``room`` positions
-    kept for the output (it is capped; an encoder-decoder's source may fill its context: room 0)."""
-    if context is not None and cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens > context - room:
-        log.warning(f"--max-prompt-tokens {cfg.max_prompt_tokens} is beyond the model's context of {context} tokens: "
-                    f"prompts are limited to {context - room} tokens")
+def warn_if_beyond_context(cfg: ServeConfig, limit: int | None) -> None:
+    """Say so when --max-prompt-tokens asks for more than the model's context allows (``limit``:
+    serve.routes.context_prompt_limit; prompts are capped to it)."""
+    if limit is not None and cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens > limit:
+        log.warning(f"--max-prompt-tokens {cfg.max_prompt_tokens} is beyond what the model's context allows: "
+                    f"prompts are limited to {limit} tokens")
 
 
 @contextlib.asynccontextmanager

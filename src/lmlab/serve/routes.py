@@ -82,10 +82,17 @@ class ServeState:
     def max_prompt_tokens(self) -> int | None:
         """The longest prompt accepted: ``cfg.max_prompt_tokens``, and the context less room for one token
         (an encoder-decoder's source may fill its context: the target has positions of its own)."""
-        context = self.model.context_length
-        room = 0 if self.encoder_decoder else 1
-        limits = [x for x in (self.cfg.max_prompt_tokens, context and context - room) if x is not None]
+        limits = [x for x in (self.cfg.max_prompt_tokens, context_prompt_limit(self.model)) if x is not None]
         return min(limits) if limits else None
+
+
+def context_prompt_limit(model) -> int | None:
+    """The longest prompt the model's context takes: the context less one position for the first new token;
+    an encoder-decoder's source may fill its context (the target has positions of its own); None: unbounded."""
+    context = model.context_length
+    if context is None:
+        return None
+    return context if is_encoder_decoder(model) else context - 1
 
 
 async def served(request: Request) -> ServeState:
