@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Callable, Iterable, Iterator
 
 import yaml
@@ -77,7 +78,7 @@ class FilterConfig:
     def preset(cls, name: str) -> "FilterConfig":
         """A named preset: "default" = Gopher's web-text quality and repetition rules (Rae et al. 2021)."""
         if name != "default":
-            raise ConfigError(f"unknown filters preset {name!r}; the preset is 'default' (or give a YAML file)")
+            raise ConfigError(f"--filters {name!r} is neither the preset 'default' nor a YAML file")
         return cls(min_words=50, max_words=100_000, max_symbol_ratio=0.1, min_alpha_words=0.8,
                    min_mean_word_length=3, max_mean_word_length=10, max_bullet_lines=0.9,
                    max_ellipsis_lines=0.3, repetition=True)
@@ -97,6 +98,8 @@ def load_filter_config(source: str | None = None, overrides: dict | None = None,
     if source == "default":
         data = dataclasses.asdict(FilterConfig.preset("default"))
     elif source is not None:
+        if not Path(source).is_file() and not source.endswith((".yaml", ".yml")):
+            raise ConfigError(f"--filters {source!r} is neither the preset 'default' nor a YAML file")
         data = read_yaml_mapping(source)
         if set(data) == {"data"} and isinstance(data["data"], dict):
             data = data["data"].get("filters") or {}
