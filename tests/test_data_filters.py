@@ -236,3 +236,8 @@ def test_cli_bad_filter_input_is_one_line_error(tmp_path, capsys, extra, fragmen
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and fragment in errors[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_built_in_code_is_checked_when_used():
+    with pytest.raises(ConfigError, match="data.filters.jaccard"):
+        FilterPipeline(FilterConfig(jaccard=2.0))

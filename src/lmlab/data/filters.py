@@ -245,6 +245,7 @@ class FilterPipeline:
         from lmlab.data.decontaminate import Decontaminator
         from lmlab.data.dedup import NearDuplicates
 
+        cfg = load_filter_config(None, dataclasses.asdict(cfg))  # a config built in code is checked too
         self.cfg = cfg
         self.stages = filter_functions(cfg)
         if cfg.lang:

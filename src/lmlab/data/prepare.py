@@ -139,7 +139,7 @@ def prepare(
 
     def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
         docs = iter_documents(paths, field=field, split_lines=split_lines)
-        if pipeline is not None and paths is inputs:
+        if pipeline is not None and paths is inputs:  # the training inputs (sources["train"]), not --val/--test
             docs = pipeline(docs)
         return _unique(docs, dedupe, counts)
 
