@@ -71,6 +71,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from lmlab.data.filter_report import write_filter_report
+    from lmlab.data.filters import FilterPipeline, filter_table
     from lmlab.data.prepare import check_prepare_output, prepare
     from lmlab.data.tokenizer import tokenizer_for
 
@@ -79,21 +81,50 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     if given(args, *PAIR_FLAGS):
         raise ConfigError(f"--{', --'.join(given(args, *PAIR_FLAGS)).replace('_', '-')}: only with --pairs")
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
-    tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS))
+    filters = filter_config(args)
+    keep = {"keep": FilterPipeline(filters)} if filters is not None and args.tokenizer is None else {}
+    tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS), **keep)
     meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
+                   filters=filters,
                    **given(args, "val_fraction", "split", "dedupe", "field", "split_lines", "shard_tokens"))
     sizes = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
     print(f"wrote {args.output}: {meta['documents']} documents, {sizes}, {meta['duplicates_removed']} duplicates removed")
+    if "filters" in meta:
+        print(filter_table(meta["filters"]))
+    if args.report is not None:
+        print(f"wrote {write_filter_report(args.report, meta['filters'])}/report.md")
+
+
+FILTER_FLAGS = ("min_words", "max_words", "min_chars", "max_chars", "lang", "lang_threshold", "near_dedupe", "jaccard",
+                "num_perm", "shingle", "exclude", "exclude_ngram")
+
+
+def filter_config(args: argparse.Namespace):
+    """The FilterConfig of --filters, --filter and the filter flags (None when none is given); checks --report."""
+    from lmlab.data.filters import load_filter_config
+    from lmlab.runs import check_output
+
+    flags = given(args, *FILTER_FLAGS)
+    if args.filters is None and not flags and not args.filter:
+        if args.report is not None:
+            raise ConfigError("--report: no filter is on (give --filters, --filter or a filter flag)")
+        return None
+    cfg = load_filter_config(args.filters, flags, args.filter)
+    if args.report is not None:
+        check_output(args.report, "report", [*args.inputs, args.output], force=args.force)
+    return cfg
 
 
 PAIR_FLAGS = ("source_field", "target_field")
-NOT_FOR_PAIRS = ("split", "dedupe", "split_lines", "shard_tokens", "field")
+NOT_FOR_PAIRS = ("split", "dedupe", "split_lines", "shard_tokens", "field", *FILTER_FLAGS)
 
 
 def cmd_data_prepare_pairs(args: argparse.Namespace) -> None:
     from lmlab.data.pairs import pairs_tokenizer, prepare_pairs
     from lmlab.data.prepare import check_prepare_output
 
+    if args.filters or args.filter or args.report:
+        raise ConfigError("--filters, --filter, --report: not used with --pairs")
     if given(args, *NOT_FOR_PAIRS):
         raise ConfigError(f"--{', --'.join(given(args, *NOT_FOR_PAIRS)).replace('_', '-')}: not used with --pairs")
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
@@ -392,6 +423,37 @@ def add_tokenizer_flags(p: argparse.ArgumentParser, target: str) -> None:
                    help="train the tokenizer on at most this many bytes of text (default: %(default)s = all)")
 
 
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    """The document filters of ``lmlab data prepare`` (data/filters.py's FilterConfig; all off unless given)."""
+    cfg = "lmlab.data.filters:FilterConfig"
+    f = p.add_argument_group("document filters (train inputs only; all off unless given)")
+    f.add_argument("--filters", metavar="default|FILE.yaml",
+                   help="a filters block: 'default' = Gopher's web-text rules, or a YAML file of data.filters fields")
+    f.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set one data.filters field, e.g. max_symbol_ratio=0.1 or repetition=true (repeatable)")
+    for name, kind, text in (("min_words", int, "fewer words"), ("max_words", int, "more words"),
+                             ("min_chars", int, "fewer characters"), ("max_chars", int, "more characters")):
+        f.add_argument(f"--{name.replace('_', '-')}", type=kind, default=Default(cfg, name), metavar="N",
+                       help=f"drop documents with {text}")
+    f.add_argument("--lang", nargs="+", default=Default(cfg, "lang"), metavar="CODE",
+                   help="keep documents py3langid puts in these languages (en, de, ...)")
+    f.add_argument("--lang-threshold", type=float, default=Default(cfg, "lang_threshold"), metavar="P",
+                   help="... with at least this probability (default: %(default)s)")
+    f.add_argument("--near-dedupe", action="store_true", default=Default(cfg, "near_dedupe"),
+                   help="drop near-duplicates (MinHash LSH; the first of each cluster stays)")
+    f.add_argument("--jaccard", type=float, default=Default(cfg, "jaccard"),
+                   help="near-duplicate threshold (default: %(default)s)")
+    f.add_argument("--num-perm", type=int, default=Default(cfg, "num_perm"),
+                   help="MinHash permutations (default: %(default)s)")
+    f.add_argument("--shingle", type=int, default=Default(cfg, "shingle"),
+                   help="words per shingle (default: %(default)s)")
+    f.add_argument("--exclude", nargs="+", default=Default(cfg, "exclude"), metavar="FILE",
+                   help="evaluation files (text, JSONL, ARC JSONL, CSV/TSV): drop training documents sharing an n-gram")
+    f.add_argument("--exclude-ngram", type=int, default=Default(cfg, "exclude_ngram"), metavar="N",
+                   help="tokens (lowercased words) in a shared n-gram (default: %(default)s)")
+    f.add_argument("--report", metavar="DIR", help="write the filters' report.md, report.json and lengths.png here")
+
+
 def config_command(sub, name: str, cls: type, func, recipe: str, **parser_args) -> argparse.ArgumentParser:
     """A command that runs the training loop from a YAML config with KEY=VALUE overrides; its --help
     lists every config key with its default, type and choices."""
@@ -474,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--pairs: column/key of the source text in a table (default: %(default)s)")
     dp.add_argument("--target-field", default=Default(pairs, "target_field"),
                     help="--pairs: column/key of the target text in a table (default: %(default)s)")
-    add_force_flag(dp, "OUTPUT", "prepared data folder")
+    add_filter_flags(dp)
+    add_force_flag(dp, "OUTPUT", "prepared data folder (and --report)")
     dp.set_defaults(func=cmd_data_prepare)
 
     config_command(sub, "train", RunConfig, cmd_train, "configs/shakespeare_char.yaml",

@@ -125,8 +125,9 @@ def output_kind(path: str | os.PathLike) -> str | None:
     A folder is recognised by its marker files, the most specific first: a run (config.yaml with
     checkpoints/ or metrics.jsonl), a checkpoint (manifest.json of format lmlab-checkpoint), a Hugging
     Face folder (config.json with model.safetensors or pytorch_model.bin), prepared data (meta.json of
-    format lmlab-tokens, or lmlab-pairs for parallel text), a demo folder (data/ and run/ only), an
-    evaluation report (results.json and results.md). A file is a GGUF file (llama.cpp) when it starts with
+    format lmlab-tokens, or lmlab-pairs for parallel text), a demo folder (data/ and run/ only), a
+    report (an evaluation's results.json and results.md, or data prepare's filter report.json and
+    report.md). A file is a GGUF file (llama.cpp) when it starts with
     "GGUF", a tokenizer when it is a tokenizers JSON (a "model" key). A place that cannot be read is None.
     """
     try:
@@ -154,8 +155,8 @@ def _output_kind(path: Path) -> str | None:
         return "data"
     if names and names <= {"data", "run"} and all(output_kind(path / n) == n for n in names):
         return "demo"
-    if (path / "results.md").is_file() and _json_object(path / "results.json"):
-        return "report"
+    if any((path / f"{n}.md").is_file() and _json_object(path / f"{n}.json") for n in ("results", "report")):
+        return "report"  # an evaluation's results.*, data prepare's filter report.*
     return None
 
 

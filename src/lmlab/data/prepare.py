@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lmlab.runs import atomic_dir, check_output
+from lmlab.data.filters import FilterConfig, FilterPipeline
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
@@ -109,8 +110,12 @@ def prepare(
     val_inputs: list[str] | None = None,
     test_inputs: list[str] | None = None,
     force: bool = False,
+    filters: FilterConfig | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
+
+    ``filters`` (data/filters.py) drop documents of ``inputs`` (never of val_inputs or test_inputs)
+    before exact dedupe and tokenization; what each removed goes to meta.json's "filters".
 
     With ``val_inputs`` all ``inputs`` go to train and ``val_inputs`` to val (split "files";
     val_fraction and split are then unused); ``test_inputs`` add a "test" split.
@@ -130,11 +135,18 @@ def prepare(
         if paths is not None:
             expand_inputs(paths)  # fail on a missing input before creating anything
 
+    pipeline = FilterPipeline(filters) if filters is not None and filters.any() else None
+
     def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
-        return _unique(iter_documents(paths, field=field, split_lines=split_lines), dedupe, counts)
+        docs = iter_documents(paths, field=field, split_lines=split_lines)
+        if pipeline is not None and paths is inputs:  # the training inputs (sources["train"]), not --val/--test
+            docs = pipeline(docs)
+        return _unique(docs, dedupe, counts)
 
     with atomic_dir(out) as tmp:  # the folder appears whole, or the old one stays as it was
         meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens)
+        if pipeline is not None:
+            meta["filters"] = pipeline.report()
         _check_sizes(meta, min_split_tokens, sources)
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)

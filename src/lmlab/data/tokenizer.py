@@ -26,7 +26,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Sequence
 
 import tokenizers
 from pydantic import Field
@@ -35,6 +35,9 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from lmlab.config import Count, check_argument
 from lmlab.errors import ConfigError, DataError, first_line
 from lmlab.runs import atomic_write_text
+
+if TYPE_CHECKING:
+    from lmlab.data.sources import Document
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +312,13 @@ def train_tokenizer_from_files(
     field: str = "text",
     max_bytes: int | None = None,
     min_freq: int = 1,
+    keep: Callable[[Iterable[Document]], Iterable[Document]] | None = None,
 ) -> Tokenizer:
     """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
 
     ``max_bytes`` stops reading after that many UTF-8 bytes of text (a sample is enough for BPE).
+    ``keep`` filters the document stream (a data/filters.py FilterPipeline: what prepare keeps is what the
+    tokenizer learns from).
     """
     from lmlab.data.sources import iter_documents
 
@@ -325,7 +331,8 @@ def train_tokenizer_from_files(
 
     def texts() -> Iterable[str]:
         seen = 0
-        for doc in iter_documents(inputs, field=field):
+        docs = iter_documents(inputs, field=field)
+        for doc in keep(docs) if keep is not None else docs:
             yield doc.text
             seen += len(doc.text.encode("utf-8"))
             if max_bytes is not None and seen >= max_bytes:
