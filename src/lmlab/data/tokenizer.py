@@ -309,11 +309,15 @@ def train_tokenizer_from_files(
     field: str = "text",
     max_bytes: int | None = None,
     min_freq: int = 1,
+    redact_pii: bool = False,
 ) -> Tokenizer:
     """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
 
     ``max_bytes`` stops reading after that many UTF-8 bytes of text (a sample is enough for BPE).
+    ``redact_pii`` trains on the text as ``prepare(redact_pii=True)`` writes it (data/pii.py), so
+    the vocabulary learns no one's e-mail address and has the placeholders' pieces.
     """
+    from lmlab.data.pii import redact
     from lmlab.data.sources import iter_documents
 
     check_argument("max_bytes", max_bytes, Count | None)
@@ -326,8 +330,9 @@ def train_tokenizer_from_files(
     def texts() -> Iterable[str]:
         seen = 0
         for doc in iter_documents(inputs, field=field):
-            yield doc.text
-            seen += len(doc.text.encode("utf-8"))
+            text = redact(doc.text)[0] if redact_pii else doc.text
+            yield text
+            seen += len(text.encode("utf-8"))
             if max_bytes is not None and seen >= max_bytes:
                 return
 
