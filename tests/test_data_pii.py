@@ -70,3 +70,16 @@ def test_redact_batch_sums_counts():
     texts, counts = redact_batch(["a@b.io and c@d.io", "nothing here", "10.1.2.3"])
     assert texts == ["<|email|> and <|email|>", "nothing here", "<|ip|>"]
     assert counts == {"email": 2, "ip": 1}
+
+
+def test_cli_prepare_redact_pii_prints_counts(tmp_path, capsys):
+    from lmlab.cli import main
+
+    path = tmp_path / "in.txt"
+    path.write_text("mail ann@example.com\ncall +44 20 7946 0958\nkey AKIAIOSFODNN7EXAMPLE\nplain words here\n" * 5)
+    code = main(["data", "prepare", str(path), "-o", str(tmp_path / "data"), "--kind", "byte", "--split-lines",
+                 "--redact-pii", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "PII redacted: secret 5, email 5, iban 0, credit_card 0, ip 0, phone 5" in out
+    assert main(["data", "prepare", str(path), "-o", str(tmp_path / "bad"), "--workers", "0"]) == 1
