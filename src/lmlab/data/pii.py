@@ -57,6 +57,7 @@ class Detector:
     check: Callable[[re.Match], bool] = lambda m: True
     group: int | str = 0
     hint: Callable[[str], bool] = lambda text: True  # cheap test: can the text hold one at all?
+    not_after: str = ""  # characters that must not come right before a match ("w": letters, digits, _)
 
 
 def redact(text: str) -> tuple[str, Counter]:
@@ -82,13 +83,21 @@ def redact_batch(texts: list[str]) -> tuple[list[str], Counter]:
 
 def _substitute(det: Detector, text: str, counts: Counter) -> str:
     def replace(m: re.Match) -> str:
-        if not det.check(m):
+        if (det.not_after and _after(m, det.not_after)) or not det.check(m):
             return m.group(0)
         counts[det.kind] += 1
         start, end = m.span(det.group)
         return m.group(0)[: start - m.start()] + PLACEHOLDERS[det.kind] + m.group(0)[end - m.start():]
 
     return det.pattern.sub(replace, text)
+
+
+def _after(m: re.Match, chars: str) -> bool:
+    """Whether the character before the match is one of ``chars`` ("w" standing for letters, digits
+    and "_"). Checked here rather than by a look-behind at the start of the pattern, so that patterns
+    start with a literal or a digit, which the regex engine skips to fast (3-5x faster)."""
+    before = m.string[m.start() - 1: m.start()]
+    return bool(before) and (before in chars or ("w" in chars and (before.isalnum() or before == "_")))
 
 
 # ---------------------------------------------------------------------------- checksums
@@ -155,6 +164,8 @@ _NOT_IP_BEFORE = re.compile(
 
 
 def _ipv4_ok(m: re.Match) -> bool:
+    if any(len(o) > 1 and o[0] == "0" or int(o) > 255 for o in m.group(0).split(".")):
+        return False
     return not _NOT_IP_BEFORE.search(m.string, max(0, m.start() - 24), m.start())
 
 
@@ -175,10 +186,12 @@ def _ipv6_ok(m: re.Match) -> bool:
 
 def _phone_ok(m: re.Match) -> bool:
     digits = re.sub(r"\D", "", m.group(0))
+    before = m.string[max(0, m.start() - 2): m.start()].rjust(2)
+    glued = before[1].isalnum() or before[1] == "_"  # part of a word or a longer number
     if m.group(0).startswith("+"):
-        if not 8 <= len(digits) <= 15:
+        if glued or before[1] == "+" or not 8 <= len(digits) <= 15:
             return False
-    elif not 10 <= len(digits) <= 12:
+    elif glued or before[1] in "(.-" or (before[0].isdigit() and before[1] in " ./-") or not 10 <= len(digits) <= 12:
         return False
     before = m.string[max(0, m.start() - 12): m.start()]
     return not re.search(r"ISBN(?:-1[03])?:?\s*$", before, re.IGNORECASE)
@@ -217,32 +230,34 @@ DETECTORS: list[Detector] = [
     Detector("secret", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
                                   r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
              hint=lambda t: "-----BEGIN" in t),
-    Detector("secret", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|AIPA)[0-9A-Z]{16}" + _END)),
-    Detector("secret", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})" + _END),
-             hint=lambda t: "gh" in t or "github_pat_" in t),
-    Detector("secret", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,250}" + _END), hint=lambda t: "xox" in t),
-    Detector("secret", re.compile(r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,247}" + _END), hint=lambda t: "k_" in t),
-    Detector("secret", re.compile(r"\bAIza[0-9A-Za-z_-]{35}" + _END), hint=lambda t: "AIza" in t),
-    Detector("secret", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}" + _END),
-             hint=lambda t: "eyJ" in t),
-    Detector("secret", re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-|ant-api\d\d-)?[A-Za-z0-9_-]{20,200}" + _END),
-             _openai_ok, hint=lambda t: "sk-" in t),
+    Detector("secret", re.compile(r"(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|AIPA)[0-9A-Z]{16}" + _END), not_after="w"),
+    Detector("secret", re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})" + _END),
+             hint=lambda t: "gh" in t or "github_pat_" in t, not_after="w"),
+    Detector("secret", re.compile(r"xox[abprs]-[A-Za-z0-9-]{10,250}" + _END), hint=lambda t: "xox" in t, not_after="w"),
+    Detector("secret", re.compile(r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,247}" + _END), hint=lambda t: "k_" in t,
+             not_after="w"),
+    Detector("secret", re.compile(r"AIza[0-9A-Za-z_-]{35}" + _END), hint=lambda t: "AIza" in t, not_after="w"),
+    Detector("secret", re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}" + _END),
+             hint=lambda t: "eyJ" in t, not_after="w"),
+    Detector("secret", re.compile(r"sk-(?:proj-|svcacct-|admin-|ant-api\d\d-)?[A-Za-z0-9_-]{20,200}" + _END),
+             _openai_ok, hint=lambda t: "sk-" in t, not_after="w-"),
     Detector("secret", re.compile(r"(?<![A-Za-z0-9])(?i:" + _SECRET_WORDS + r")[\"']?\s*(?::=|=>|[:=])\s*"
                                   r"(?P<q>[\"'`]?)(?P<value>[^\s\"'`,;]{7,199}[^\s\"'`,;.:)\]}>])(?P=q)"),
              _random_value, group="value"),
     Detector("email", re.compile(r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"
                                  r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"),
              lambda m: ".." not in m.group(0), hint=lambda t: "@" in t),
-    Detector("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_ok),
-    Detector("credit_card", re.compile(r"(?<![\w.,-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"), _card_ok),
-    Detector("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|"
+    Detector("iban", re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_ok,
+             not_after="w"),
+    Detector("credit_card", re.compile(r"\d(?<![\w.,-].)(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"), _card_ok),
+    Detector("ip", re.compile(r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|"
                               r"[0-9A-Fa-f]{1,4})?(?:%[A-Za-z0-9]+)?(?![\w:]|\.\d)"),
-             _ipv6_ok, hint=lambda t: t.count(":") >= 2),
-    Detector("ip", re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                              r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)"), _ipv4_ok, hint=lambda t: "." in t),
+             _ipv6_ok, hint=lambda t: t.count(":") >= 2, not_after="w:."),
+    Detector("ip", re.compile(r"\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"), _ipv4_ok, hint=lambda t: "." in t,
+             not_after="w."),
     Detector("phone", re.compile(
-        r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(0\))?(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,6}){1,6}(?![\w]|[.-]\d)"
-        r"|(?<![\w(.-])(?<!\d[ .-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w]|[.-]\d)"  # North America
-        r"|(?<![\w(.-])(?<!\d[ /-])(?:\(0\d{1,4}\) ?|0\d{1,4}[ /-])\d{2,8}(?:[ -]\d{2,4}){0,3}(?![\w]|[.-]\d)"  # trunk 0
+        r"\+[1-9]\d{0,2}(?:[ .-]?\(0\))?(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,6}){1,6}(?![\w]|[.-]\d)"
+        r"|(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w]|[.-]\d)"  # North America
+        r"|(?:\(0\d{1,4}\) ?|0\d{1,4}[ /-])\d{2,8}(?:[ -]\d{2,4}){0,3}(?![\w]|[.-]\d)"  # trunk 0
     ), _phone_ok),
 ]
