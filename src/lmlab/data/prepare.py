@@ -399,8 +399,11 @@ def _encode_texts(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndar
 
 
 def _load_tokenizer(spec: str) -> None:
-    """A worker's initializer: the tokenizer to encode with."""
+    """A worker's initializer: the tokenizer to encode with, on this process's one thread (the workers
+    are the parallelism; Rust threads on top would only contend for the same cores)."""
     import tokenizers
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     worker_state()["tok"] = Tokenizer(tokenizers.Tokenizer.from_str(spec))
 
