@@ -40,6 +40,7 @@ def test_documents_of_many_sentences_redact_as_their_sentences():
     ("GB82WEST12345698765432", "<|iban|>"),
     ("AKIAIOSFODNN7EXAMPLE", "<|secret|>"),
     ("export DB_PASSWORD='t7#Kq9!zLm2x'", "export DB_PASSWORD='<|secret|>'"),
+    ('access_token="uOopAPHpGSZlNwCxOmXOUPntDAsOxabZ"', 'access_token="<|secret|>"'),
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAbCd\n-----END RSA PRIVATE KEY-----\nafter", "<|secret|>\nafter"),
 ])
 def test_each_kind_is_replaced_by_its_placeholder(text, expected):
@@ -52,7 +53,7 @@ def test_each_kind_is_replaced_by_its_placeholder(text, expected):
     "DE89 3704 0044 0532 0130 01", "commit 3f786850e387550fdab836ed7e6dc881de23001b",
     "550e8400-e29b-41d4-a716-446655440000", "std::vector<int> a::b", "00:1a:2b:3c:4d:5e",
     "total $1,234.56 or 1 234,50 EUR", "2^32 = 4294967296", "password = None", "api_key = os.environ['API_KEY']",
-    "token = get_token()", "the years 1990-2000", "pip install scikit-learn  # sk-learn",
+    "token = get_token()", "password = mySecretPassword", "password=DB_PASSWORD_VALUE", "the years 1990-2000", "pip install scikit-learn  # sk-learn",
 ])
 def test_look_alikes_survive(text):
     assert redact(text) == (text, {})

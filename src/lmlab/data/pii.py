@@ -29,7 +29,9 @@ The rules, and what they deliberately leave alone:
   (AIza...), OpenAI-style keys (sk-..., sk-proj-...), JWTs (three base64url parts, the first two
   JSON objects), PEM private-key blocks, and the value in "password=/api_key=/secret=/token=..."
   assignments when it looks random (>= 8 characters, >= 3 bits of entropy per character, two or
-  more character classes, and not a plain name or call such as os.environ or None).
+  more character classes, and not code such as os.environ[...] or get_token(), nor a name such as
+  DB_PASSWORD or mySecretKey: letters only with lower-case runs of 3+ on average). A short or
+  word-like password ("hunter2", "Summer2024") is not caught.
 Luhn and mod-97 are written here (a few lines each) rather than taken from python-stdnum, which
 lmlab does not otherwise need.
 """
@@ -206,14 +208,23 @@ def entropy_bits(text: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(text).values()) if n else 0.0
 
 
-_PLAIN_VALUE = re.compile(r"[A-Za-z_]+(?:[.(\[][A-Za-z_]*)*[)\]]*|\*+|x+|X+|<[^>]*>|\$\{?\w+\}?|%\(?\w+\)?s?")
+_CODE_VALUE = re.compile(r"[A-Za-z_]+(?:[.(\[][A-Za-z_]*)+[)\]]*|\*+|x+|X+|<[^>]*>|\$\{?\w+\}?|%\(?\w+\)?s?")
 
 
 def _random_value(m: re.Match) -> bool:
     value = m.group("value")
     classes = sum(bool(re.search(p, value)) for p in (r"[a-z]", r"[A-Z]", r"\d", r"[^A-Za-z0-9]"))
     return (len(value) >= 8 and classes >= 2 and entropy_bits(value) >= 3.0
-            and not _PLAIN_VALUE.fullmatch(value))
+            and not _CODE_VALUE.fullmatch(value) and not _is_name(value))
+
+
+def _is_name(value: str) -> bool:
+    """A variable's name (DB_PASSWORD, None, mySecretKey) rather than a random string: letters and
+    "_" only, and lower-case letters in runs of 3 or more on average (random mixed case averages 2)."""
+    if not re.fullmatch(r"[A-Za-z_]+", value):
+        return False
+    runs = re.findall(r"[a-z]+", value)
+    return not runs or sum(map(len, runs)) / len(runs) >= 3
 
 
 def _openai_ok(m: re.Match) -> bool:
