@@ -4,7 +4,8 @@ same uint16 shards, on the same files and tokenizer, side by side in one run.
 The corpus is WikiText-2 (train + valid + test) concatenated a few times (~50 MB), as JSONL with one
 article section per record; a byte-level BPE tokenizer (8,192 tokens) is trained on it once and used
 by both. Each method runs in its own subprocess; the table gives the wall time, MB/s of document
-text, and the peak resident memory (sampled with psutil every 50 ms: the largest single process,
+text, CPU seconds (all its processes; MB per CPU second is the figure that other load on a shared
+machine disturbs least), and the peak resident memory (sampled with psutil every 50 ms: the largest single process,
 and all its processes together). The peer loads the JSONL with `datasets`, maps the tokenizer over
 it in 2 processes, and writes the token ids + end-of-text into 100M-token uint16 shards as lmlab
 does; the check "same tokens" compares its shards with lmlab's byte for byte.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -79,9 +81,11 @@ def build_corpus(work: Path, copies: int) -> tuple[Path, int]:
 
 
 def measure(cmd: list[str], out: Path) -> dict:
-    """Run cmd in a fresh output folder; wall seconds and peak RSS (largest process, all processes)."""
+    """Run cmd in a fresh output folder; wall seconds, CPU seconds (the process and every process it
+    started and waited for) and peak RSS (largest process, all processes)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     log = (out.parent / f"{out.name}.log").open("w+b")
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=ENV)
@@ -98,7 +102,13 @@ def measure(cmd: list[str], out: Path) -> dict:
     if proc.returncode != 0:
         log.seek(0)
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read().decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mib": peak_one / 2**20, "peak_rss_all_mib": peak_all / 2**20}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak_one / 2**20, "peak_rss_all_mib": peak_all / 2**20}
+
+
+def load_now() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def shards(folder: Path) -> bytes:
@@ -110,6 +120,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="WikiText-2 copies (4: ~50 MB)")
     parser.add_argument("--work", default="/tmp/lmlab_prepare_speed", help="scratch folder (deleted at the end)")
     args = parser.parse_args()
+    load_start = load_now()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     corpus, nbytes = build_corpus(work, args.copies)
@@ -137,18 +148,21 @@ def main() -> None:
         r = measure([*cmd, str(out), *extra], out)
         results[key] = r
         rows.append({"method": name, "input_mb": round(size / 1e6, 1), "seconds": r["seconds"],
-                     "mb_per_s": size / 1e6 / r["seconds"], "peak_rss_mib": r["peak_rss_mib"],
+                     "mb_per_s": size / 1e6 / r["seconds"], "cpu_seconds": r["cpu_seconds"],
+                     "mb_per_cpu_s": size / 1e6 / r["cpu_seconds"], "peak_rss_mib": r["peak_rss_mib"],
                      "peak_rss_all_processes_mib": r["peak_rss_all_mib"]})
         print(rows[-1], flush=True)
     same = shards(work / "lmlab") == shards(work / "peer")
     speedup = results["peer"]["seconds"] / results["lmlab"]["seconds"]
     summary = {
         "speed-up over datasets.map (MB/s ratio)": round(speedup, 2),
+        "CPU-time ratio (datasets.map / lmlab; what the speed-up is on idle cores)":
+            round(results["peer"]["cpu_seconds"] / results["lmlab"]["cpu_seconds"], 2),
         "goal": ">= 1.5x",
         "met": speedup >= 1.5,
         "workers = cores vs --workers 1 (speed ratio)": round(results["lmlab1"]["seconds"] / results["lmlab"]["seconds"], 2),
         "with --redact-pii: workers = cores vs --workers 1": round(results["pii1"]["seconds"] / results["pii"]["seconds"], 2),
-        "load average during the run": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load average (1, 5, 15 min) at the start and at the end": f"{load_start} / " + load_now(),
         "same tokens as the peer (shards byte-identical)": same,
         "same tokens for any number of workers": shards(work / "lmlab") == shards(work / "lmlab1"),
         "corpus": f"WikiText-2 train+valid+test x{args.copies} as JSONL sections, {nbytes / 1e6:.1f} MB of text",
