@@ -11,14 +11,16 @@ Placeholders hold no digits, so a later detector never finds a piece of an earli
 
 The rules, and what they deliberately leave alone:
 - email: local@domain.tld with a letter-only top-level domain of 2-24 letters.
-- phone: "+CC ..." with 8-15 digits (E.164), or a national number with the usual separators:
-  North American (555) 123-4567 / 555-123-4567 / 555.123.4567, and trunk-prefixed European forms
-  starting with 0 (020 7946 0958, 030/1234567, 01 23 45 67 89). A digit run without separators
-  (an id, an order number) is never a phone; neither is anything after "ISBN".
+- phone: "+CC ..." or "(+CC) ..." with 8-15 digits (E.164), "00CC ..." after a cue word ("Tel:",
+  "phone", "call", ...), or a national number with the usual separators: North American
+  (555) 123-4567 / 1-555-123-4567 / 555.123.4567, and trunk-prefixed European forms starting with 0
+  (020 7946 0958, 030/1234567, 01 23 45 67 89). A digit run without separators (an id, an order
+  number) is never a phone; neither is anything after "ISBN".
 - ip: IPv4 with every octet 0-255 and no leading zeros, not part of a longer dotted run, and not
   right after a word that makes it a version or a section number ("version 1.2.3.4", "v1.2.3.4",
   "release", "build", "section", ...); IPv6 as Python's ipaddress accepts it, with at least three
-  groups written (so C++'s a::b and MAC addresses stay).
+  groups written or a group of 3-4 characters holding a digit (so fe80::1 is one, and C++'s a::b,
+  dead::beef and MAC addresses stay).
 - credit_card: 13-19 digits, in groups separated by one kind of space or dash (or none), a
   known issuer prefix (Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay, Maestro) and a
   valid Luhn check digit.
@@ -27,7 +29,7 @@ The rules, and what they deliberately leave alone:
 - secret: AWS access key ids (AKIA/ASIA...), GitHub tokens (ghp_/gho_/ghu_/ghs_/ghr_,
   github_pat_), Slack tokens (xoxa/b/p/r/s-), Stripe keys (sk_/rk_ live/test), Google API keys
   (AIza...), OpenAI-style keys (sk-..., sk-proj-...), JWTs (three base64url parts, the first two
-  JSON objects), PEM private-key blocks, and the value in "password=/api_key=/secret=/token=..."
+  JSON objects), PEM private-key blocks, the password in scheme://user:PASSWORD@host, and the value in "password=/api_key=/secret=/token=..."
   assignments when it looks random (>= 8 characters, >= 3 bits of entropy per character, two or
   more character classes, and not code such as os.environ[...] or get_token(), nor a name such as
   DB_PASSWORD or mySecretKey: letters only with lower-case runs of 3+ on average). A short or
@@ -174,7 +176,9 @@ def _ipv4_ok(m: re.Match) -> bool:
 def _ipv6_ok(m: re.Match) -> bool:
     candidate = m.group(0).split("%")[0]
     groups = [g for g in re.split(r":+", candidate) if g]
-    if len(groups) < 3 and "." not in candidate:  # a::b is C++, not an address; ::ffff:1.2.3.4 is one
+    # a::b and dead::beef are C++ names, not addresses; ::ffff:1.2.3.4 and fe80::1%eth0 are addresses
+    written = len(groups) >= 3 or "." in candidate or any(len(g) >= 3 and re.search(r"\d", g) for g in groups)
+    if not written:
         return False
     try:
         ipaddress.IPv6Address(candidate)
@@ -186,11 +190,18 @@ def _ipv6_ok(m: re.Match) -> bool:
 # ---------------------------------------------------------------------------- phones
 
 
+_PHONE_CUE = re.compile(r"(?i:tel|phone|fax|mobile|mob|cell|call|ruf|handy|t\.|t:)", re.IGNORECASE)
+
+
 def _phone_ok(m: re.Match) -> bool:
     digits = re.sub(r"\D", "", m.group(0))
     before = m.string[max(0, m.start() - 2): m.start()].rjust(2)
     glued = before[1].isalnum() or before[1] == "_"  # part of a word or a longer number
-    if m.group(0).startswith("+"):
+    if m.group(0).lstrip("(").startswith(("+", "00")):  # international: + or 00, country code, 8-15 digits
+        if m.group(0).lstrip("(").startswith("00"):
+            digits = digits[2:]
+            if not _PHONE_CUE.search(m.string, max(0, m.start() - 16), m.start()):
+                return False  # 0012 3456 7890 is more often a zero-padded number than a phone
         if glued or before[1] == "+" or not 8 <= len(digits) <= 15:
             return False
     elif glued or before[1] in "(.-" or (before[0].isdigit() and before[1] in " ./-") or not 10 <= len(digits) <= 12:
@@ -255,6 +266,8 @@ DETECTORS: list[Detector] = [
     Detector("secret", re.compile(r"(?<![A-Za-z0-9])(?i:" + _SECRET_WORDS + r")[\"']?\s*(?::=|=>|[:=])\s*"
                                   r"(?P<q>[\"'`]?)(?P<value>[^\s\"'`,;]{7,199}[^\s\"'`,;.:)\]}>])(?P=q)"),
              _random_value, group="value"),
+    Detector("secret", re.compile(r"[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@]{1,64}:(?P<value>[^\s@/]{1,128})@"),
+             group="value", hint=lambda t: "://" in t),  # scheme://user:PASSWORD@host
     Detector("email", re.compile(r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"
                                  r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"),
              lambda m: ".." not in m.group(0), hint=lambda t: "@" in t),
@@ -267,8 +280,8 @@ DETECTORS: list[Detector] = [
     Detector("ip", re.compile(r"\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"), _ipv4_ok, hint=lambda t: "." in t,
              not_after="w."),
     Detector("phone", re.compile(
-        r"\+[1-9]\d{0,2}(?:[ .-]?\(0\))?(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,6}){1,6}(?![\w]|[.-]\d)"
-        r"|(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w]|[.-]\d)"  # North America
+        r"(?:\((?:\+|00)[1-9]\d{0,2}\)|(?:\+|00(?=[1-9]\d{0,2}[ .-]))[1-9]\d{0,2})(?:[ .-]?\(0\))?(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,6}){1,6}(?![\w]|[.-]\d)"
+        r"|(?:1[-. ])?(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w]|[.-]\d)"  # North America
         r"|(?:\(0\d{1,4}\) ?|0\d{1,4}[ /-])\d{2,8}(?:[ -]\d{2,4}){0,3}(?![\w]|[.-]\d)"  # trunk 0
     ), _phone_ok),
 ]
