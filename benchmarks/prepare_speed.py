@@ -10,7 +10,9 @@ and all its processes together). The peer loads the JSONL with `datasets`, maps 
 it in 2 processes, and writes the token ids + end-of-text into 100M-token uint16 shards as lmlab
 does; the check "same tokens" compares its shards with lmlab's byte for byte.
 
-    python benchmarks/prepare_speed.py                # about 5 minutes on 2 cores
+Needs the data extra (pyarrow, datasets) and psutil (installed with peft, of the test extra).
+
+    python benchmarks/prepare_speed.py                # about 10 minutes on 2 busy cores
     python benchmarks/prepare_speed.py --copies 1     # ~13 MB
 """
 
