@@ -83,12 +83,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
     filters = filter_config(args)
     keep = {"keep": FilterPipeline(filters)} if filters is not None and args.tokenizer is None else {}
-    tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS), **keep)
+    tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS, "redact_pii"), **keep)
     meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
-                   filters=filters,
-                   **given(args, "val_fraction", "split", "dedupe", "field", "split_lines", "shard_tokens"))
+                   filters=filters, **given(args, "val_fraction", "split", "dedupe", "field", "split_lines",
+                                            "shard_tokens", "redact_pii", "workers"))
     sizes = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in meta["splits"].items())
     print(f"wrote {args.output}: {meta['documents']} documents, {sizes}, {meta['duplicates_removed']} duplicates removed")
+    if "pii_redacted" in meta:
+        print("PII redacted: " + ", ".join(f"{kind} {n:,}" for kind, n in meta["pii_redacted"].items()))
     if "filters" in meta:
         print(filter_table(meta["filters"]))
     if args.report is not None:
@@ -116,7 +118,7 @@ def filter_config(args: argparse.Namespace):
 
 
 PAIR_FLAGS = ("source_field", "target_field")
-NOT_FOR_PAIRS = ("split", "dedupe", "split_lines", "shard_tokens", "field", *FILTER_FLAGS)
+NOT_FOR_PAIRS = ("split", "dedupe", "split_lines", "shard_tokens", "field", "redact_pii", "workers", *FILTER_FLAGS)
 
 
 def cmd_data_prepare_pairs(args: argparse.Namespace) -> None:
@@ -525,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="treat every non-empty line as a document")
     dp.add_argument("--shard-tokens", type=int, default=Default(prepare, "shard_tokens"),
                     help="tokens per shard file (default: %(default)s)")
+    dp.add_argument("--redact-pii", action="store_true", default=Default(prepare, "redact_pii"),
+                    help="replace e-mails, phone numbers, IPs, card numbers, IBANs and secrets by <|email|>, ... in "
+                         "every split (and in the text a new tokenizer learns from); counts in meta.json")
+    dp.add_argument("--workers", type=int, default=Default(prepare, "workers"),
+                    help="processes that redact and tokenize (default: the cores available); same output for any")
     pairs = "lmlab.data.pairs:prepare_pairs"
     dp.add_argument("--pairs", action="store_true",
                     help="parallel text (translation, summarization): the inputs, and likewise --val and --test, are "

@@ -25,6 +25,8 @@ import hashlib
 import json
 import os
 from array import array
+from collections import Counter, deque
+from itertools import chain
 from bisect import bisect_right
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -32,14 +34,16 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lmlab.runs import atomic_dir, check_output
+from lmlab.data import pii
 from lmlab.data.filters import FilterConfig, FilterPipeline
+from lmlab.data.parallel import Workers, available_cores, worker_state
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
 
 FORMAT, VERSION = "lmlab-tokens", 1
 SPLITS = ("hash", "tail")
-BATCH_CHARS = 4 << 20  # encode documents in batches of about this many characters
+BATCH_CHARS = 1 << 20  # encode (and redact) documents in batches of about this many characters
 COPY_TOKENS = 1 << 22  # tokens per read when cutting the tail split
 
 
@@ -111,6 +115,8 @@ def prepare(
     test_inputs: list[str] | None = None,
     force: bool = False,
     filters: FilterConfig | None = None,
+    redact_pii: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
 
@@ -121,6 +127,9 @@ def prepare(
     val_fraction and split are then unused); ``test_inputs`` add a "test" split.
     ``out_dir`` must be new or empty, or (with ``force``) hold a prepared data folder, which is then
     replaced only after success (runs.check_output); a failure leaves nothing behind.
+    ``redact_pii`` replaces e-mails, phones, IPs, card numbers, IBANs and secrets in every document by
+    typed placeholders (data/pii.py; counts in meta.json's "pii_redacted"). ``workers`` processes
+    (default: the cores available) redact and encode batches; the output is the same for any number.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -128,6 +137,8 @@ def prepare(
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
     dtype = token_dtype(tokenizer.vocab_size)
     sources = {"train": inputs, "val": val_inputs, "test": test_inputs}
     out = check_output(out_dir, "data", [p for paths in sources.values() for p in paths or []], force)
@@ -136,17 +147,23 @@ def prepare(
             expand_inputs(paths)  # fail on a missing input before creating anything
 
     pipeline = FilterPipeline(filters) if filters is not None and filters.any() else None
+    pool = Workers(workers or available_cores(), _load_tokenizer, (tokenizer.tk.to_str(),))
 
     def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
         docs = iter_documents(paths, field=field, split_lines=split_lines)
+        if redact_pii:  # first, so that no filter report's removed examples show anyone's PII
+            docs = _redacted(docs, pool, counts.setdefault("pii", Counter()))
         if pipeline is not None and paths is inputs:  # the training inputs (sources["train"]), not --val/--test
             docs = pipeline(docs)
         return _unique(docs, dedupe, counts)
 
-    with atomic_dir(out) as tmp:  # the folder appears whole, or the old one stays as it was
-        meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens)
+    with atomic_dir(out) as tmp, pool:  # the folder appears whole, or the old one stays as it was
+        meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens, pool)
         if pipeline is not None:
             meta["filters"] = pipeline.report()
+        if redact_pii:
+            found = meta.pop("pii")
+            meta["pii_redacted"] = {kind: found.get(kind, 0) for kind in pii.KINDS}
         _check_sizes(meta, min_split_tokens, sources)
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)
@@ -225,6 +242,7 @@ def _write_folder(
     read: Callable[[list[str], dict], Iterator[tuple[Document, bytes]]],
     dedupe: bool,
     shard_tokens: int,
+    pool: Workers,
 ) -> dict:
     """Write every split's shards into folder; return meta.json's dict."""
     counts = {"documents": 0, "duplicates": 0}
@@ -237,15 +255,15 @@ def _write_folder(
 
     if sources["val"] is not None:
         train, val, used = writer("train", log=False), writer("val", log=False), "files"
-        _write_docs(read(sources["train"], counts), tok, counts, lambda _: train)
-        _write_docs(read(sources["val"], counts), tok, counts, lambda _: val)
+        _write_docs(read(sources["train"], counts), tok, counts, lambda _: train, pool)
+        _write_docs(read(sources["val"], counts), tok, counts, lambda _: val, pool)
     else:
         train, val, used = _write_train_val(folder, read(sources["train"], counts), tok, counts, writer,
-                                            val_fraction, split)
+                                            val_fraction, split, pool)
     splits = {"train": train.stats(), "val": val.stats()}
     if sources["test"] is not None:
         test = writer("test", log=False)
-        _write_docs(read(sources["test"], counts), tok, counts, lambda _: test)
+        _write_docs(read(sources["test"], counts), tok, counts, lambda _: test, pool)
         splits["test"] = test.stats()
     meta = {
         "format": FORMAT,
@@ -259,6 +277,7 @@ def _write_folder(
         "dedupe": dedupe,
         "duplicates_removed": counts["duplicates"],
         "split": used,
+        **({"pii": counts["pii"]} if "pii" in counts else {}),
         "val_fraction": None if used == "files" else val_fraction,
         "documents": counts["documents"],
         "inputs": [str(x) for x in sources["train"]],
@@ -279,13 +298,14 @@ def _write_train_val(
     writer: Callable[[str], ShardWriter],
     val_fraction: float,
     split: str,
+    pool: Workers,
 ) -> tuple[ShardWriter, ShardWriter, str]:
     """Split one document stream into train and val ("hash" or "tail"); return them and the split used."""
     train, val = writer("train"), writer("val")
     val.log = None
     if split == "tail":
         stream = ShardWriter(folder, ".all", train.dtype, 2**62)
-        _write_docs(docs, tok, counts, lambda _: stream)
+        _write_docs(docs, tok, counts, lambda _: stream, pool)
         _cut_tail(stream, train, val, val_fraction)
         return train, val, split
 
@@ -295,7 +315,7 @@ def _write_train_val(
             return val
         return train
 
-    _write_docs(docs, tok, counts, by_hash)
+    _write_docs(docs, tok, counts, by_hash, pool)
     val.close()
     if val_fraction > 0 and val.tokens == 0 and train.tokens > 0:
         old, train = train, writer("train")  # all went to train: cut as "tail"
@@ -308,19 +328,20 @@ def _write_train_val(
 
 
 def _write_docs(
-    docs: Iterable[tuple[Document, bytes]], tok: Tokenizer, counts: dict, choose: Callable[[bytes], ShardWriter]
+    docs: Iterable[tuple[Document, bytes]], tok: Tokenizer, counts: dict, choose: Callable[[bytes], ShardWriter],
+    pool: Workers,
 ) -> None:
     """Encode documents, each followed by the end-of-text token, into the writer ``choose(digest)``
     picks at every document start (pieces of a big document follow their first); close them."""
     eot = np.array([tok.eot_id], dtype=np.int64)
     dest, starts, used = None, True, []  # starts: the next unit starts a new document
-    for doc, digest, ids in _encoded(docs, tok):
+    for doc, digest, ids in _encoded(docs, tok, pool):
         if starts:
             counts["documents"] += 1
             dest = choose(digest)
             if dest not in used:
                 used.append(dest)
-        tokens = np.asarray(ids, dtype=np.int64)
+        tokens = ids
         if not doc.continues:
             tokens = np.concatenate([tokens, eot])
         dest.write(tokens, len(doc.text.encode("utf-8")), new_doc=starts)
@@ -348,25 +369,74 @@ def _unique(docs: Iterable[Document], dedupe: bool, counts: dict) -> Iterator[tu
         yield doc, digest
 
 
-def _encoded(items: Iterable[tuple[Document, bytes]], tok: Tokenizer) -> Iterator[tuple[Document, bytes, list[int]]]:
-    """Encode documents in batches (parallel in Rust); special tokens in the text are plain text."""
-    batch: list[tuple[Document, bytes]] = []
+def _batches(items: Iterable, text: Callable[[object], str]) -> Iterator[list]:
+    """items in lists of about BATCH_CHARS characters of text(item)."""
+    batch: list = []
     size = 0
     for item in items:
         batch.append(item)
-        size += len(item[0].text)
+        size += len(text(item))
         if size >= BATCH_CHARS:
-            yield from _encode_batch(batch, tok)
+            yield batch
             batch, size = [], 0
-    yield from _encode_batch(batch, tok)
+    if batch:
+        yield batch
 
 
-def _encode_batch(batch: list[tuple[Document, bytes]], tok: Tokenizer) -> Iterator[tuple[Document, bytes, list[int]]]:
-    if not batch:
-        return
-    all_ids = tok.encode_batch([doc.text for doc, _ in batch], allow_special=False)
-    for (doc, digest), ids in zip(batch, all_ids):
-        yield doc, digest, ids
+def _encoded(items: Iterable[tuple[Document, bytes]], tok: Tokenizer,
+             pool: Workers) -> Iterator[tuple[Document, bytes, np.ndarray]]:
+    """Encode documents in batches, in the worker processes (or here, in parallel in Rust); special
+    tokens in the text are plain text. Each document's ids come as a uint32 array."""
+    waiting: deque[list] = deque()  # batches sent out, in order, to pair with their ids
+
+    def texts() -> Iterator[list[str]]:
+        for batch in _batches(items, lambda item: item[0].text):
+            waiting.append(batch)
+            yield [doc.text for doc, _ in batch]
+
+    for flat, lengths in pool.map(_encode_in_worker, texts(), local=lambda batch: _encode_texts(batch, tok)):
+        batch = waiting.popleft()
+        for (doc, digest), ids in zip(batch, np.split(flat, np.cumsum(lengths)[:-1])):
+            yield doc, digest, ids
+
+
+def _encode_texts(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """All texts' ids end to end (uint32: compact to send between processes) and each text's count."""
+    all_ids = tok.encode_batch(texts, allow_special=False)
+    lengths = np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids))
+    flat = np.fromiter(chain.from_iterable(all_ids), dtype=np.uint32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _load_tokenizer(spec: str) -> None:
+    """A worker's initializer: the tokenizer to encode with, on this process's one thread (the workers
+    are the parallelism; Rust threads on top would only contend for the same cores)."""
+    import tokenizers
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    worker_state()["tok"] = Tokenizer(tokenizers.Tokenizer.from_str(spec))
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_texts(texts, worker_state()["tok"])
+
+
+def _redacted(docs: Iterable[Document], pool: Workers, found: Counter) -> Iterator[Document]:
+    """Documents with their PII replaced by placeholders (data/pii.py), redacted in batches by the
+    workers; ``found`` counts what was replaced, per kind. A PII string that a big file's piece
+    boundary cuts in two is not seen (pieces are cut after a newline where there is one)."""
+    waiting: deque[list[Document]] = deque()
+
+    def texts() -> Iterator[list[str]]:
+        for batch in _batches(docs, lambda doc: doc.text):
+            waiting.append(batch)
+            yield [doc.text for doc in batch]
+
+    for redacted, counts in pool.map(pii.redact_batch, texts()):
+        found.update(counts)
+        for doc, text in zip(waiting.popleft(), redacted):
+            yield Document(text, doc.source, doc.continues)
 
 
 def _unit_interval(digest: bytes) -> float:

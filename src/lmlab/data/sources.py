@@ -6,6 +6,12 @@ Text is read as strict UTF-8, streamed, never all at once. What counts as a docu
     .jsonl                                                    one per line, the string in ``field``
     .json                                                     a list of strings/objects, or one object
     .gz                                                       gunzipped, then by the inner suffix (.txt.gz, .jsonl.gz)
+    .parquet .arrow .feather                                  one per row, the string in column ``field`` (pyarrow)
+    a Hugging Face ``datasets`` folder (save_to_disk)         its .arrow files, likewise; a DatasetDict folder
+                                                              means its "train" split (give FOLDER/SPLIT for another)
+
+Table files are read one record batch at a time (Arrow files memory-mapped), so memory stays
+bounded whatever their size; pyarrow is optional (``pip install 'lmlab[data]'``).
 
 A file bigger than PIECE_BYTES is not yielded as one giant string: it comes as consecutive
 pieces of about PIECE_BYTES, cut after a newline where there is one, and every piece but the
@@ -24,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
-from lmlab.errors import DataError
+from lmlab.errors import DataError, first_line
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".json")
+TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".json", *TABLE_SUFFIXES)
+HF_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes besides .arrow
 PIECE_BYTES = 1 << 20  # big files are yielded in pieces of about this size
 SNIFF_BYTES = 8192  # a NUL byte in this much of a file means it is binary
 
@@ -132,6 +140,8 @@ def _expand_one(item: str) -> list[Path]:
     if not item:
         raise DataError("an input file name is empty")
     path = Path(item)
+    if path.is_dir() and _is_hf_folder(path):
+        return _hf_files(path)
     if path.is_dir():
         found = _walk_dir(path)
         if not found:
@@ -155,9 +165,42 @@ def _walk_dir(root: Path) -> list[Path]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).parts
+        if p.name in HF_FILES and _is_hf_folder(p.parent):  # its .arrow files are the data
+            continue
         if p.is_file() and not any(part.startswith(".") for part in rel) and _is_text_name(p):
             out.append(p)
     return out
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk: a Dataset (state.json) or a DatasetDict."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    """The .arrow files of a save_to_disk folder, in order; a DatasetDict's "train" split."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = _read_json(folder / "dataset_dict.json").get("splits", [])
+        if "train" not in splits:
+            raise DataError(f"{folder}: a DatasetDict without a train split (has {', '.join(splits)}); "
+                            f"give {folder}/SPLIT")
+        folder = folder / "train"
+    state = _read_json(folder / "state.json")
+    files = [folder / f["filename"] for f in state.get("_data_files", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise DataError(f"{folder}: not a complete datasets folder (state.json lists {missing or 'no files'})")
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
 
 
 def _is_text_name(path: Path) -> bool:
@@ -203,6 +246,9 @@ def _decode(data: bytes, path: Path, offset: int) -> str:
 
 def _iter_file(path: Path, field: str, split_lines: bool) -> Iterator[Document]:
     suffix = _inner_suffix(path)
+    if suffix in TABLE_SUFFIXES:
+        yield from _iter_table(path, field)
+        return
     try:
         if suffix == ".jsonl":
             yield from _iter_jsonl(path, field)
@@ -312,6 +358,55 @@ def _iter_json(path: Path, field: str) -> Iterator[Document]:
         text = record if isinstance(record, str) else _field(record, field, where)
         if text.strip():
             yield Document(_nfc(text), where)
+
+
+def _iter_table(path: Path, field: str) -> Iterator[Document]:
+    """One document per row of a Parquet or Arrow file: the string in column ``field``; nulls and
+    blank strings are skipped. Read one record batch at a time."""
+    row = 0
+    for batch in _record_batches(path, field):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is not None and text.strip():
+                yield Document(_nfc(text), f"{path}[{row - 1}]")
+
+
+def _record_batches(path: Path, field: str) -> Iterator:
+    """The column ``field`` of a table file, as record batches (of Parquet's row groups, or the
+    Arrow file's own batches, memory-mapped)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading {path.suffix} files needs pyarrow: pip install 'lmlab[data]'") from None
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.ParquetFile(path)
+            _check_column(path, table.schema_arrow, field, pa)
+            yield from table.iter_batches(batch_size=1024, columns=[field])
+            return
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_file(source)  # .feather / .arrow written as a file
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_stream(source)  # what datasets' save_to_disk writes
+            batches = iter(reader)
+        _check_column(path, reader.schema, field, pa)
+        index = reader.schema.get_field_index(field)
+        for batch in batches:
+            yield batch.select([index])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read ({first_line(e)})") from None
+
+
+def _check_column(path: Path, schema, field: str, pa) -> None:
+    if field not in schema.names:
+        names = ", ".join(schema.names[:5])
+        raise DataError(f"{path}: no column {field!r} (columns: {names}); choose one with --field")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"):
+        raise DataError(f"{path}: column {field!r} is {kind}, not text")
 
 
 def _field(record: object, field: str, where: str) -> str:

@@ -19,6 +19,7 @@ The kind is not stored separately; it is read off the structure of the tokenizer
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import json
@@ -313,13 +314,17 @@ def train_tokenizer_from_files(
     max_bytes: int | None = None,
     min_freq: int = 1,
     keep: Callable[[Iterable[Document]], Iterable[Document]] | None = None,
+    redact_pii: bool = False,
 ) -> Tokenizer:
     """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
 
     ``max_bytes`` stops reading after that many UTF-8 bytes of text (a sample is enough for BPE).
-    ``keep`` filters the document stream (a data/filters.py FilterPipeline: what prepare keeps is what the
-    tokenizer learns from).
+    ``redact_pii`` trains on the text as ``prepare(redact_pii=True)`` writes it (data/pii.py), so
+    the vocabulary learns no one's e-mail address and has the placeholders' pieces.
+    ``keep`` then filters the document stream (a data/filters.py FilterPipeline: what prepare keeps is
+    what the tokenizer learns from).
     """
+    from lmlab.data.pii import redact
     from lmlab.data.sources import iter_documents
 
     check_argument("max_bytes", max_bytes, Count | None)
@@ -332,6 +337,8 @@ def train_tokenizer_from_files(
     def texts() -> Iterable[str]:
         seen = 0
         docs = iter_documents(inputs, field=field)
+        if redact_pii:
+            docs = (dataclasses.replace(doc, text=redact(doc.text)[0]) for doc in docs)
         for doc in keep(docs) if keep is not None else docs:
             yield doc.text
             seen += len(doc.text.encode("utf-8"))
