@@ -239,6 +239,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(row, ensure_ascii=False))
 
 
+def cmd_inspect_attention(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output
+    from lmlab.inspect.attention import inspect_attention
+    from lmlab.runs import atomic_dir
+
+    out = check_report_output(args.out, args.checkpoint, [], force=args.force)
+    ckpt = load(args)
+    with atomic_dir(out) as folder:
+        page = inspect_attention(ckpt.model, ckpt.tokenizer, args.prompt, folder, args.layers, args.heads, args.target)
+    print(out / page.name)
+
+
+def cmd_inspect_lens(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output
+    from lmlab.inspect.lens import inspect_lens
+    from lmlab.runs import atomic_dir
+
+    out = check_report_output(args.out, args.checkpoint, [], force=args.force)
+    ckpt = load(args, language_model=True)
+    with atomic_dir(out) as folder:
+        table = inspect_lens(ckpt.model, ckpt.tokenizer, args.prompt, folder, **given(args, "top_k"))
+    print(table)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import convert
 
@@ -625,6 +649,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per text (default: as trained)")
     add_device_flag(pr)
     pr.set_defaults(func=cmd_predict)
+
+    ins = sub.add_parser("inspect", help="look inside a model").add_subparsers(dest="action", required=True,
+                                                                               metavar="ACTION")
+    ia = ins.add_parser("attention", help="per-layer, per-head attention maps of a prompt (PNGs + index.html); "
+                                          "hidden-state norms for a recurrent model")
+    ia.add_argument("checkpoint", help="checkpoint or run folder (decoder, encoder, classifier or encoder-decoder)")
+    ia.add_argument("--prompt", required=True, help="text to read (an encoder-decoder's source)")
+    ia.add_argument("--target", default=None, help="an encoder-decoder's target text: also draws the decoder's "
+                                                   "self- and cross-attention (default: the encoder's only)")
+    ia.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to draw (default: all)")
+    ia.add_argument("--heads", type=int, nargs="+", default=None, help="head indices to draw (default: all)")
+    ia.add_argument("--out", required=True, help="folder for the maps (new or empty; see --force)")
+    add_force_flag(ia, "--out", "report")
+    add_device_flag(ia)
+    ia.set_defaults(func=cmd_inspect_attention)
+
+    lens = "lmlab.inspect.lens:inspect_lens"
+    il = ins.add_parser("lens", help="logit lens: the top tokens each layer of a decoder would predict")
+    il.add_argument("checkpoint", help="decoder (gpt2/llama preset) checkpoint or run folder")
+    il.add_argument("--prompt", required=True, help="text to read")
+    il.add_argument("--top-k", type=int, default=Default(lens, "top_k"),
+                    help="tokens shown per layer and position (default: %(default)s)")
+    il.add_argument("--out", required=True, help="folder for lens.png and results.json/.md (new or empty; see --force)")
+    add_force_flag(il, "--out", "report")
+    add_device_flag(il)
+    il.set_defaults(func=cmd_inspect_lens)
 
     cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders, or to GGUF",
                         description="An lmlab checkpoint (or run folder) becomes a Hugging Face folder (config.json, "

@@ -185,7 +185,7 @@ def write_attention_report(maps: list[AttentionMap], out_dir: str | Path, prompt
     lines = [f"# Attention maps\n\nPrompt: `{prompt}`\n", "| module | head | map |", "|---|---|---|"]
     lines += [f"| {p['module']} | {p['head']} | ![]({p['file']}) |" for p in pages]
     write_results(out_dir, results, "\n".join(lines) + "\n")
-    log.info("wrote %d attention maps and index.html to %s", len(written), out_dir)
+    log.debug("drew %d attention maps", len(written))
     return written
 
 
@@ -284,7 +284,7 @@ def write_state_norm_report(model: RecurrentLM, tokenizer: Tokenizer, prompt: st
     path = plot_state_norms(norms, tokens, Path(out_dir) / "state_norms.png")
     results = {"prompt": prompt, "tokens": tokens, "state_norms": [[round(float(v), 4) for v in row] for row in norms]}
     write_results(out_dir, results, f"# Hidden-state norms\n\nPrompt: `{prompt}`\n\n![](state_norms.png)\n")
-    log.info("a %s model has no attention: wrote its hidden-state norms to %s", model.config.family, path)
+    log.info("a %s model has no attention: drawing its hidden-state norms instead", model.config.family)
     return path
 
 
