@@ -235,8 +235,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.finetune.classify import predict_texts, require_classifier
 
     ckpt = require_classifier(load(args))
+    if args.explain or args.html:
+        return explain_predictions(args, ckpt)
     for row in predict_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length")):
         print(json.dumps(row, ensure_ascii=False))
+
+
+def explain_predictions(args: argparse.Namespace, ckpt) -> None:
+    """``lmlab predict --explain``: each row with its tokens' attributions, coloured on stderr (when it is a
+    terminal and not --no-color), as JSON lines on stdout, and as an HTML page with --html."""
+    from lmlab.inspect.attribution import ansi_line, explain_texts, write_html
+
+    rows = explain_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length"))
+    color = sys.stderr.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    for row in rows:
+        print(ansi_line(row, ckpt.tokenizer, color), file=sys.stderr)
+        print(json.dumps(row, ensure_ascii=False))
+    if args.html:
+        log.info("wrote %s", write_html(rows, ckpt.tokenizer, args.html))
 
 
 def cmd_inspect_attention(args: argparse.Namespace) -> None:
@@ -647,6 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column/key of the text in --file (default: %(default)s)")
     pr.add_argument("--max-length", type=int, default=Default(predict, "max_length"),
                     help="tokens per text (default: as trained)")
+    pr.add_argument("--explain", action="store_true",
+                    help="also say which tokens drove each decision (integrated gradients): coloured on stderr, "
+                         "'attributions' [[token, score], ...] in the JSON lines")
+    pr.add_argument("--html", default=None, help="also write the explained texts as an HTML page here (implies --explain)")
+    pr.add_argument("--no-color", action="store_true", help="no ANSI colours in --explain's lines (off anyway when "
+                                                            "stderr is not a terminal)")
     add_device_flag(pr)
     pr.set_defaults(func=cmd_predict)
 
