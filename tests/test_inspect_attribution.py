@@ -81,12 +81,12 @@ def test_predict_explain_prints_json_colours_and_html(classifier, tmp_path, caps
     ckpt = str(classifier.path)
     text = "a big zebra sat on the house"
     page = tmp_path / "why.html"
-    assert main(["predict", ckpt, text, "--explain", "--html", str(page)]) == 0
+    assert main(["predict", ckpt, text, "--explain", "--html", str(page), "--png", str(tmp_path / "why.png")]) == 0
     captured = capsys.readouterr()
     row = json.loads(captured.out)
     assert row["label"] == "1" and [t for t, _ in row["attributions"]] == text.split()
     assert "\x1b[" not in captured.err and "zebra[+" in captured.err  # stderr is no terminal here: no colours
-    assert 'title="' in page.read_text() and "zebra" in page.read_text()
+    assert 'title="' in page.read_text() and "zebra" in page.read_text() and (tmp_path / "why.png").is_file()
     coloured = ansi_line(row, classifier.tokenizer, color=True)
     assert "\x1b[32;1mzebra\x1b[0m" in coloured  # the strongest push toward the label: bold green
     assert main(["predict", ckpt, text, "--html", str(tmp_path)]) == 1  # a folder

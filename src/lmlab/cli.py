@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.finetune.classify import predict_texts, require_classifier
 
     ckpt = require_classifier(load(args))
-    if args.explain or args.html:
+    if args.explain or args.html or args.png:
         return explain_predictions(args, ckpt)
     for row in predict_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length")):
         print(json.dumps(row, ensure_ascii=False))
@@ -244,8 +244,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def explain_predictions(args: argparse.Namespace, ckpt) -> None:
     """``lmlab predict --explain``: each row with its tokens' attributions, coloured on stderr (when it is a
     terminal and not --no-color), as JSON lines on stdout, and as an HTML page with --html."""
-    from lmlab.inspect.attribution import ansi_line, explain_texts, write_html
+    from lmlab.inspect.attribution import ansi_line, checked_page_path, explain_texts, plot_attributions, write_html
 
+    for path, suffix in ((args.html, ".html"), (args.png, ".png")):
+        if path:
+            checked_page_path(path, suffix)  # before the work
     rows = explain_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length"))
     color = sys.stderr.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     for row in rows:
@@ -253,6 +256,8 @@ def explain_predictions(args: argparse.Namespace, ckpt) -> None:
         print(json.dumps(row, ensure_ascii=False))
     if args.html:
         log.info("wrote %s", write_html(rows, ckpt.tokenizer, args.html))
+    if args.png:
+        log.info("wrote %s", plot_attributions(rows, ckpt.tokenizer, args.png))
 
 
 def cmd_inspect_attention(args: argparse.Namespace) -> None:
@@ -667,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also say which tokens drove each decision (integrated gradients): coloured on stderr, "
                          "'attributions' [[token, score], ...] in the JSON lines")
     pr.add_argument("--html", default=None, help="also write the explained texts as an HTML page here (implies --explain)")
+    pr.add_argument("--png", default=None, help="also draw the explained texts as a PNG here (implies --explain)")
     pr.add_argument("--no-color", action="store_true", help="no ANSI colours in --explain's lines (off anyway when "
                                                             "stderr is not a terminal)")
     add_device_flag(pr)

@@ -152,10 +152,10 @@ def plot_attention(weights: torch.Tensor, queries: list[str], keys: list[str], t
     import matplotlib.pyplot as plt
 
     T, S = weights.shape
-    font = 8 if max(T, S) <= 40 else 6
-    fig, ax = plt.subplots(figsize=(2.0 + 0.16 * S, 1.6 + 0.16 * T))
+    font = 9 if max(T, S) <= 45 else 7
+    fig, ax = plt.subplots(figsize=(2.0 + 0.18 * S, 1.6 + 0.18 * T))
     image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(S), keys, rotation=90, fontsize=font)
+    ax.set_xticks(range(S), keys, rotation=90 if max(map(len, keys)) > 2 else 0, fontsize=font)
     ax.set_yticks(range(T), queries, fontsize=font)
     ax.xaxis.tick_top()
     ax.set_xlabel("key (attended to)")

@@ -29,7 +29,7 @@ from lmlab.errors import ConfigError, OutputError
 from lmlab.finetune.classify import checked_max_length, predict_texts, require_classifier
 from lmlab.inspect.attention import token_labels
 from lmlab.models.heads import SequenceClassifier
-from lmlab.runs import atomic_write_text
+from lmlab.runs import atomic_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def explain_texts(ckpt, texts: list[str], file: str | None = None, text_field: s
     for row in rows:
         a = integrated_gradients(ckpt.model, ckpt.tokenizer, row["text"], max_length, n_steps)
         row["attributions"] = [[t, s] for t, s in zip(a.tokens, a.scores)]
-        row["delta"] = round(a.delta, 4)
+        row["delta"] = round(a.delta, 4) + 0.0  # + 0.0: no "-0.0"
     return rows
 
 
@@ -155,12 +155,62 @@ def html_page(rows: list[dict], tokenizer: Tokenizer) -> str:
 """
 
 
-def write_html(rows: list[dict], tokenizer: Tokenizer, path: str | Path) -> Path:
-    """Write ``html_page(rows)`` to ``path`` (atomically); refuse a folder, or a file this module did not write."""
+def plot_attributions(rows: list[dict], tokenizer: Tokenizer, path: str | Path, width: int = 900) -> Path:
+    """A PNG of the explained texts, tokens on green (toward the predicted label) or red (against)
+    backgrounds as in ``html_page``, one text per paragraph with its label: for documents and slides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    line, gap = 26, 8  # pixels per line of tokens, between tokens without their own spaces
+    space = 6 if _separator(tokenizer) else 0
+    fig = plt.figure(figsize=(width / 100, 10), dpi=100)
+    renderer = fig.canvas.get_renderer()
+    y = 10 * 100 - 20  # from the top, in pixels
+    for row in rows:
+        pairs = row["attributions"]
+        top = max((abs(s) for _, s in pairs), default=0.0) or 1.0
+        x = 10
+        for token, score in pairs:
+            rgb = (0.0, 0.63, 0.24) if score > 0 else (0.86, 0.16, 0.16)
+            text = fig.text(x, y, token.replace("·", " "), transform=None, fontsize=12, family="monospace", va="top",
+                            bbox=dict(facecolor=(*rgb, min(1.0, abs(score) / top)), edgecolor="none", pad=1.5))
+            w = text.get_window_extent(renderer).width
+            if x + w > width - 10 and x > 10:  # wrap: move the token to the next line
+                x, y = 10, y - line
+                text.set_position((x, y))
+            x += w + space + (0 if space else gap // 4)
+        y -= line
+        fig.text(10, y, f"-> {row['label']} ({row['probability']:.2f})", transform=None, fontsize=10, color="#555",
+                 va="top")
+        y -= line + gap
+    height = 10 * 100 - y
+    fig.set_size_inches(width / 100, height / 100)
+    for text in fig.texts:  # keep each text's distance from the top as the figure shrinks
+        x0, y0 = text.get_position()
+        text.set_position((x0, y0 - (10 * 100 - height)))
+    with atomic_file(checked_page_path(path, ".png")) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def checked_page_path(path: str | Path, suffix: str) -> Path:
+    """``path`` if a page (``suffix``: .html, .png) may be written there: not a folder, and not an existing
+    file of another kind (an existing .png, or an .html page this module wrote, is replaced)."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path} is a folder; give the name of the HTML file to write")
-    if path.exists() and PAGE_MARK not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
+        raise OutputError(f"{path} is a folder; give the name of the {suffix} file to write")
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"{path} does not end in {suffix}")
+    if suffix == ".html" and path.exists() and PAGE_MARK not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
         raise OutputError(f"{path} exists and is not an attribution page written by lmlab; refusing to replace it")
+    return path
+
+
+def write_html(rows: list[dict], tokenizer: Tokenizer, path: str | Path) -> Path:
+    """Write ``html_page(rows)`` to ``path`` (atomically); refuse a folder, or a file this module did not write."""
+    path = checked_page_path(path, ".html")
     atomic_write_text(path, html_page(rows, tokenizer))
     return path

@@ -80,14 +80,16 @@ def logit_lens(model: nn.Module, tokenizer: Tokenizer, prompt: str, top_k: int =
 
 
 def lens_table(lens: Lens, tokenizer: Tokenizer, width: int = 7) -> str:
-    """A text table for the terminal: the top-1 token of every layer (rows) at every position (columns),
-    then each layer's top-k at the last position (what the model would write next)."""
-    def cell(text: str) -> str:
-        return text[:width].ljust(width)
+    """A text table for the terminal: the top-1 token of every layer (rows) at every position (columns,
+    as wide as the longest token, at most ``width``), then each layer's top-k at the last position (what
+    the model would write next)."""
+    top1 = [token_labels(tokenizer, ids.tolist()) for ids in lens.ids[:, :, 0]]
+    width = min(width, max(len(t) for t in lens.tokens + [t for row in top1 for t in row]))
 
-    rows = ["layer \\ input".ljust(14) + " ".join(cell(t) for t in lens.tokens)]
-    for name, ids in zip(lens.layers, lens.ids[:, :, 0]):
-        rows.append(name.ljust(14) + " ".join(cell(t) for t in token_labels(tokenizer, ids.tolist())))
+    def line(name: str, cells: list[str]) -> str:
+        return name.ljust(14) + " ".join(t[:width].ljust(width) for t in cells)
+
+    rows = [line("layer \\ input", lens.tokens)] + [line(name, cells) for name, cells in zip(lens.layers, top1)]
     rows.append(f"\ntop {lens.ids.size(-1)} after the last token ({lens.tokens[-1]!r}):")
     for name, ids, probs in zip(lens.layers, lens.ids[:, -1], lens.probs[:, -1]):
         pairs = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(token_labels(tokenizer, ids.tolist()), probs.tolist()))
@@ -105,13 +107,15 @@ def plot_lens(lens: Lens, tokenizer: Tokenizer, path: Path) -> Path:
 
     top1 = lens.probs[:, :, 0].numpy()  # (L + 1, T)
     L, T = top1.shape
-    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * T, 1.2 + 0.45 * L))
+    labels = [token_labels(tokenizer, ids.tolist()) for ids in lens.ids[:, :, 0]]
+    longest = min(6, max(len(t) for t in lens.tokens + [t for row in labels for t in row]))
+    fig, ax = plt.subplots(figsize=(2.5 + T * (0.15 + 0.09 * longest), 1.2 + 0.45 * L))
     image = ax.imshow(top1, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-    for layer in range(L):
-        for pos, token in enumerate(token_labels(tokenizer, lens.ids[layer, :, 0].tolist())):
-            ax.text(pos, layer, token[:6], ha="center", va="center", fontsize=7,
+    for layer, row in enumerate(labels):
+        for pos, token in enumerate(row):
+            ax.text(pos, layer, token[:6], ha="center", va="center", fontsize=8,
                     color="white" if top1[layer, pos] > 0.6 else "black")
-    ax.set_xticks(range(T), lens.tokens, rotation=90, fontsize=8)
+    ax.set_xticks(range(T), lens.tokens, rotation=90 if longest > 2 else 0, fontsize=9)
     ax.set_yticks(range(L), lens.layers, fontsize=8)
     ax.xaxis.tick_top()
     ax.set_title("Logit lens: top-1 next token per layer (colour: its probability)", fontsize=10)
