@@ -104,6 +104,8 @@ def test_cli_writes_pngs_and_a_page(tmp_path, capsys):
     assert main(["inspect", "attention", str(ckpt), "--prompt", "x", "--heads", "5", "--out", str(tmp_path / "m2")]) == 1
     assert "head 5 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()  # nothing half-written
+    assert main(["inspect", "attention", str(ckpt), "--prompt", "x", "--target", "y", "--out", str(tmp_path / "m3")]) == 1
+    assert "--target is for encoder-decoders" in capsys.readouterr().err
 
 
 def test_recurrent_model_gets_state_norms(tmp_path, capsys):

@@ -103,8 +103,10 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str, target: 
     """
     family = model.config.family
     if family in RECURRENT or family == "rnn_seq2seq":
-        raise ConfigError(f"a {family} model has no attention heads to draw (a recurrent model: its hidden-state "
-                          f"norms are drawn instead)")
+        raise ConfigError(f"a {family} model has no attention heads to draw (lmlab inspect attention draws the "
+                          f"hidden-state norms of a recurrent language model, not of a {family} model)")
+    if target is not None and not is_encoder_decoder(model):
+        raise ConfigError(f"--target is for encoder-decoders; a {family} model reads the prompt only")
     model.eval()
     device = next(model.parameters()).device
     ids = encode_prompt(model, tokenizer, prompt)
