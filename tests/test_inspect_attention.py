@@ -35,7 +35,8 @@ def test_reference_attention_equals_sdpa(n_kv_head, rope, causal):
         real = mask[:, :, None].expand(3, 7, 32) if mask is not None else torch.ones_like(x, dtype=torch.bool)
         torch.testing.assert_close(slow[real], fast[real], atol=1e-5, rtol=1e-5)  # padding queries are noise
         if mask is not None:
-            assert (weights[1, :, :5, 5:] == 0).all() and (weights[2, :, :3, 3:] == 0).all()  # real queries: none on padding
+            # the real queries put no weight on padding
+            assert (weights[1, :, :5, 5:] == 0).all() and (weights[2, :, :3, 3:] == 0).all()
 
 
 def test_reference_attention_with_a_cached_prefix_and_cross_shapes():
@@ -101,10 +102,11 @@ def test_cli_writes_pngs_and_a_page(tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert "blocks.1.attn.h1.png" in page and "http" not in page  # relative links, no network
     assert json.loads((out / "results.json").read_text())["tokens"] == ["the", "bird", "sang", "a", "song"]
-    assert main(["inspect", "attention", str(ckpt), "--prompt", "x", "--heads", "5", "--out", str(tmp_path / "m2")]) == 1
+    args = ["inspect", "attention", str(ckpt), "--prompt", "x"]
+    assert main([*args, "--heads", "5", "--out", str(tmp_path / "m2")]) == 1
     assert "head 5 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()  # nothing half-written
-    assert main(["inspect", "attention", str(ckpt), "--prompt", "x", "--target", "y", "--out", str(tmp_path / "m3")]) == 1
+    assert main([*args, "--target", "y", "--out", str(tmp_path / "m3")]) == 1
     assert "--target is for encoder-decoders" in capsys.readouterr().err
 
 

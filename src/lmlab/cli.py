@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--explain", action="store_true",
                     help="also say which tokens drove each decision (integrated gradients): coloured on stderr, "
                          "'attributions' [[token, score], ...] in the JSON lines")
-    pr.add_argument("--html", default=None, help="also write the explained texts as an HTML page here (implies --explain)")
+    pr.add_argument("--html", default=None,
+                    help="also write the explained texts as an HTML page here (implies --explain)")
     pr.add_argument("--png", default=None, help="also draw the explained texts as a PNG here (implies --explain)")
     pr.add_argument("--no-color", action="store_true", help="no ANSI colours in --explain's lines (off anyway when "
                                                             "stderr is not a terminal)")

@@ -94,7 +94,8 @@ def recorded_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str, target: str | None = None) -> list[AttentionMap]:
+def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str,
+                   target: str | None = None) -> list[AttentionMap]:
     """Every attention module's weights for ``prompt``, in the model's module order.
 
     Decoders, encoders and their classifiers read the prompt; an encoder-decoder reads it as the source
@@ -178,7 +179,8 @@ def write_attention_report(maps: list[AttentionMap], out_dir: str | Path, prompt
     pages, written = [], []
     for m, chosen in select_maps(maps, layers, heads):
         for h in chosen:
-            path = plot_attention(m.weights[h], m.queries, m.keys, f"{m.name}, head {h}", out_dir / f"{m.name}.h{h}.png")
+            title, path = f"{m.name}, head {h}", out_dir / f"{m.name}.h{h}.png"
+            path = plot_attention(m.weights[h], m.queries, m.keys, title, path)
             written.append(path)
             pages.append({"module": m.name, "head": h, "file": path.name})
     (out_dir / "index.html").write_text(attention_page(prompt, pages), encoding="utf-8")
@@ -195,7 +197,8 @@ def attention_page(prompt: str, pages: list[dict]) -> str:
     """One HTML page (inline script, no network) that shows one map at a time, picked by module and head."""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Attention maps</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} select{{font-size:1em;margin-right:1em}} img{{max-width:100%;margin-top:1em}}</style>
+<style>body{{font-family:sans-serif;margin:1.5em}} select{{font-size:1em;margin-right:1em}}
+img{{max-width:100%;margin-top:1em}}</style>
 </head><body>
 <h2>Attention maps</h2>
 <p>Prompt: <code>{html.escape(prompt)}</code></p>
@@ -206,7 +209,8 @@ def attention_page(prompt: str, pages: list[dict]) -> str:
 <script>
 const maps = {json.dumps(pages)};
 const modules = [...new Set(maps.map(m => m.module))];
-const mod = document.getElementById("module"), head = document.getElementById("head"), img = document.getElementById("map");
+const mod = document.getElementById("module"), head = document.getElementById("head");
+const img = document.getElementById("map");
 modules.forEach(m => mod.add(new Option(m, m)));
 function heads() {{
   const keep = head.value; head.innerHTML = "";
@@ -220,8 +224,8 @@ function show() {{
 }}
 mod.onchange = heads; head.onchange = show;
 document.onkeydown = e => {{
-  const sel = e.key === "ArrowRight" || e.key === "ArrowLeft" ? head : e.key === "ArrowDown" || e.key === "ArrowUp" ? mod : null;
-  if (!sel) return;
+  const sel = {{ArrowRight: head, ArrowLeft: head, ArrowDown: mod, ArrowUp: mod}}[e.key];
+  if (!sel || document.activeElement === sel) return;  // a focused select steps by itself
   const step = e.key === "ArrowRight" || e.key === "ArrowDown" ? 1 : -1;
   sel.selectedIndex = Math.max(0, Math.min(sel.options.length - 1, sel.selectedIndex + step));
   e.preventDefault(); sel === mod ? heads() : show();

@@ -204,7 +204,7 @@ def checked_page_path(path: str | Path, suffix: str) -> Path:
         raise OutputError(f"{path} is a folder; give the name of the {suffix} file to write")
     if path.suffix.lower() != suffix:
         raise OutputError(f"{path} does not end in {suffix}")
-    if suffix == ".html" and path.exists() and PAGE_MARK not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
+    if suffix == ".html" and path.is_file() and PAGE_MARK not in path.read_text("utf-8", errors="replace")[:2000]:
         raise OutputError(f"{path} exists and is not an attribution page written by lmlab; refusing to replace it")
     return path
 
