@@ -98,8 +98,8 @@ def lens_table(lens: Lens, tokenizer: Tokenizer, width: int = 7) -> str:
 
 
 def plot_lens(lens: Lens, tokenizer: Tokenizer, path: Path) -> Path:
-    """A PNG grid: a row per layer, a column per input token; each cell shows the top-1 prediction there,
-    coloured by its probability."""
+    """A PNG grid: a row per layer, a column per input token; each cell shows the top-1 prediction there
+    and its probability (.82), and is coloured by it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,12 +113,13 @@ def plot_lens(lens: Lens, tokenizer: Tokenizer, path: Path) -> Path:
     image = ax.imshow(top1, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     for layer, row in enumerate(labels):
         for pos, token in enumerate(row):
-            ax.text(pos, layer, token[:6], ha="center", va="center", fontsize=8,
-                    color="white" if top1[layer, pos] > 0.6 else "black")
+            p = float(top1[layer, pos])
+            ax.text(pos, layer, f"{token[:6]}\n" + f"{p:.2f}".removeprefix("0"), ha="center", va="center", fontsize=7,
+                    color="white" if p > 0.6 else "black")
     ax.set_xticks(range(T), lens.tokens, rotation=90 if longest > 2 else 0, fontsize=9)
     ax.set_yticks(range(L), lens.layers, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_title("Logit lens: top-1 next token per layer (colour: its probability)", fontsize=10)
+    ax.set_title("Logit lens: top-1 next token per layer and its probability", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
