@@ -268,8 +268,53 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.finetune.classify import predict_texts, require_classifier
 
     ckpt = require_classifier(load(args))
+    if args.explain or args.html or args.png:
+        return explain_predictions(args, ckpt)
     for row in predict_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length")):
         print(json.dumps(row, ensure_ascii=False))
+
+
+def explain_predictions(args: argparse.Namespace, ckpt) -> None:
+    """``lmlab predict --explain``: each row with its tokens' attributions, coloured on stderr (when it is a
+    terminal and not --no-color), as JSON lines on stdout, and as an HTML page with --html."""
+    from lmlab.inspect.attribution import ansi_line, checked_page_path, explain_texts, plot_attributions, write_html
+
+    for path, suffix in ((args.html, ".html"), (args.png, ".png")):
+        if path:
+            checked_page_path(path, suffix)  # before the work
+    rows = explain_texts(ckpt, args.texts, args.file, **given(args, "text_field", "max_length"))
+    color = sys.stderr.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    for row in rows:
+        print(ansi_line(row, ckpt.tokenizer, color), file=sys.stderr)
+        print(json.dumps(row, ensure_ascii=False))
+    if args.html:
+        log.info("wrote %s", write_html(rows, ckpt.tokenizer, args.html))
+    if args.png:
+        log.info("wrote %s", plot_attributions(rows, ckpt.tokenizer, args.png))
+
+
+def cmd_inspect_attention(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output
+    from lmlab.inspect.attention import inspect_attention
+    from lmlab.runs import atomic_dir
+
+    out = check_report_output(args.out, args.checkpoint, [], force=args.force)
+    ckpt = load(args)
+    with atomic_dir(out) as folder:
+        page = inspect_attention(ckpt.model, ckpt.tokenizer, args.prompt, folder, args.layers, args.heads, args.target)
+    print(out / page.name)
+
+
+def cmd_inspect_lens(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output
+    from lmlab.inspect.lens import inspect_lens
+    from lmlab.runs import atomic_dir
+
+    out = check_report_output(args.out, args.checkpoint, [], force=args.force)
+    ckpt = load(args, language_model=True)
+    with atomic_dir(out) as folder:
+        table = inspect_lens(ckpt.model, ckpt.tokenizer, args.prompt, folder, **given(args, "top_k"))
+    print(table)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -693,8 +738,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column/key of the text in --file (default: %(default)s)")
     pr.add_argument("--max-length", type=int, default=Default(predict, "max_length"),
                     help="tokens per text (default: as trained)")
+    pr.add_argument("--explain", action="store_true",
+                    help="also say which tokens drove each decision (integrated gradients): coloured on stderr, "
+                         "'attributions' [[token, score], ...] in the JSON lines")
+    pr.add_argument("--html", default=None,
+                    help="also write the explained texts as an HTML page here (implies --explain)")
+    pr.add_argument("--png", default=None, help="also draw the explained texts as a PNG here (implies --explain)")
+    pr.add_argument("--no-color", action="store_true", help="no ANSI colours in --explain's lines (off anyway when "
+                                                            "stderr is not a terminal)")
     add_device_flag(pr)
     pr.set_defaults(func=cmd_predict)
+
+    ins = sub.add_parser("inspect", help="look inside a model").add_subparsers(dest="action", required=True,
+                                                                               metavar="ACTION")
+    ia = ins.add_parser("attention", help="per-layer, per-head attention maps of a prompt (PNGs + index.html); "
+                                          "hidden-state norms for a recurrent model")
+    ia.add_argument("checkpoint", help="checkpoint or run folder (decoder, encoder, classifier or encoder-decoder)")
+    ia.add_argument("--prompt", required=True, help="text to read (an encoder-decoder's source)")
+    ia.add_argument("--target", default=None, help="an encoder-decoder's target text: also draws the decoder's "
+                                                   "self- and cross-attention (default: the encoder's only)")
+    ia.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to draw (default: all)")
+    ia.add_argument("--heads", type=int, nargs="+", default=None, help="head indices to draw (default: all)")
+    ia.add_argument("--out", required=True, help="folder for the maps (new or empty; see --force)")
+    add_force_flag(ia, "--out", "report")
+    add_device_flag(ia)
+    ia.set_defaults(func=cmd_inspect_attention)
+
+    lens = "lmlab.inspect.lens:inspect_lens"
+    il = ins.add_parser("lens", help="logit lens: the top tokens each layer of a decoder would predict")
+    il.add_argument("checkpoint", help="decoder (gpt2/llama preset) checkpoint or run folder")
+    il.add_argument("--prompt", required=True, help="text to read")
+    il.add_argument("--top-k", type=int, default=Default(lens, "top_k"),
+                    help="tokens shown per layer and position (default: %(default)s)")
+    il.add_argument("--out", required=True, help="folder for lens.png and results.json/.md (new or empty; see --force)")
+    add_force_flag(il, "--out", "report")
+    add_device_flag(il)
+    il.set_defaults(func=cmd_inspect_lens)
 
     cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders, or to GGUF",
                         description="An lmlab checkpoint (or run folder) becomes a Hugging Face folder (config.json, "

@@ -1,7 +1,9 @@
 """Building blocks shared by every Transformer in lmlab: norms, RoPE, attention, MLPs, KV cache.
 
 There is one attention (``Attention``): multi-head or grouped-query, learned or rotary
-positions, with or without a KV cache, always through ``F.scaled_dot_product_attention``.
+positions, with or without a KV cache, through ``F.scaled_dot_product_attention``, except when its
+``recorded`` list is set (inspection: ``lmlab inspect attention``): then the same attention is written
+out (``reference_attention``) and its weights are appended to that list.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
+        self.recorded: list[torch.Tensor] | None = None  # a list: each forward appends its weights (B, H, T, S)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,13 +198,21 @@ class Attention(nn.Module):
                 # causal, and every query sees at least itself: a padding query with no visible key
                 # would give NaN, which would then leak into real tokens through the values
                 mask = (mask & (key_pos <= query_pos)) | (key_pos == query_pos)  # (B, 1, T, S)
-        return sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        return sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0, self.recorded)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-         is_causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+         is_causal: bool = False, dropout: float = 0.0, record: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of q (B, H, T, d) over k, v (B, H_kv, S, d), grouped-query
-    when H_kv < H (key/value heads repeated by hand on a torch without ``enable_gqa``)."""
+    when H_kv < H (key/value heads repeated by hand on a torch without ``enable_gqa``).
+
+    With ``record`` (a list), the attention is computed by ``reference_attention`` instead and its
+    weights (B, H, T, S) are appended to ``record``: slower, for inspection only.
+    """
+    if record is not None:
+        y, weights = reference_attention(q, k, v, mask, is_causal, dropout)
+        record.append(weights.detach())
+        return y
     gqa = {}
     if k.size(1) != q.size(1):
         if _SDPA_HAS_GQA:
@@ -210,6 +221,27 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             repeat = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, **gqa)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                        is_causal: bool = False, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) @ v written out, with the same arguments as ``sdpa``: the output
+    (B, H, T, d) and the attention weights (B, H, T, S) that the fused kernel never shows.
+
+    ``mask`` is boolean (True: may attend), broadcast to (B, H, T, S); ``is_causal`` lets query i see
+    keys 0..i (S == T). The weights are those before dropout (what the model attends to).
+    """
+    if k.size(1) != q.size(1):
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, S, d)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, T, S)
+    if is_causal:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()  # (T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1).to(q.dtype)  # (B, H, T, S): each query's weights sum to 1
+    dropped = F.dropout(weights, dropout) if dropout else weights
+    return dropped @ v, weights
 
 
 class MLP(nn.Module):

@@ -86,6 +86,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * n_kv_head * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
+        self.recorded: list[torch.Tensor] | None = None  # as Attention's: a list records the weights (B, H, T, S)
 
     def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H_kv, S, d) of memory (B, S, C)."""
@@ -97,7 +98,7 @@ class CrossAttention(nn.Module):
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         mask = None if src_mask is None else src_mask[:, None, None, :]  # (B, 1, 1, S)
-        y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)  # (B, H, T, d)
+        y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0, record=self.recorded)  # (B, H, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
