@@ -239,6 +239,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(row, ensure_ascii=False))
 
 
+def cmd_eval_harness(args: argparse.Namespace) -> None:
+    from lmlab.eval.harness import run_lm_eval
+
+    run_lm_eval(args.args)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmlab.interop import convert
 
@@ -614,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flag(ec)
     ec.set_defaults(func=cmd_eval_classify)
 
+    eh = ev.add_parser("harness", add_help=False, prefix_chars="+",  # every argument, -h too, is lm_eval's
+                       help="run EleutherAI's lm-evaluation-harness (lm_eval's own arguments) with --model lmlab "
+                            "and lmlab's local tasks (arc_easy_local) available")
+    eh.add_argument("args", nargs=argparse.REMAINDER, help="lm_eval arguments, e.g. --model lmlab --model_args "
+                    "path=CKPT --tasks arc_easy_local --metadata '{\"data_dir\": DIR}'")
+    eh.set_defaults(func=cmd_eval_harness)
+
     predict = "lmlab.finetune.classify:predict_texts"
     pr = sub.add_parser("predict", help="classify texts with a trained classifier (one JSON line per text)")
     pr.add_argument("checkpoint", help="classifier checkpoint or run folder")
@@ -666,12 +679,15 @@ class SubcommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        add_verbosity_flags(self, default=argparse.SUPPRESS)
+        if "-" in self.prefix_chars:  # not `eval harness`, which passes every argument on to lm_eval
+            add_verbosity_flags(self, default=argparse.SUPPRESS)
         self._intermixing = False
 
     def parse_known_args(self, args=None, namespace=None):
-        """Parse flags and positionals intermixed, unless this parser only picks the next subcommand."""
-        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+        """Parse flags and positionals intermixed, unless this parser only picks the next subcommand or passes
+        the rest on (argparse.REMAINDER)."""
+        if self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER)
+                                    for a in self._get_positional_actions()):
             return super().parse_known_args(args, namespace)
         self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
         try:
