@@ -25,6 +25,7 @@ from lmlab.data.tokenizer import train_tokenizer  # noqa: E402
 from lmlab.errors import ConfigError  # noqa: E402
 from lmlab.eval.harness import HARNESS_TASKS, LmlabLM, run_lm_eval  # noqa: E402
 from lmlab.eval.loglik import score_continuations  # noqa: E402
+from lmlab.eval.tasks import evaluate_task, load_spec  # noqa: E402
 from lmlab.interop.hf import export_hf  # noqa: E402
 from lmlab.models.registry import build_model  # noqa: E402
 from lmlab.train.checkpoint import save_checkpoint  # noqa: E402
@@ -84,8 +85,9 @@ class LocalTasksOnly(TaskManager):
 
 def test_harness_through_the_adapter_matches_hf_backend_and_lmlab_scorer(setup, tmp_path, monkeypatch, capsys):
     """lm-eval's command line with --model lmlab (run_lm_eval: the registration and the local task folder),
-    lm_eval.simple_evaluate with the hf backend on the exported folder, and score_continuations give the same
-    log-likelihood for every choice and the same acc / acc_norm for every question."""
+    lm_eval.simple_evaluate with the hf backend on the exported folder, lmlab's own arc_easy task (what `lmlab
+    eval task` runs) and score_continuations give the same log-likelihood for every choice and the same
+    acc / acc_norm for every question."""
     ckpt, hf, arc, tokenizer, model = setup
     out = tmp_path / "out"
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
@@ -102,14 +104,20 @@ def test_harness_through_the_adapter_matches_hf_backend_and_lmlab_scorer(setup, 
         task_manager=LocalTasksOnly(include_path=str(HARNESS_TASKS), metadata={"data_dir": str(arc)}))
     hf_samples = samples_of(theirs)
 
-    assert len(ours) == len(hf_samples) == len(QUESTIONS)
-    for mine, other, (stem, choices, _) in zip(ours, hf_samples, QUESTIONS):
+    task = evaluate_task(model, tokenizer, load_spec("arc_easy", {"data": str(arc)}), batch_size=4)
+
+    assert len(ours) == len(hf_samples) == len(task["samples"]) == len(QUESTIONS)
+    for mine, other, lmlab_task, (stem, choices, _) in zip(ours, hf_samples, task["samples"], QUESTIONS):
         assert loglikelihoods(mine) == pytest.approx(loglikelihoods(other), abs=1e-4)
         assert (mine["acc"], mine["acc_norm"]) == (other["acc"], other["acc_norm"])
+        assert lmlab_task["logprobs"] == pytest.approx(loglikelihoods(mine), abs=1e-4)
+        assert (lmlab_task["pred"] == lmlab_task["gold"], lmlab_task["pred_norm"] == lmlab_task["gold"]) == (
+            mine["acc"] == 1.0, mine["acc_norm"] == 1.0)
         direct = score_continuations(model, tokenizer, [(f"Question: {stem}\nAnswer:", f" {c}") for c in choices])
         assert [lp for lp, _ in direct] == pytest.approx(loglikelihoods(mine), abs=1e-4)
-    for metric in ("acc,none", "acc_norm,none"):
-        assert summary[metric] == pytest.approx(theirs["results"]["arc_easy_local"][metric])
+    for metric in ("acc", "acc_norm"):
+        assert summary[f"{metric},none"] == pytest.approx(theirs["results"]["arc_easy_local"][f"{metric},none"])
+        assert task["metrics"][metric] == pytest.approx(summary[f"{metric},none"])
 
 
 def requests(kind: str, args: list[tuple]) -> list[Instance]:
@@ -129,7 +137,9 @@ def test_rolling_loglikelihood_and_generation_match_hf_backend(setup):
     prompts = [(f"Question: {q}\nAnswer:", {"until": ["\n", "Question"], "max_gen_toks": 12, "do_sample": False})
                for q, _, _ in QUESTIONS]
     generate = requests("generate_until", prompts)
-    assert ours.generate_until(generate) == theirs.generate_until(generate)
+    generated = ours.generate_until(generate)
+    assert generated == theirs.generate_until(generate)
+    assert any(generated) and not any("\n" in g or "Question" in g for g in generated)
 
 
 def test_lm_eval_flags_and_model_args_combine(setup):
