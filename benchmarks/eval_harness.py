@@ -113,10 +113,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="score only the first N test questions (default: all 2,376)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass, for all three")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads for all three (default: torch's own)")
     parser.add_argument("--name", default="eval_harness", help="results/<name>.json and .md")
     parser.add_argument("--note", default="", help="a line for the Markdown (e.g. what else ran on the machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     arc = Path(args.data)
 
     from lm_eval.models.huggingface import HFLM

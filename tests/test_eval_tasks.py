@@ -85,6 +85,17 @@ def test_long_contexts_are_cut_on_the_left(bpe):
         score_continuations(model, bpe, [("the", " quick brown fox jumps over a lazy dog while seven")], max_length=4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "lstm"])
+def test_a_batch_of_shared_and_cut_contexts_equals_one_pair_at_a_time(family, bpe):
+    """Requests that fit share their context's forward, requests cut on the left are read whole: one batch of both."""
+    model = tiny_model(bpe, family, block_size=8)
+    pairs = [("the quick brown fox jumps over a lazy dog while seven wizards hex", " jolly"), *PAIRS[:4]]
+    got = score_continuations(model, bpe, pairs, batch_size=8, max_length=8)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        assert (logprob, greedy) == (pytest.approx(naive_score(model, bpe, context, continuation, 8)[0], abs=1e-5),
+                                     naive_score(model, bpe, context, continuation, 8)[1])
+
+
 def test_the_split_gives_leading_spaces_to_the_continuation(bpe):
     context, continuation = encode_pair(bpe, "the quick ", "brown")
     assert (context, continuation) == (bpe.encode("the quick"), bpe.encode("the quick brown")[len(context):])
@@ -99,7 +110,8 @@ def test_identical_requests_are_scored_once_and_answered_in_order(bpe, monkeypat
     monkeypatch.setattr(model, "forward", lambda x, *a, **k: calls.append(x.shape) or forward(x, *a, **k))
     requests = [([1, 2], [3]), ([1, 2], [4]), ([1, 2], [3]), ([5], [6, 7])]
     scores = score_requests(model, requests, batch_size=8)
-    assert scores[0] == scores[2] and len(calls) == 1 and calls[0][0] == 3  # one forward, 3 distinct rows
+    # the 2 distinct contexts read once (but their last tokens), then the 3 distinct continuations in one forward
+    assert scores[0] == scores[2] and [shape[0] for shape in calls] == [2, 3]
 
 
 def test_rolling_scores_every_token_once(bpe):

@@ -127,6 +127,53 @@ def _score_unique(model: nn.Module, requests: list[tuple[tuple, tuple]], batch_s
 
 def _score_batch(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
                  device: torch.device) -> list[tuple[float, bool]]:
+    """Scores of one batch: requests that fit the window whole read each context once (``_score_shared``);
+    those cut on the left (their contexts differ per continuation) are read whole (``_score_whole``)."""
+    fits = [max_length is None or len(c) + len(x) <= max_length + 1 for c, x in requests]
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    for wanted, scorer in ((True, _score_shared), (False, _score_whole)):
+        index = [i for i, fit in enumerate(fits) if fit == wanted]
+        if index:
+            for i, score in zip(index, scorer(model, [requests[i] for i in index], max_length, device)):
+                out[i] = score
+    return out
+
+
+def _score_shared(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
+                  device: torch.device) -> list[tuple[float, bool]]:
+    """Requests that fit the window, each distinct context read once: its tokens but the last go through the
+    model into a cache (contexts padded on the left), the cache rows are repeated for every continuation
+    of their context, and one more forward reads [last context token, continuation but its last token]
+    (padded on the right) and gives every logit that scores a continuation.
+
+    The same scores as reading each request whole, for less: a question's context is computed once, not
+    once per choice, and the output layer runs only where a continuation token is predicted."""
+    contexts = list(dict.fromkeys(c for c, _ in requests))
+    row_of = {c: g for g, c in enumerate(contexts)}
+    width, steps = max(len(c) for c in contexts) - 1, max(len(x) for _, x in requests)
+    prefix = torch.zeros(len(contexts), width, dtype=torch.long)  # (G, P), left padding
+    prefix_mask = torch.zeros(len(contexts), width, dtype=torch.bool)
+    for g, context in enumerate(contexts):
+        if len(context) > 1:
+            prefix[g, width - len(context) + 1:] = torch.tensor(context[:-1])
+            prefix_mask[g, width - len(context) + 1:] = True
+    cache = model.make_cache(len(contexts), width + steps)
+    if width:
+        model(prefix.to(device), cache=cache, only_last=True, attention_mask=prefix_mask.to(device))
+    rows = torch.tensor([row_of[c] for c, _ in requests])
+    cache.select(rows.to(device))  # (G, ...) -> (B, ...): each context's cache once per continuation
+    ids = torch.zeros(len(requests), steps, dtype=torch.long)  # (B, S), right padding
+    mask = torch.zeros(len(requests), steps, dtype=torch.bool)
+    for row, (context, continuation) in enumerate(requests):
+        ids[row, :len(continuation)] = torch.tensor([context[-1], *continuation[:-1]])
+        mask[row, :len(continuation)] = True
+    attention_mask = torch.cat([prefix_mask[rows], mask], dim=1)  # (B, P + S)
+    logits, _ = model(ids.to(device), cache=cache, attention_mask=attention_mask.to(device))  # (B, S, vocab)
+    return [_continuation_score(logits[row, :len(x)], x) for row, (_, x) in enumerate(requests)]
+
+
+def _score_whole(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
+                 device: torch.device) -> list[tuple[float, bool]]:
     """One forward over a batch of requests padded on the right: each row is (context + continuation)
     without its last token, cut on the left to max_length; the last len(continuation) logits score it."""
     inputs = []
@@ -140,11 +187,12 @@ def _score_batch(model: nn.Module, requests: list[tuple[tuple, tuple]], max_leng
     for row, ids in enumerate(inputs):
         x[row, :len(ids)] = torch.tensor(ids)
     logits, _ = model(x.to(device))  # (B, T, vocab)
-    out = []
-    for row, (ids, (_, continuation)) in enumerate(zip(inputs, requests)):
-        n = len(continuation)
-        logprobs = F.log_softmax(logits[row, len(ids) - n:len(ids)].float(), dim=-1)  # (n, vocab)
-        target = torch.tensor(continuation, device=logprobs.device)
-        logprob = logprobs.gather(1, target[:, None]).sum().item()
-        out.append((logprob, bool((logprobs.argmax(-1) == target).all())))
-    return out
+    return [_continuation_score(logits[row, len(ids) - len(cont):len(ids)], cont)
+            for row, (ids, (_, cont)) in enumerate(zip(inputs, requests))]
+
+
+def _continuation_score(logits: torch.Tensor, continuation: tuple) -> tuple[float, bool]:
+    """(summed log-probability, all greedy) of the continuation's tokens from their logits (n, vocab)."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (n, vocab)
+    target = torch.tensor(continuation, device=logprobs.device)
+    return logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
