@@ -156,3 +156,17 @@ def test_missing_lm_eval_is_a_one_line_error_naming_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "lmlab.eval.harness")
     with pytest.raises(ConfigError, match=r"pip install 'lmlab\[lm-eval\]'"):
         importlib.import_module("lmlab.eval.harness")
+
+
+def test_lmlab_eval_harness_passes_every_argument_to_lm_eval(monkeypatch):
+    """`lmlab eval harness ...` hands lm_eval its arguments untouched (-h and -v are lm_eval's there, not lmlab's)."""
+    import lmlab.eval.harness as harness
+    from lmlab.cli import main
+
+    seen = []
+    monkeypatch.setattr(harness, "run_lm_eval", seen.append)
+    args = ["--model", "lmlab", "--model_args", "path=ckpt,batch_size=16", "--tasks", "arc_easy_local", "-v", "-h"]
+    assert main(["eval", "harness", *args]) == 0
+    assert seen == [args]
+    assert harness.with_local_tasks(["--tasks", "x"]) == ["--tasks", "x", "--include_path", str(HARNESS_TASKS)]
+    assert harness.with_local_tasks(["--include_path=mine"]) == ["--include_path=mine"]
