@@ -9,11 +9,16 @@ context's own encoding ends (so " Paris" after "Answer:" is scored as the model 
 an empty context is replaced by the end-of-text token. No other start token is added (as the harness's
 ``hf`` backend for GPT-2-like models).
 
-Speed: requests are sorted by total length (longest first, so the first batch shows an out-of-memory
-at once), padded on the right (causal models never read the padding that follows a token, so no mask is
-needed and scores equal those of one request alone), and the choices of one context are kept in the
-same batch: one forward per context + continuation, all of a question's in one call. A request longer
-than the window keeps its last ``max_length + 1`` tokens (the context is cut on the left).
+Speed: a request that fits the window whole shares its context's forward with the other continuations
+of that context (all of a question's choices): the distinct contexts, longest first (so the first batch
+shows an out-of-memory at once), are read ``batch_size`` at a time into a KV cache (or recurrent state)
+without their last token; the cache rows are repeated for each continuation, and the continuations,
+sorted by length, ``batch_size`` rows per forward, read [last context token, continuation but its last
+token] on top. So a context is computed once, not once per choice, the padding is small, and the output
+layer runs only where a continuation token is predicted; the scores equal those of one request read
+alone. A request longer than the window keeps its last ``max_length + 1`` tokens (the context is cut on
+the left, differently for each continuation): such requests are read whole, longest first, padded on the
+right (causal models never read the padding that follows a token).
 
 ``score_rolling`` is the harness's ``loglikelihood_rolling``: the total log-probability of a whole text,
 end-of-text in front, over windows of the model's context that score every token once; these are
@@ -22,7 +27,7 @@ perplexity.py's windows with stride = context, the last one given full left cont
 
 from __future__ import annotations
 
-from itertools import groupby
+import copy
 
 import torch
 import torch.nn as nn
@@ -105,49 +110,35 @@ def score_requests(model: nn.Module, requests: list[Request], batch_size: int = 
 
 def _score_unique(model: nn.Module, requests: list[tuple[tuple, tuple]], batch_size: int,
                   max_length: int | None) -> list[tuple[float, bool]]:
-    """Scores of distinct requests: grouped by context, groups sorted longest first, batches filled with
-    whole groups where they fit (a group larger than a batch is split)."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i][0])
-    groups = [list(g) for _, g in groupby(order, key=lambda i: requests[i][0])]
-    groups.sort(key=lambda g: -max(len(requests[i][0]) + len(requests[i][1]) for i in g))
-    batches: list[list[int]] = [[]]
-    for group in groups:
-        for start in range(0, len(group), batch_size):
-            part = group[start:start + batch_size]
-            if len(batches[-1]) + len(part) > batch_size:
-                batches.append([])
-            batches[-1].extend(part)
+    """Scores of distinct requests (see the module docstring): those that fit the window through
+    ``_score_shared``, ``batch_size`` distinct contexts at a time, longest first; those cut on the left
+    through ``_score_whole``, ``batch_size`` at a time, longest first."""
+    fits = [max_length is None or len(c) + len(x) <= max_length + 1 for c, x in requests]
+    by_context: dict[tuple, list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        if fits[i]:
+            by_context.setdefault(context, []).append(i)
+    contexts = sorted(by_context, key=len, reverse=True)
+    cut = sorted((i for i in range(len(requests)) if not fits[i]), key=lambda i: -len(requests[i][0] + requests[i][1]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     device = next(model.parameters()).device
-    for batch in batches:
-        for i, score in zip(batch, _score_batch(model, [requests[i] for i in batch], max_length, device)):
+    for start in range(0, len(contexts), batch_size):
+        group = [i for context in contexts[start:start + batch_size] for i in by_context[context]]
+        for i, score in zip(group, _score_shared(model, [requests[i] for i in group], batch_size, device)):
+            results[i] = score
+    for start in range(0, len(cut), batch_size):
+        group = cut[start:start + batch_size]
+        for i, score in zip(group, _score_whole(model, [requests[i] for i in group], max_length, device)):
             results[i] = score
     return results
 
 
-def _score_batch(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
-                 device: torch.device) -> list[tuple[float, bool]]:
-    """Scores of one batch: requests that fit the window whole read each context once (``_score_shared``);
-    those cut on the left (their contexts differ per continuation) are read whole (``_score_whole``)."""
-    fits = [max_length is None or len(c) + len(x) <= max_length + 1 for c, x in requests]
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for wanted, scorer in ((True, _score_shared), (False, _score_whole)):
-        index = [i for i, fit in enumerate(fits) if fit == wanted]
-        if index:
-            for i, score in zip(index, scorer(model, [requests[i] for i in index], max_length, device)):
-                out[i] = score
-    return out
-
-
-def _score_shared(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
+def _score_shared(model: nn.Module, requests: list[tuple[tuple, tuple]], batch_size: int,
                   device: torch.device) -> list[tuple[float, bool]]:
     """Requests that fit the window, each distinct context read once: its tokens but the last go through the
-    model into a cache (contexts padded on the left), the cache rows are repeated for every continuation
-    of their context, and one more forward reads [last context token, continuation but its last token]
-    (padded on the right) and gives every logit that scores a continuation.
-
-    The same scores as reading each request whole, for less: a question's context is computed once, not
-    once per choice, and the output layer runs only where a continuation token is predicted."""
+    model into a cache (contexts padded on the left); then the continuations, shortest to longest,
+    ``batch_size`` rows per forward, each row on a copy of its context's cache row, read [last context
+    token, continuation but its last token] (padded on the right), which gives every logit that scores them."""
     contexts = list(dict.fromkeys(c for c, _ in requests))
     row_of = {c: g for g, c in enumerate(contexts)}
     width, steps = max(len(c) for c in contexts) - 1, max(len(x) for _, x in requests)
@@ -160,16 +151,26 @@ def _score_shared(model: nn.Module, requests: list[tuple[tuple, tuple]], max_len
     cache = model.make_cache(len(contexts), width + steps)
     if width:
         model(prefix.to(device), cache=cache, only_last=True, attention_mask=prefix_mask.to(device))
-    rows = torch.tensor([row_of[c] for c, _ in requests])
-    cache.select(rows.to(device))  # (G, ...) -> (B, ...): each context's cache once per continuation
-    ids = torch.zeros(len(requests), steps, dtype=torch.long)  # (B, S), right padding
-    mask = torch.zeros(len(requests), steps, dtype=torch.bool)
-    for row, (context, continuation) in enumerate(requests):
-        ids[row, :len(continuation)] = torch.tensor([context[-1], *continuation[:-1]])
-        mask[row, :len(continuation)] = True
-    attention_mask = torch.cat([prefix_mask[rows], mask], dim=1)  # (B, P + S)
-    logits, _ = model(ids.to(device), cache=cache, attention_mask=attention_mask.to(device))  # (B, S, vocab)
-    return [_continuation_score(logits[row, :len(x)], x) for row, (_, x) in enumerate(requests)]
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    order = sorted(range(len(requests)), key=lambda r: len(requests[r][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        rows = torch.tensor([row_of[requests[r][0]] for r in chunk])
+        chunk_cache = copy.copy(cache)
+        chunk_cache.select(rows.to(device))  # a new cache of these rows (repeats allowed); ``cache`` stays as is
+        length = max(len(requests[r][1]) for r in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)  # (b, S), right padding
+        mask = torch.zeros(len(chunk), length, dtype=torch.bool)
+        for row, r in enumerate(chunk):
+            context, continuation = requests[r]
+            ids[row, :len(continuation)] = torch.tensor([context[-1], *continuation[:-1]])
+            mask[row, :len(continuation)] = True
+        attention_mask = torch.cat([prefix_mask[rows], mask], dim=1)  # (b, P + S)
+        logits, _ = model(ids.to(device), cache=chunk_cache, attention_mask=attention_mask.to(device))  # (b, S, V)
+        for row, r in enumerate(chunk):
+            continuation = requests[r][1]
+            out[r] = _continuation_score(logits[row, :len(continuation)], continuation)
+    return out
 
 
 def _score_whole(model: nn.Module, requests: list[tuple[tuple, tuple]], max_length: int | None,
