@@ -144,11 +144,15 @@ def test_rolling_loglikelihood_and_generation_match_hf_backend(setup):
 
 def test_lm_eval_flags_and_model_args_combine(setup):
     """lm-eval's CLI passes batch_size (1 by default) and device (cuda:0) itself: model_args win, and a missing
-    GPU falls back to the CPU as the hf backend does."""
+    GPU falls back to the CPU as the hf backend does; a bad value is a one-line ConfigError."""
     ckpt = setup[0]
     lm = LmlabLM.create_from_arg_string(f"path={ckpt},batch_size=5", {"batch_size": 1, "device": "cuda:0"})
     assert lm.batch_size == 5
     assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert LmlabLM.create_from_arg_string(f"path={ckpt},batch_size=auto").batch_size == 32
+    for bad, name in (("batch_size=0", "batch_size"), ("precision=fp8", "precision")):
+        with pytest.raises(ConfigError, match=name):
+            LmlabLM.create_from_arg_string(f"path={ckpt},{bad}")
 
 
 def test_missing_lm_eval_is_a_one_line_error_naming_the_extra(monkeypatch):

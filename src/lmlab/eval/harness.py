@@ -28,7 +28,7 @@ try:
 except ImportError as e:  # the optional extra is missing
     raise ConfigError(f"lm-evaluation-harness is not installed ({e.name}); pip install 'lmlab[lm-eval]'") from None
 
-from lmlab.config import Precision, check_argument
+from lmlab.config import Count, Precision, check_argument
 from lmlab.eval.loglik import score_continuations, score_rolling
 from lmlab.generate.engine import generate_texts
 from lmlab.generate.sampling import SamplingParams
@@ -49,8 +49,8 @@ class LmlabLM(LM):
     """An lmlab checkpoint as an lm-eval model: ``--model lmlab --model_args path=CKPT[,batch_size=N]
     [,device=cpu][,precision=fp32]``.
 
-    ``path``: an lmlab checkpoint or run folder (a language model). ``batch_size``: contexts per forward pass
-    ("auto" means 32). ``precision``: autocast of the forward passes (fp32 by default, so that scores match
+    ``path``: an lmlab checkpoint or run folder (a language model). ``batch_size``: sequences per forward pass
+    ("auto" means 32). ``max_length``: the longest input (default: the model's context). ``precision``: autocast of the forward passes (fp32 by default, so that scores match
     the ``hf`` backend's fp32 ones). ``device``: lm-eval's CLI passes cuda:0 by default; like its ``hf`` backend,
     the adapter falls back to the CPU when no GPU is there.
     """
@@ -59,13 +59,15 @@ class LmlabLM(LM):
                  precision: str = "fp32", max_length: int | None = None, **ignored):
         super().__init__()
         if ignored:
-            log.info("lmlab model: ignoring %s", ", ".join(sorted(ignored)))
+            log.warning("lmlab model: ignoring %s", ", ".join(f"{k}={v}" for k, v in sorted(ignored.items())))
+        auto = str(batch_size).startswith("auto")
+        self.batch_size = DEFAULT_BATCH_SIZE if auto else check_argument("batch_size", batch_size, Count)
+        check_argument("max_length", max_length, Count | None)
+        check_argument("precision", precision, Precision)
         self._device = _available_device(device)
         ckpt = require_language_model(load_checkpoint(path, device=self._device))
         self.model, self.tokenizer, self.path = ckpt.model, ckpt.tokenizer, str(ckpt.path)
-        self.batch_size = DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = max_length or self.model.context_length
-        check_argument("precision", precision, Precision)
         self.precision = resolve_precision(precision, self._device, width_of(self.model))
 
     @classmethod
