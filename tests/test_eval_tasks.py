@@ -323,3 +323,23 @@ def test_cli_task_and_compare_end_to_end(taught, facts, tmp_path, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and fragment in errors[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_a_classifier_checkpoint_runs_a_classification_task_as_eval_classify_does(taught, tmp_path):
+    from lmlab.finetune.classify import build_classifier, evaluate_classification_task, evaluate_file
+    from lmlab.train.checkpoint import load_checkpoint
+
+    _, tokenizer = taught
+    classifier = build_classifier(tiny_model(tokenizer, "gpt2", block_size=32, seed=3), ["cold", "warm"], None, 0.0)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "clf", classifier, tokenizer))
+    records = [{"text": thing, "label": "cold" if colour in ("blue", "white") else "warm"} for thing, colour in FACTS]
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "test.jsonl", records)
+    spec = load_spec(str(write_spec(tmp_path / "s.yaml", name="warmth", type="classification", data=str(data),
+                                    labels={"warm": "warm", "cold": "cold"})))  # another order than the head's
+    result = evaluate_classification_task(ckpt, spec)
+    reference = evaluate_file(ckpt, str(data), text_field="text")
+    assert result["examples"] == 4 and result["metrics"]["acc"] == pytest.approx(reference["accuracy"])
+    assert result["metrics"]["macro_f1"] == pytest.approx(reference["macro_f1"])
+    with pytest.raises(ConfigError, match="label 'hot' is not one of the classifier's"):
+        evaluate_classification_task(ckpt, dataclasses_replace(spec, labels={"hot": "hot"}))

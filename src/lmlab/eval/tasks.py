@@ -12,7 +12,8 @@ classification by label words, last word) or references to compare a greedy gene
                      exp(-mean log-probability of the last word) over the examples (the harness's)
     generation       greedy decoding (the generation engine) until a stop string: exact_match and f1
                      (SQuAD's normalisation, best over the references), bleu / rouge (eval/text_metrics)
-    classification   a language model chooses among label words by log-likelihood: acc, macro_f1
+    classification   a language model chooses among label words by log-likelihood; a classifier
+                     checkpoint classifies the text (finetune/classify.py): acc, macro_f1
 
 Formats: ``arc`` (AI2's ARC JSONL: question.stem, question.choices[{label, text}], answerKey),
 ``hellaswag`` (ctx or ctx_a/ctx_b, endings, label; the harness's clean-up of WikiHow's brackets) and
@@ -357,7 +358,12 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, spec: TaskSpec, batch_
             per_example, samples = _generation(model, tokenizer, spec, docs, prompts, batch_size)
         else:
             per_example, samples = _choices(model, tokenizer, spec, docs, prompts, batch_size)
-    seconds = time.perf_counter() - start
+    return task_result(spec, docs, per_example, samples, time.perf_counter() - start)
+
+
+def task_result(spec: TaskSpec, docs: list[Doc], per_example: dict, samples: list[dict], seconds: float) -> dict:
+    """What a task run reports, whoever scored it (a language model here, a classifier in finetune/classify):
+    the spec's settings, the metrics with their standard errors, chance, the speed and the samples."""
     metrics = spec.metrics or DEFAULT_METRICS[spec.type]
     return {"task": spec.name, "type": spec.type, "data": str(split_file(spec, spec.split)), "split": spec.split,
             "examples": len(docs), "num_fewshot": spec.num_fewshot, "fewshot_seed": spec.fewshot_seed,
