@@ -38,14 +38,16 @@ Request = tuple[list[int], list[int]]  # (context token ids, continuation token 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Request:
     """Context and continuation token ids, split as lm-evaluation-harness splits them (see the module
     docstring): trailing whitespace of the context goes to the continuation; an empty context is the
-    end-of-text token."""
+    end-of-text token (or the continuation's own first token, if that is end-of-text). Special tokens
+    written in the text are encoded as special tokens, as Hugging Face tokenizers (and so the harness) do."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [tokenizer.eot_id], tokenizer.encode(continuation, allow_special=False)
-    whole = tokenizer.encode(context + continuation, allow_special=False)
-    context_ids = tokenizer.encode(context, allow_special=False)
+        ids = tokenizer.encode(continuation)
+        return (ids[:1], ids[1:]) if ids and ids[0] == tokenizer.eot_id else ([tokenizer.eot_id], ids)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
@@ -62,7 +64,7 @@ def score_rolling(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batc
     windows of the model's context (lm-evaluation-harness's ``loglikelihood_rolling``)."""
     requests, owners = [], []
     for i, text in enumerate(texts):
-        ids = [tokenizer.eot_id, *tokenizer.encode(text, allow_special=False)]
+        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
         for begin, end, first in rolling_windows(len(ids), model.context_length):
             requests.append((ids[begin:first], ids[first:end]))
             owners.append(i)
