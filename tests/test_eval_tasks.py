@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lmlab.cli import main
 from lmlab.config import ModelConfig
@@ -128,7 +129,7 @@ def write_jsonl(path, records):
 
 
 def write_spec(path, **spec):
-    path.write_text(json.dumps(spec), encoding="utf-8")  # JSON is YAML
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return path
 
 
@@ -186,6 +187,8 @@ def facts(tmp_path):
     ("generation", {"max_new_tokens": 8}, {"exact_match": 1.0, "f1": 1.0}),
     ("classification", {"labels": {c[0]: c for c in COLOURS}, "fields": {"text": "context", "label": "colour"}},
      {"acc": 1.0, "macro_f1": 1.0}),
+    ("classification", {"labels": {i: c for i, c in enumerate(COLOURS)}, "fields": {"text": "context"}},
+     {"acc": 1.0}),  # label values that YAML reads as ints
 ])
 def test_a_model_that_knows_the_answers_gets_them_all(kind, extra, figures, taught, facts):
     model, tokenizer = taught

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import random
 import re
@@ -50,6 +51,7 @@ from lmlab.generate.sampling import SamplingParams
 from lmlab.models.interface import width_of
 from lmlab.runtime import autocast_context, resolve_precision
 
+log = logging.getLogger(__name__)
 TaskType = Literal["multiple_choice", "last_word", "generation", "classification"]
 TaskFormat = Literal["json", "arc", "hellaswag"]
 METRICS = {
@@ -125,6 +127,8 @@ def load_spec(task: str, overrides: dict | None = None) -> TaskSpec:
     else:
         raise ConfigError(f"unknown task {task!r}: give a spec file (.yaml) or one of {', '.join(builtin_tasks())}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(data.get("labels"), dict):  # YAML reads "0: negative" with an int key; records' labels are text
+        data["labels"] = {str(k): v for k, v in data["labels"].items()}
     spec = from_dict(TaskSpec, {**data, **overrides}, "task.")
     if spec.data and base is not None and not Path(spec.data).is_absolute() and "data" not in overrides:
         spec = dataclasses.replace(spec, data=str(base / spec.data))
@@ -351,6 +355,8 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, spec: TaskSpec, batch_
     check_argument("precision", precision, Precision)
     docs = read_docs(spec, limit=spec.limit)
     prompts = fewshot_prompts(spec, docs, fewshot_pool(spec))
+    log.info("%s: %d examples, %d-shot, %s", spec.name, len(docs), spec.num_fewshot,
+             "greedy generation" if spec.type == "generation" else f"{sum(len(d.targets) for d in docs)} continuations")
     device = next(model.parameters()).device
     start = time.perf_counter()
     with autocast_context(resolve_precision(precision, device, width_of(model)), device):
