@@ -265,6 +265,7 @@ def test_squad_normalisation_and_token_f1():
 @pytest.mark.parametrize("spec, fragment", [
     ({"name": "t", "type": "multiple_choice", "promt": "x"}, "prompt"),  # did you mean
     ({"name": "t", "type": "ranking"}, "task.type"),
+    ({"type": "multiple_choice"}, "name must be given"),
     ({"name": "t", "type": "multiple_choice", "num_fewshot": -1}, "task.num_fewshot"),
     ({"name": "t", "type": "multiple_choice", "metrics": ["bleu"]}, "does not apply to multiple_choice"),
     ({"name": "t", "type": "classification"}, "needs labels"),

@@ -129,7 +129,11 @@ def load_spec(task: str, overrides: dict | None = None) -> TaskSpec:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if isinstance(data.get("labels"), dict):  # YAML reads "0: negative" with an int key; records' labels are text
         data["labels"] = {str(k): v for k, v in data["labels"].items()}
-    spec = from_dict(TaskSpec, {**data, **overrides}, "task.")
+    data = {**data, **overrides}
+    missing = [key for key in ("name", "type") if key not in data]
+    if missing:
+        raise ConfigError(f"task spec {task}: {' and '.join(missing)} must be given (type: {', '.join(METRICS)})")
+    spec = from_dict(TaskSpec, data, "task.")
     if spec.data and base is not None and not Path(spec.data).is_absolute() and "data" not in overrides:
         spec = dataclasses.replace(spec, data=str(base / spec.data))
     check_spec(spec)
