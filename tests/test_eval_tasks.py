@@ -316,7 +316,8 @@ def test_cli_task_and_compare_end_to_end(taught, facts, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "runs"), "--out", str(tmp_path / "c")]) == 0
     table = (tmp_path / "c" / "results.md").read_text()
-    assert table.count("| facts |") == 2 and (tmp_path / "c" / "comparison.png").is_file()
+    assert "| a | facts | 3 |" in table and "| runs/b | facts | 4 |" in table  # named by their folders
+    assert (tmp_path / "c" / "comparison.png").is_file()
     for argv, fragment in [(["eval", "task", str(ckpt), "--task", "nope", "--out", str(tmp_path / "d")], "unknown task"),
                            (["eval", "task", str(ckpt), "--task", str(spec), "--limit", "0", "--out",
                              str(tmp_path / "d")], "task.limit"),
