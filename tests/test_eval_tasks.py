@@ -82,8 +82,20 @@ def test_long_contexts_are_cut_on_the_left(bpe):
     lstm = tiny_model(bpe, "lstm")  # no window of its own: max_length cuts it
     (cut, _), = score_continuations(lstm, bpe, [(context, " jolly")], max_length=5)
     assert cut == pytest.approx(naive_score(lstm, bpe, context, " jolly", 5)[0], abs=1e-5)
-    with pytest.raises(DataError, match="does not fit"):
-        score_continuations(model, bpe, [("the", " quick brown fox jumps over a lazy dog while seven")], max_length=4)
+    # a continuation longer than the window: scored in pieces of the window, each with left context
+    context, continuation = encode_pair(bpe, "the", " quick brown fox jumps over a lazy dog while seven wizards")
+    assert len(continuation) > 8
+    ids, expected, greedy = context + continuation, 0.0, True
+    for start in range(len(context), len(ids), 8):
+        end = min(start + 8, len(ids))
+        inputs = ids[max(0, end - 9):end - 1]
+        logprobs = F.log_softmax(model(torch.tensor([inputs]))[0][0, -(end - start):], -1)
+        target = torch.tensor(ids[start:end])
+        expected += logprobs.gather(1, target[:, None]).sum().item()
+        greedy &= bool((logprobs.argmax(-1) == target).all())
+    (logprob, is_greedy), = score_continuations(model, bpe, [("the", " quick brown fox jumps over a lazy dog while "
+                                                                     "seven wizards")], batch_size=2)
+    assert logprob == pytest.approx(expected, abs=1e-5) and is_greedy == greedy
 
 
 def test_the_split_gives_leading_spaces_to_the_continuation(bpe):

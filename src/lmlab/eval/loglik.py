@@ -93,16 +93,36 @@ def score_requests(model: nn.Module, requests: list[Request], batch_size: int = 
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model.context_length
-    for context, continuation in requests:
+    pieces, owners = [], []
+    for i, (context, continuation) in enumerate(requests):
         if not continuation:
             raise DataError("a continuation encodes to no tokens; every choice must have text")
         if not context:
             raise DataError("a request has no context tokens (give the end-of-text token for none)")
-        if max_length is not None and len(continuation) > max_length:
-            raise DataError(f"a continuation of {len(continuation)} tokens does not fit the window of {max_length}")
-    unique = list(dict.fromkeys((tuple(c), tuple(x)) for c, x in requests))
+        for piece in window_pieces(list(context), list(continuation), max_length):
+            pieces.append(piece)
+            owners.append(i)
+    unique = list(dict.fromkeys(pieces))
     scores = dict(zip(unique, _score_unique(model, unique, batch_size, max_length)))
-    return [scores[(tuple(c), tuple(x))] for c, x in requests]
+    totals = [(0.0, True)] * len(requests)
+    for i, piece in zip(owners, pieces):
+        logprob, greedy = scores[piece]
+        totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
+    return totals
+
+
+def window_pieces(context: list[int], continuation: list[int], max_length: int | None) -> list[tuple[tuple, tuple]]:
+    """A request as what one forward pass scores: itself, or, when the continuation alone outgrows the
+    window, consecutive pieces of at most ``max_length`` continuation tokens, each with the window's
+    worth of left context (so every token is scored once; the harness would fail on such a request)."""
+    if max_length is None or len(continuation) <= max_length:
+        return [(tuple(context), tuple(continuation))]
+    ids = context + continuation
+    pieces = []
+    for start in range(len(context), len(ids), max_length):
+        end = min(start + max_length, len(ids))
+        pieces.append((tuple(ids[max(0, end - max_length - 1):start]), tuple(ids[start:end])))
+    return pieces
 
 
 def _score_unique(model: nn.Module, requests: list[tuple[tuple, tuple]], batch_size: int,
