@@ -40,15 +40,26 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Reques
     docstring): trailing whitespace of the context goes to the continuation; an empty context is the
     end-of-text token (or the continuation's own first token, if that is end-of-text). Special tokens
     written in the text are encoded as special tokens, as Hugging Face tokenizers (and so the harness) do."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        ids = tokenizer.encode(continuation)
-        return (ids[:1], ids[1:]) if ids and ids[0] == tokenizer.eot_id else ([tokenizer.eot_id], ids)
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[Request]:
+    """``encode_pair`` of many pairs, their texts encoded in parallel by the Rust library."""
+    moved = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        moved.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
+    wholes = tokenizer.encode_batch([context + continuation for context, continuation in moved])
+    contexts = tokenizer.encode_batch([context for context, _ in moved])
+    requests = []
+    for (context, _), whole, context_ids in zip(moved, wholes, contexts):
+        if context:
+            requests.append((whole[:len(context_ids)], whole[len(context_ids):]))
+        elif whole and whole[0] == tokenizer.eot_id:  # the continuation starts with its own end-of-text
+            requests.append((whole[:1], whole[1:]))
+        else:
+            requests.append(([tokenizer.eot_id], whole))
+    return requests
 
 
 def score_continuations(model: nn.Module, tokenizer: Tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32,
@@ -56,7 +67,7 @@ def score_continuations(model: nn.Module, tokenizer: Tokenizer, pairs: list[tupl
     """(summed log-probability of the continuation, whether greedy decoding produces it) per (context,
     continuation) pair, in the order given. ``max_length`` (default: the model's context; none for a
     recurrent model) is the longest input; longer ones lose tokens on the left."""
-    return score_requests(model, [encode_pair(tokenizer, c, x) for c, x in pairs], batch_size, max_length)
+    return score_requests(model, encode_pairs(tokenizer, pairs), batch_size, max_length)
 
 
 def score_rolling(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
