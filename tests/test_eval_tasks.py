@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lmlab.cli import main
 from lmlab.config import ModelConfig
@@ -81,8 +82,20 @@ def test_long_contexts_are_cut_on_the_left(bpe):
     lstm = tiny_model(bpe, "lstm")  # no window of its own: max_length cuts it
     (cut, _), = score_continuations(lstm, bpe, [(context, " jolly")], max_length=5)
     assert cut == pytest.approx(naive_score(lstm, bpe, context, " jolly", 5)[0], abs=1e-5)
-    with pytest.raises(DataError, match="does not fit"):
-        score_continuations(model, bpe, [("the", " quick brown fox jumps over a lazy dog while seven")], max_length=4)
+    # a continuation longer than the window: scored in pieces of the window, each with left context
+    context, continuation = encode_pair(bpe, "the", " quick brown fox jumps over a lazy dog while seven wizards")
+    assert len(continuation) > 8
+    ids, expected, greedy = context + continuation, 0.0, True
+    for start in range(len(context), len(ids), 8):
+        end = min(start + 8, len(ids))
+        inputs = ids[max(0, end - 9):end - 1]
+        logprobs = F.log_softmax(model(torch.tensor([inputs]))[0][0, -(end - start):], -1)
+        target = torch.tensor(ids[start:end])
+        expected += logprobs.gather(1, target[:, None]).sum().item()
+        greedy &= bool((logprobs.argmax(-1) == target).all())
+    (logprob, is_greedy), = score_continuations(model, bpe, [("the", " quick brown fox jumps over a lazy dog while "
+                                                                     "seven wizards")], batch_size=2)
+    assert logprob == pytest.approx(expected, abs=1e-5) and is_greedy == greedy
 
 
 @pytest.mark.parametrize("family", ["gpt2", "lstm"])
@@ -140,7 +153,7 @@ def write_jsonl(path, records):
 
 
 def write_spec(path, **spec):
-    path.write_text(json.dumps(spec), encoding="utf-8")  # JSON is YAML
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return path
 
 
@@ -198,6 +211,8 @@ def facts(tmp_path):
     ("generation", {"max_new_tokens": 8}, {"exact_match": 1.0, "f1": 1.0}),
     ("classification", {"labels": {c[0]: c for c in COLOURS}, "fields": {"text": "context", "label": "colour"}},
      {"acc": 1.0, "macro_f1": 1.0}),
+    ("classification", {"labels": {i: c for i, c in enumerate(COLOURS)}, "fields": {"text": "context"}},
+     {"acc": 1.0}),  # label values that YAML reads as ints
 ])
 def test_a_model_that_knows_the_answers_gets_them_all(kind, extra, figures, taught, facts):
     model, tokenizer = taught
@@ -274,6 +289,7 @@ def test_squad_normalisation_and_token_f1():
 @pytest.mark.parametrize("spec, fragment", [
     ({"name": "t", "type": "multiple_choice", "promt": "x"}, "prompt"),  # did you mean
     ({"name": "t", "type": "ranking"}, "task.type"),
+    ({"type": "multiple_choice"}, "name must be given"),
     ({"name": "t", "type": "multiple_choice", "num_fewshot": -1}, "task.num_fewshot"),
     ({"name": "t", "type": "multiple_choice", "metrics": ["bleu"]}, "does not apply to multiple_choice"),
     ({"name": "t", "type": "classification"}, "needs labels"),
@@ -324,7 +340,8 @@ def test_cli_task_and_compare_end_to_end(taught, facts, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "runs"), "--out", str(tmp_path / "c")]) == 0
     table = (tmp_path / "c" / "results.md").read_text()
-    assert table.count("| facts |") == 2 and (tmp_path / "c" / "comparison.png").is_file()
+    assert "| a | facts | 3 |" in table and "| runs/b | facts | 4 |" in table  # named by their folders
+    assert (tmp_path / "c" / "comparison.png").is_file()
     for argv, fragment in [(["eval", "task", str(ckpt), "--task", "nope", "--out", str(tmp_path / "d")], "unknown task"),
                            (["eval", "task", str(ckpt), "--task", str(spec), "--limit", "0", "--out",
                              str(tmp_path / "d")], "task.limit"),
@@ -335,3 +352,23 @@ def test_cli_task_and_compare_end_to_end(taught, facts, tmp_path, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and fragment in errors[0]
     assert not (tmp_path / "d").exists()
+
+
+def test_a_classifier_checkpoint_runs_a_classification_task_as_eval_classify_does(taught, tmp_path):
+    from lmlab.finetune.classify import build_classifier, evaluate_classification_task, evaluate_file
+    from lmlab.train.checkpoint import load_checkpoint
+
+    _, tokenizer = taught
+    classifier = build_classifier(tiny_model(tokenizer, "gpt2", block_size=32, seed=3), ["cold", "warm"], None, 0.0)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "clf", classifier, tokenizer))
+    records = [{"text": thing, "label": "cold" if colour in ("blue", "white") else "warm"} for thing, colour in FACTS]
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "test.jsonl", records)
+    spec = load_spec(str(write_spec(tmp_path / "s.yaml", name="warmth", type="classification", data=str(data),
+                                    labels={"warm": "warm", "cold": "cold"})))  # another order than the head's
+    result = evaluate_classification_task(ckpt, spec)
+    reference = evaluate_file(ckpt, str(data), text_field="text")
+    assert result["examples"] == 4 and result["metrics"]["acc"] == pytest.approx(reference["accuracy"])
+    assert result["metrics"]["macro_f1"] == pytest.approx(reference["macro_f1"])
+    with pytest.raises(ConfigError, match="label 'hot' is not one of the classifier's"):
+        evaluate_classification_task(ckpt, dataclasses_replace(spec, labels={"hot": "hot"}))

@@ -234,12 +234,18 @@ def cmd_eval_classify(args: argparse.Namespace) -> None:
 def cmd_eval_task(args: argparse.Namespace) -> None:
     from lmlab.eval.report import check_report_output, write_task_report
     from lmlab.eval.tasks import evaluate_task, load_spec
+    from lmlab.finetune.classify import evaluate_classification_task
+    from lmlab.models.heads import SequenceClassifier, require_language_model
     from lmlab.runs import atomic_dir
 
     spec = load_spec(args.task, given(args, "data", "limit", "num_fewshot"))
     out = check_report_output(args.out, args.checkpoint, [spec.data] if spec.data else [], force=args.force)
-    ckpt = load(args, language_model=True)
-    result = evaluate_task(ckpt.model, ckpt.tokenizer, spec, **given(args, "batch_size", "precision"))
+    ckpt = load(args)
+    if isinstance(ckpt.model, SequenceClassifier):
+        result = evaluate_classification_task(ckpt, spec, **given(args, "batch_size"))
+    else:
+        ckpt = require_language_model(ckpt)
+        result = evaluate_task(ckpt.model, ckpt.tokenizer, spec, **given(args, "batch_size", "precision"))
     result = {"checkpoint": str(ckpt.path), **result}
     with atomic_dir(out) as folder:
         write_task_report(result, folder)
@@ -652,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "docs/evaluation.md): log-likelihoods of choices as lm-evaluation-harness scores "
                                    "them, or greedy generations. Writes results.json, results.md, samples.jsonl and "
                                    "metrics.png to --out.")
-    et.add_argument("checkpoint", help="checkpoint or run folder, HF folder or pretrained name (a decoder LM)")
+    et.add_argument("checkpoint", help="checkpoint or run folder, HF folder or pretrained name: a decoder LM, or a "
+                                       "classifier for a classification task")
     et.add_argument("--task", required=True, help="a built-in task name or a spec file (.yaml)")
     et.add_argument("--data", help="the task's data: a file, or a folder of split files (ARC-Easy-Test.jsonl...) "
                                    "(default: the spec's data)")

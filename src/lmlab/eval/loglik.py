@@ -43,15 +43,28 @@ Request = tuple[list[int], list[int]]  # (context token ids, continuation token 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Request:
     """Context and continuation token ids, split as lm-evaluation-harness splits them (see the module
     docstring): trailing whitespace of the context goes to the continuation; an empty context is the
-    end-of-text token."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        return [tokenizer.eot_id], tokenizer.encode(continuation, allow_special=False)
-    whole = tokenizer.encode(context + continuation, allow_special=False)
-    context_ids = tokenizer.encode(context, allow_special=False)
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    end-of-text token (or the continuation's own first token, if that is end-of-text). Special tokens
+    written in the text are encoded as special tokens, as Hugging Face tokenizers (and so the harness) do."""
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[Request]:
+    """``encode_pair`` of many pairs, their texts encoded in parallel by the Rust library."""
+    moved = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        moved.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
+    wholes = tokenizer.encode_batch([context + continuation for context, continuation in moved])
+    contexts = tokenizer.encode_batch([context for context, _ in moved])
+    requests = []
+    for (context, _), whole, context_ids in zip(moved, wholes, contexts):
+        if context:
+            requests.append((whole[:len(context_ids)], whole[len(context_ids):]))
+        elif whole and whole[0] == tokenizer.eot_id:  # the continuation starts with its own end-of-text
+            requests.append((whole[:1], whole[1:]))
+        else:
+            requests.append(([tokenizer.eot_id], whole))
+    return requests
 
 
 def score_continuations(model: nn.Module, tokenizer: Tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32,
@@ -59,7 +72,7 @@ def score_continuations(model: nn.Module, tokenizer: Tokenizer, pairs: list[tupl
     """(summed log-probability of the continuation, whether greedy decoding produces it) per (context,
     continuation) pair, in the order given. ``max_length`` (default: the model's context; none for a
     recurrent model) is the longest input; longer ones lose tokens on the left."""
-    return score_requests(model, [encode_pair(tokenizer, c, x) for c, x in pairs], batch_size, max_length)
+    return score_requests(model, encode_pairs(tokenizer, pairs), batch_size, max_length)
 
 
 def score_rolling(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
@@ -67,7 +80,7 @@ def score_rolling(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batc
     windows of the model's context (lm-evaluation-harness's ``loglikelihood_rolling``)."""
     requests, owners = [], []
     for i, text in enumerate(texts):
-        ids = [tokenizer.eot_id, *tokenizer.encode(text, allow_special=False)]
+        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
         for begin, end, first in rolling_windows(len(ids), model.context_length):
             requests.append((ids[begin:first], ids[first:end]))
             owners.append(i)
@@ -96,16 +109,36 @@ def score_requests(model: nn.Module, requests: list[Request], batch_size: int = 
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model.context_length
-    for context, continuation in requests:
+    pieces, owners = [], []
+    for i, (context, continuation) in enumerate(requests):
         if not continuation:
             raise DataError("a continuation encodes to no tokens; every choice must have text")
         if not context:
             raise DataError("a request has no context tokens (give the end-of-text token for none)")
-        if max_length is not None and len(continuation) > max_length:
-            raise DataError(f"a continuation of {len(continuation)} tokens does not fit the window of {max_length}")
-    unique = list(dict.fromkeys((tuple(c), tuple(x)) for c, x in requests))
+        for piece in window_pieces(list(context), list(continuation), max_length):
+            pieces.append(piece)
+            owners.append(i)
+    unique = list(dict.fromkeys(pieces))
     scores = dict(zip(unique, _score_unique(model, unique, batch_size, max_length)))
-    return [scores[(tuple(c), tuple(x))] for c, x in requests]
+    totals = [(0.0, True)] * len(requests)
+    for i, piece in zip(owners, pieces):
+        logprob, greedy = scores[piece]
+        totals[i] = (totals[i][0] + logprob, totals[i][1] and greedy)
+    return totals
+
+
+def window_pieces(context: list[int], continuation: list[int], max_length: int | None) -> list[tuple[tuple, tuple]]:
+    """A request as what one forward pass scores: itself, or, when the continuation alone outgrows the
+    window, consecutive pieces of at most ``max_length`` continuation tokens, each with the window's
+    worth of left context (so every token is scored once; the harness would fail on such a request)."""
+    if max_length is None or len(continuation) <= max_length:
+        return [(tuple(context), tuple(continuation))]
+    ids = context + continuation
+    pieces = []
+    for start in range(len(context), len(ids), max_length):
+        end = min(start + max_length, len(ids))
+        pieces.append((tuple(ids[max(0, end - max_length - 1):start]), tuple(ids[start:end])))
+    return pieces
 
 
 def _score_unique(model: nn.Module, requests: list[tuple[tuple, tuple]], batch_size: int,

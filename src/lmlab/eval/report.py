@@ -5,6 +5,7 @@ in an output folder, written atomically; a classification report adds ``confusio
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lmlab.eval.metrics import confusion_text, plot_confusion
@@ -103,8 +104,8 @@ def write_comparison(results: list[dict], out_dir: str | Path) -> str:
     out_dir = Path(out_dir)
     names = list(dict.fromkeys(m for r in results for m in r["metrics"]))
     head = "| result | task | examples | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names) + "\n"
-    rows = [{"result": label_of(r), "task": r["task"], "examples": r.get("examples"),
-             **{m: r["metrics"].get(m) for m in names}} for r in results]
+    rows = [{"result": label, "task": r["task"], "examples": r.get("examples"), "checkpoint": r.get("checkpoint"),
+             **{m: r["metrics"].get(m) for m in names}} for label, r in zip(result_labels(results), results)]
     body = "".join(f"| {row['result']} | {row['task']} | {row['examples']} | "
                    + " | ".join("" if row[m] is None else _cell(row[m]) for m in names) + " |\n" for row in rows)
     md = f"# Comparison\n\n{head}{body}\n![comparison](comparison.png)\n"
@@ -114,13 +115,13 @@ def write_comparison(results: list[dict], out_dir: str | Path) -> str:
     return md
 
 
-def label_of(result: dict) -> str:
-    """A short name of a result: its checkpoint's run folder name (or the checkpoint), else its folder."""
-    checkpoint = result.get("checkpoint")
-    if checkpoint:
-        path = Path(checkpoint)
-        return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
-    return Path(result["source"]).name
+def result_labels(results: list[dict]) -> list[str]:
+    """Short distinct names of results: their folders, relative to the folder all of them are in."""
+    sources = [Path(r["source"]).resolve() for r in results]
+    if len(sources) == 1:
+        return [sources[0].name]
+    common = Path(os.path.commonpath(sources))
+    return [str(s.relative_to(common)) if s != common else s.name for s in sources]
 
 
 def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, chance: float | None = None) -> Path:

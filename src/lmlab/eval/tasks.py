@@ -12,7 +12,8 @@ classification by label words, last word) or references to compare a greedy gene
                      exp(-mean log-probability of the last word) over the examples (the harness's)
     generation       greedy decoding (the generation engine) until a stop string: exact_match and f1
                      (SQuAD's normalisation, best over the references), bleu / rouge (eval/text_metrics)
-    classification   a language model chooses among label words by log-likelihood: acc, macro_f1
+    classification   a language model chooses among label words by log-likelihood; a classifier
+                     checkpoint classifies the text (finetune/classify.py): acc, macro_f1
 
 Formats: ``arc`` (AI2's ARC JSONL: question.stem, question.choices[{label, text}], answerKey),
 ``hellaswag`` (ctx or ctx_a/ctx_b, endings, label; the harness's clean-up of WikiHow's brackets) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import random
 import re
@@ -49,6 +51,7 @@ from lmlab.generate.sampling import SamplingParams
 from lmlab.models.interface import width_of
 from lmlab.runtime import autocast_context, resolve_precision
 
+log = logging.getLogger(__name__)
 TaskType = Literal["multiple_choice", "last_word", "generation", "classification"]
 TaskFormat = Literal["json", "arc", "hellaswag"]
 METRICS = {
@@ -124,7 +127,13 @@ def load_spec(task: str, overrides: dict | None = None) -> TaskSpec:
     else:
         raise ConfigError(f"unknown task {task!r}: give a spec file (.yaml) or one of {', '.join(builtin_tasks())}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    spec = from_dict(TaskSpec, {**data, **overrides}, "task.")
+    if isinstance(data.get("labels"), dict):  # YAML reads "0: negative" with an int key; records' labels are text
+        data["labels"] = {str(k): v for k, v in data["labels"].items()}
+    data = {**data, **overrides}
+    missing = [key for key in ("name", "type") if key not in data]
+    if missing:
+        raise ConfigError(f"task spec {task}: {' and '.join(missing)} must be given (type: {', '.join(METRICS)})")
+    spec = from_dict(TaskSpec, data, "task.")
     if spec.data and base is not None and not Path(spec.data).is_absolute() and "data" not in overrides:
         spec = dataclasses.replace(spec, data=str(base / spec.data))
     check_spec(spec)
@@ -350,6 +359,8 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, spec: TaskSpec, batch_
     check_argument("precision", precision, Precision)
     docs = read_docs(spec, limit=spec.limit)
     prompts = fewshot_prompts(spec, docs, fewshot_pool(spec))
+    log.info("%s: %d examples, %d-shot, %s", spec.name, len(docs), spec.num_fewshot,
+             "greedy generation" if spec.type == "generation" else f"{sum(len(d.targets) for d in docs)} continuations")
     device = next(model.parameters()).device
     start = time.perf_counter()
     with autocast_context(resolve_precision(precision, device, width_of(model)), device):
@@ -357,7 +368,12 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, spec: TaskSpec, batch_
             per_example, samples = _generation(model, tokenizer, spec, docs, prompts, batch_size)
         else:
             per_example, samples = _choices(model, tokenizer, spec, docs, prompts, batch_size)
-    seconds = time.perf_counter() - start
+    return task_result(spec, docs, per_example, samples, time.perf_counter() - start)
+
+
+def task_result(spec: TaskSpec, docs: list[Doc], per_example: dict, samples: list[dict], seconds: float) -> dict:
+    """What a task run reports, whoever scored it (a language model here, a classifier in finetune/classify):
+    the spec's settings, the metrics with their standard errors, chance, the speed and the samples."""
     metrics = spec.metrics or DEFAULT_METRICS[spec.type]
     return {"task": spec.name, "type": spec.type, "data": str(split_file(spec, spec.split)), "split": spec.split,
             "examples": len(docs), "num_fewshot": spec.num_fewshot, "fewshot_seed": spec.fewshot_seed,
