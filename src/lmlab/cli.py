@@ -264,6 +264,37 @@ def cmd_eval_classify(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "per_label"}, indent=2))
 
 
+def cmd_eval_task(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output, write_task_report
+    from lmlab.eval.tasks import evaluate_task, load_spec
+    from lmlab.finetune.classify import evaluate_classification_task
+    from lmlab.models.heads import SequenceClassifier, require_language_model
+    from lmlab.runs import atomic_dir
+
+    spec = load_spec(args.task, given(args, "data", "limit", "num_fewshot"))
+    out = check_report_output(args.out, args.checkpoint, [spec.data] if spec.data else [], force=args.force)
+    ckpt = load(args)
+    if isinstance(ckpt.model, SequenceClassifier):
+        result = evaluate_classification_task(ckpt, spec, **given(args, "batch_size"))
+    else:
+        ckpt = require_language_model(ckpt)
+        result = evaluate_task(ckpt.model, ckpt.tokenizer, spec, **given(args, "batch_size", "precision"))
+    result = {"checkpoint": str(ckpt.path), **result}
+    with atomic_dir(out) as folder:
+        write_task_report(result, folder)
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import read_task_results, write_comparison
+    from lmlab.runs import atomic_dir, check_output
+
+    results = read_task_results(args.results)
+    out = check_output(args.out, "report", args.results, force=args.force)
+    with atomic_dir(out) as folder:
+        print(write_comparison(results, folder), end="")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.finetune.classify import predict_texts, require_classifier
 
@@ -315,6 +346,12 @@ def cmd_inspect_lens(args: argparse.Namespace) -> None:
     with atomic_dir(out) as folder:
         table = inspect_lens(ckpt.model, ckpt.tokenizer, args.prompt, folder, **given(args, "top_k"))
     print(table)
+
+
+def cmd_eval_harness(args: argparse.Namespace) -> None:
+    from lmlab.eval.harness import run_lm_eval
+
+    run_lm_eval(args.args)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -729,6 +766,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flag(ec)
     ec.set_defaults(func=cmd_eval_classify)
 
+    task = "lmlab.eval.tasks:evaluate_task"
+    et = ev.add_parser("task", help="a task from a YAML spec: multiple choice, last word, generation, classification",
+                       description="Score a decoder language model on a task described by a YAML spec (built-in: "
+                                   "arc_easy, arc_challenge, hellaswag, lambada; or your own file, see "
+                                   "docs/evaluation.md): log-likelihoods of choices as lm-evaluation-harness scores "
+                                   "them, or greedy generations. Writes results.json, results.md, samples.jsonl and "
+                                   "metrics.png to --out.")
+    et.add_argument("checkpoint", help="checkpoint or run folder, HF folder or pretrained name: a decoder LM, or a "
+                                       "classifier for a classification task")
+    et.add_argument("--task", required=True, help="a built-in task name or a spec file (.yaml)")
+    et.add_argument("--data", help="the task's data: a file, or a folder of split files (ARC-Easy-Test.jsonl...) "
+                                   "(default: the spec's data)")
+    et.add_argument("--limit", type=int, help="score only the first N examples (default: the spec's, else all)")
+    et.add_argument("--num-fewshot", type=int,
+                    help="solved examples put before each prompt, drawn with the spec's seed (default: the spec's)")
+    et.add_argument("--batch-size", type=int, default=Default(task, "batch_size"),
+                    help="sequences per forward pass, or prompts generated at once (default: %(default)s)")
+    et.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=Default(task, "precision"),
+                    help="autocast precision of the forward passes (default: %(default)s, comparable with other "
+                         "tools; auto: as training chooses)")
+    et.add_argument("--out", required=True, help="folder for the report (new or empty; see --force)")
+    add_force_flag(et, "--out", "evaluation report")
+    add_device_flag(et)
+    et.set_defaults(func=cmd_eval_task)
+
+    cp = ev.add_parser("compare", help="several lmlab eval task results side by side (Markdown table + plot)")
+    cp.add_argument("results", nargs="+", metavar="RUN_OR_RESULTS_DIR",
+                    help="a folder written by lmlab eval task, or a folder (a run) with such folders below it")
+    cp.add_argument("--out", required=True, help="folder for results.md, results.json and comparison.png "
+                                                 "(new or empty; see --force)")
+    add_force_flag(cp, "--out", "comparison report")
+    cp.set_defaults(func=cmd_eval_compare)
+
+    eh = ev.add_parser("harness", add_help=False, prefix_chars="+",  # every argument, -h too, is lm_eval's
+                       help="run EleutherAI's lm-evaluation-harness (lm_eval's own arguments) with --model lmlab "
+                            "and lmlab's local tasks (arc_easy_local) available")
+    eh.add_argument("args", nargs=argparse.REMAINDER, help="lm_eval arguments, e.g. --model lmlab --model_args "
+                    "path=CKPT --tasks arc_easy_local --metadata '{\"data_dir\": DIR}'")
+    eh.set_defaults(func=cmd_eval_harness)
+
     predict = "lmlab.finetune.classify:predict_texts"
     pr = sub.add_parser("predict", help="classify texts with a trained classifier (one JSON line per text)")
     pr.add_argument("checkpoint", help="classifier checkpoint or run folder")
@@ -815,12 +892,15 @@ class SubcommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        add_verbosity_flags(self, default=argparse.SUPPRESS)
+        if "-" in self.prefix_chars:  # not `eval harness`, which passes every argument on to lm_eval
+            add_verbosity_flags(self, default=argparse.SUPPRESS)
         self._intermixing = False
 
     def parse_known_args(self, args=None, namespace=None):
-        """Parse flags and positionals intermixed, unless this parser only picks the next subcommand."""
-        if self._intermixing or any(a.nargs == argparse.PARSER for a in self._get_positional_actions()):
+        """Parse flags and positionals intermixed, unless this parser only picks the next subcommand or passes
+        the rest on (argparse.REMAINDER)."""
+        if self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER)
+                                    for a in self._get_positional_actions()):
             return super().parse_known_args(args, namespace)
         self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
         try:

@@ -1,13 +1,16 @@
 """The one evaluation report format: ``results.json`` (every figure) and ``results.md`` (a readable table)
-in an output folder, written atomically; a classification report adds ``confusion.png``."""
+in an output folder, written atomically; a classification report adds ``confusion.png``, a task report
+(``lmlab eval task``) samples.jsonl and metrics.png, a comparison of task reports comparison.png."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lmlab.eval.metrics import confusion_text, plot_confusion
-from lmlab.runs import atomic_write_text, check_output, list_checkpoints
+from lmlab.errors import DataError
+from lmlab.runs import atomic_write_text, check_output, list_checkpoints, read_text_file
 
 
 def check_report_output(out_dir: str | Path, checkpoint: str | Path, data: list[str], force: bool = False) -> Path:
@@ -53,3 +56,97 @@ def write_classification_report(report: dict, out_dir: str | Path, title: str, e
           + "![confusion matrix](confusion.png)\n")
     write_results(out_dir, payload, md)
     plot_confusion(report, out_dir / "confusion.png", title)
+
+
+FRACTION_METRICS = ("acc", "acc_norm", "acc_bytes", "exact_match", "f1", "macro_f1")  # 0..1: one bar plot's axis
+
+
+def write_task_report(result: dict, out_dir: str | Path) -> None:
+    """An ``lmlab eval task`` result as results.json (every figure, no samples), samples.jsonl (each
+    example's prompt and scores), results.md and metrics.png (the 0..1 metrics as bars, chance as a line)."""
+    out_dir = Path(out_dir)
+    summary = {k: v for k, v in result.items() if k != "samples"}
+    rows = "\n".join(f"| {name} | {_cell(value)} | {_cell(result['stderr'].get(name, ''))} |"
+                     for name, value in result["metrics"].items())
+    facts = ", ".join(f"{k} {_cell(result[k])}" for k in ("examples", "num_fewshot", "chance", "examples_per_s")
+                      if k in result)
+    md = (f"# {result['task']}\n\n{result.get('checkpoint', '')}\n\n{result['data']} ({facts})\n\n"
+          f"| metric | value | stderr |\n|---|---|---|\n{rows}\n\n![metrics](metrics.png)\n")
+    write_results(out_dir, summary, md)
+    atomic_write_text(out_dir / "samples.jsonl",
+                      "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.get("samples", [])))
+    plot_bars({result["task"]: result["metrics"]}, out_dir / "metrics.png", result["task"], result.get("chance"))
+
+
+def read_task_results(paths: list[str | Path]) -> list[dict]:
+    """The results.json of ``lmlab eval task`` in each path: a results folder, or a folder (a run) holding
+    such folders anywhere below it; each result gains "source", the folder it came from."""
+    found = []
+    for path in map(Path, paths):
+        files = [path / "results.json"] if (path / "results.json").is_file() else sorted(path.rglob("results.json"))
+        results = []
+        for file in files:
+            try:
+                data = json.loads(read_text_file(file, "results file"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            if isinstance(data, dict) and isinstance(data.get("metrics"), dict) and "task" in data:
+                results.append({**data, "source": str(file.parent)})
+        if not results:
+            raise DataError(f"{path}: no results.json of lmlab eval task in it (or below it)")
+        found += results
+    return found
+
+
+def write_comparison(results: list[dict], out_dir: str | Path) -> str:
+    """Several task results side by side: results.md (one row per result, one column per metric),
+    results.json (the rows) and comparison.png (the 0..1 metrics as grouped bars); returns the Markdown."""
+    out_dir = Path(out_dir)
+    names = list(dict.fromkeys(m for r in results for m in r["metrics"]))
+    head = "| result | task | examples | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names) + "\n"
+    rows = [{"result": label, "task": r["task"], "examples": r.get("examples"), "checkpoint": r.get("checkpoint"),
+             **{m: r["metrics"].get(m) for m in names}} for label, r in zip(result_labels(results), results)]
+    body = "".join(f"| {row['result']} | {row['task']} | {row['examples']} | "
+                   + " | ".join("" if row[m] is None else _cell(row[m]) for m in names) + " |\n" for row in rows)
+    md = f"# Comparison\n\n{head}{body}\n![comparison](comparison.png)\n"
+    write_results(out_dir, {"rows": rows, "sources": [r["source"] for r in results]}, md)
+    plot_bars({f"{row['result']} ({row['task']})": r["metrics"] for row, r in zip(rows, results)},
+              out_dir / "comparison.png", "comparison")
+    return md
+
+
+def result_labels(results: list[dict]) -> list[str]:
+    """Short distinct names of results: their folders, relative to the folder all of them are in."""
+    sources = [Path(r["source"]).resolve() for r in results]
+    if len(sources) == 1:
+        return [sources[0].name]
+    common = Path(os.path.commonpath(sources))
+    return [str(s.relative_to(common)) if s != common else s.name for s in sources]
+
+
+def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, chance: float | None = None) -> Path:
+    """A PNG of grouped bars: one group per metric in FRACTION_METRICS, one bar per entry of ``groups``
+    (name -> metrics), values written on the bars; ``chance`` as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in FRACTION_METRICS if any(m in g for g in groups.values())]
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * max(1, len(metrics)) * max(1, len(groups)) ** 0.5, 3.5))
+    width = 0.8 / max(1, len(groups))
+    for i, (name, values) in enumerate(groups.items()):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(metrics))]
+        heights = [values.get(m, 0.0) for m in metrics]
+        bars = ax.bar(xs, heights, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set(ylim=(0, 1.05), title=title)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

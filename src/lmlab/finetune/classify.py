@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.metrics import classification_report
 from lmlab.eval.report import write_classification_report
+from lmlab.eval.tasks import TaskSpec, read_docs, task_result
 from lmlab.models.encoder import MaskedLM
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
@@ -253,6 +255,29 @@ def predict_texts(ckpt, texts: list[str], file: str | None = None, text_field: s
     labels = ckpt.model.head_config.labels
     best = probs.argmax(-1).tolist()
     return [{"label": labels[b], "probability": round(float(p[b]), 4), "text": t} for t, p, b in zip(texts, probs, best)]
+
+
+def evaluate_classification_task(ckpt, spec: TaskSpec, batch_size: int = 64) -> dict:
+    """A classification task spec (eval/tasks.py) run on a classifier checkpoint: each record's text (not
+    the prompt: a classifier reads the text alone) classified, the prediction taken among the spec's
+    labels, which must be labels of the classifier. The same report as ``evaluate_task``'s."""
+    check_argument("batch_size", batch_size, Count)
+    classes = ckpt.model.head_config.labels
+    if spec.type != "classification":
+        raise ConfigError(f"{ckpt.path} is a classifier: it runs classification tasks, not {spec.type}")
+    missing = [label for label in spec.labels if label not in classes]
+    if missing:
+        raise ConfigError(f"task {spec.name}: label {missing[0]!r} is not one of the classifier's ({', '.join(classes)})")
+    docs = read_docs(spec, limit=spec.limit)
+    start = time.perf_counter()
+    texts = [doc.fields["text"] for doc in docs]
+    probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, max_length_of(ckpt), batch_size)
+    probs = probs[:, [classes.index(label) for label in spec.labels]]  # (N, spec labels)
+    preds = probs.argmax(-1).tolist()
+    per_example = {"acc": [float(p == doc.gold) for p, doc in zip(preds, docs)], "pred": preds}
+    samples = [{"where": doc.where, "text": text, "gold": doc.gold, "pred": pred, "probabilities": row.tolist()}
+               for doc, text, pred, row in zip(docs, texts, preds, probs)]
+    return task_result(spec, docs, per_example, samples, time.perf_counter() - start)
 
 
 def require_classifier(ckpt):

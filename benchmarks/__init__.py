@@ -1,0 +1,1 @@
+"""Benchmark scripts (a package, so that opacus's top-level `benchmarks` package cannot shadow it)."""
