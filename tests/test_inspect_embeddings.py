@@ -95,7 +95,8 @@ def test_the_benchmarks_agree_with_gensims_own_evaluation(tmp_path):
         lines.append(f"{a} {b} {c} {kv.most_similar(positive=[b, c], negative=[a], topn=1)[0][0]}")
     questions.write_text("\n".join(lines) + "\n", encoding="utf-8")
     pairs = tmp_path / "ws.tsv"
-    pairs.write_text("".join(f"{a}\t{b}\t{rng.uniform(0, 10):.2f}\n" for a, b in rng.choice(words, (60, 2))) + "x\ty\t3\n")
+    lines = [f"{a}\t{b}\t{rng.uniform(0, 10):.2f}" for a, b in rng.choice(words, (60, 2))]
+    pairs.write_text("\n".join(lines + ["x\ty\t3"]) + "\n")
     ours = EmbeddingSpace(vectors, words, np.arange(40))
     score, _ = kv.evaluate_word_analogies(str(questions), restrict_vocab=30)
     assert ours.evaluate_analogies(questions, restrict=30)["accuracy"] == pytest.approx(score)

@@ -78,7 +78,8 @@ class ModelConfig:
     """
 
     # every family
-    family: Literal["gpt", "rnn", "lstm", "gru", "encoder", "seq2seq", "rnn_seq2seq", "word2vec"] = "gpt"  # registry name
+    family: Literal["gpt", "rnn", "lstm", "gru", "encoder", "seq2seq", "rnn_seq2seq",
+                    "word2vec"] = "gpt"  # registry name
     n_layer: Count = 4  # encoder-decoders: the encoder's layers
     d_model: Count = 128
     # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)

@@ -302,7 +302,8 @@ def inspect_embeddings(space: EmbeddingSpace, neighbors: list[str] = (), analogy
         report["neighbors"] = {w: [vars(n) for n in space.neighbors(w, top_k)] for w in neighbors}
     if analogy:
         a, b, c = analogy
-        report["analogy"] = {"question": f"{a} : {b} :: {c} : ?", "answers": [vars(n) for n in space.analogy(a, b, c, top_k)]}
+        report["analogy"] = {"question": f"{a} : {b} :: {c} : ?",
+                             "answers": [vars(n) for n in space.analogy(a, b, c, top_k)]}
     if similarity:
         report["similarity"] = {"words": list(similarity), "cosine": space.similarity(*similarity)}
     if eval_analogies:
