@@ -134,6 +134,13 @@ def test_an_unknown_word_or_nothing_to_do_is_a_one_line_error(capsys, paired_run
         assert message in err and len(err.splitlines()) == 1
 
 
+def test_word_vectors_are_not_a_language_model(paired_run, capsys):
+    for command in (["generate", str(paired_run), "--prompt", "a0"], ["eval", "ppl", str(paired_run), "--data",
+                                                                      str(paired_run)]):
+        assert main(command) == 1
+        assert "holds word vectors (word2vec)" in capsys.readouterr().err
+
+
 def test_any_models_input_embedding_with_its_tokens(trained_run, capsys):
     """A char-level GPT: its 'words' are characters; the table is the token embedding."""
     ckpt = load_checkpoint(trained_run)
