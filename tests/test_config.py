@@ -75,8 +75,8 @@ def test_bad_overrides_are_one_line_errors(override, message):
     ("train.optimizer=adam", "(did you mean 'adamw'?)"),
     ("train.batching=sequentail", "(did you mean 'sequential'?)"),
     ("train.device=cdua", "train.device 'cdua' is not one of auto, cpu, cuda, cuda:N, mps (did you mean 'cuda'?)"),
-    ("model.family=lstn", "model.family 'lstn' is not one of gpt, rnn, lstm, gru, encoder, seq2seq, rnn_seq2seq "
-                          "(did you mean 'lstm'?)"),
+    ("model.family=lstn", "model.family 'lstn' is not one of gpt, rnn, lstm, gru, encoder, seq2seq, rnn_seq2seq, "
+                          "word2vec (did you mean 'lstm'?)"),
     ("model.preset=lama", "(did you mean 'llama'?)"),
     ("model.pos_emb=rotary", "model.pos_emb 'rotary' is not one of learned, rope, null"),
     ("model.norm=rms_norm", "(did you mean 'rmsnorm'?)"),
@@ -300,7 +300,7 @@ def test_describe_config_lists_defaults_types_choices_ranges_and_families():
     assert "  train.device = 'auto'  (auto | cpu | cuda | cuda:N | mps)" in text
     assert "  model.pos_emb = None  (learned | rope | null; gpt, encoder, seq2seq only)" in text
     assert "  model.init_range = None  (float > 0 or null; rnn, lstm, gru, rnn_seq2seq only)" in text
-    assert "  model.family = 'gpt'  (gpt | rnn | lstm | gru | encoder | seq2seq | rnn_seq2seq)" in text
+    assert "  model.family = 'gpt'  (gpt | rnn | lstm | gru | encoder | seq2seq | rnn_seq2seq | word2vec)" in text
     assert "model.pooling = None  (cls | mean | last | null; classify only)" in describe_config(SftConfig)
     assert "data.val_fraction = 0.02  (float in (0, 1))" in describe_config(SftConfig)
     for cls in (RunConfig, ClassifyConfig, SftConfig):

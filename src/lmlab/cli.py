@@ -360,6 +360,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.source, args.output, to=args.to, merge=args.merge, force=args.force, dtype=args.dtype))
 
 
+def cmd_inspect_embeddings(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import check_report_output, write_results
+    from lmlab.inspect.embeddings import EmbeddingSpace, inspect_embeddings, report_markdown
+    from lmlab.runs import atomic_dir
+
+    files = [f for f in (args.eval_analogies, args.eval_similarity) if f]
+    out = args.out and check_report_output(args.out, args.checkpoint, files, force=args.force)
+    ckpt = load(args)
+    space = EmbeddingSpace.from_model(ckpt.model, ckpt.tokenizer, getattr(ckpt, "manifest", None))
+    report = inspect_embeddings(space, args.neighbors or [], args.analogy, args.similarity, args.plot or [],
+                                args.plot_out, args.eval_analogies, args.eval_similarity,
+                                **given(args, "top_k", "restrict"))
+    report = {"checkpoint": str(getattr(ckpt, "path", args.checkpoint)), **report}
+    if out:
+        with atomic_dir(out) as folder:
+            write_results(folder, report, report_markdown(report))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
 def load(args: argparse.Namespace, language_model: bool = False, masked: bool = False):
     """The model of ``args.checkpoint`` (lmlab checkpoint or run, Hugging Face folder, pretrained name)
     on ``args.device``; with ``language_model``, one that predicts tokens (not a classifier), a masked
@@ -851,6 +870,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_force_flag(il, "--out", "report")
     add_device_flag(il)
     il.set_defaults(func=cmd_inspect_lens)
+
+    inspect_of = "lmlab.inspect.embeddings:inspect_embeddings"
+    ie = ins.add_parser("embeddings", help="word vectors: neighbours, analogies, similarity, a PCA plot, benchmarks",
+                        description="The input vectors of a word2vec checkpoint, or the input (token) embedding of any "
+                                    "model (for subword tokenizers the words are its tokens), by cosine similarity.")
+    ie.add_argument("checkpoint", help="checkpoint or run folder, HF folder or pretrained name")
+    ie.add_argument("--neighbors", nargs="+", metavar="WORD", help="the nearest words of each WORD")
+    ie.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="A : B :: C : ?, answered by B - A + C")
+    ie.add_argument("--similarity", nargs=2, metavar=("W1", "W2"), help="the cosine similarity of two words")
+    ie.add_argument("--plot", nargs="+", metavar="WORD", help="a 2-D PCA picture of these words (with -o)")
+    ie.add_argument("-o", "--plot-out", metavar="OUT.png", help="where --plot writes its PNG")
+    ie.add_argument("--eval-analogies", metavar="FILE", help="accuracy on a Google analogy file (questions-words.txt)")
+    ie.add_argument("--eval-similarity", metavar="FILE", help="Spearman on a word-pair TSV (WordSim-353)")
+    ie.add_argument("--top-k", type=int, default=Default(inspect_of, "top_k"),
+                    help="neighbours and answers shown (default: %(default)s)")
+    ie.add_argument("--restrict-vocab", dest="restrict", type=int, default=Default(inspect_of, "restrict"),
+                    help="--eval-analogies counts only the N most frequent words (default: %(default)s, as gensim)")
+    ie.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
+    add_force_flag(ie, "--out", "report")
+    add_device_flag(ie)
+    ie.set_defaults(func=cmd_inspect_embeddings)
 
     cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders, or to GGUF",
                         description="An lmlab checkpoint (or run folder) becomes a Hugging Face folder (config.json, "

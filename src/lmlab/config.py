@@ -78,7 +78,8 @@ class ModelConfig:
     """
 
     # every family
-    family: Literal["gpt", "rnn", "lstm", "gru", "encoder", "seq2seq", "rnn_seq2seq"] = "gpt"  # registry name
+    family: Literal["gpt", "rnn", "lstm", "gru", "encoder", "seq2seq", "rnn_seq2seq",
+                    "word2vec"] = "gpt"  # registry name
     n_layer: Count = 4  # encoder-decoders: the encoder's layers
     d_model: Count = 128
     # MLP width (None = 4*d_model for gelu, ~8/3*d_model for swiglu); RNN hidden size (None = d_model)
@@ -119,6 +120,11 @@ class ModelConfig:
     n_dec_layer: Count | None = only(*SEQ2SEQ)  # the decoder's layers; None = n_layer
     cell: Literal["lstm", "gru"] | None = only("rnn_seq2seq")  # the recurrent cell; None = lstm
     attention: Literal["luong", "bahdanau"] | None = only("rnn_seq2seq")  # None = luong (general score)
+    # word2vec (its vectors have d_model dimensions): predict each context word from the centre word
+    # (skipgram) or the centre word from the mean of its context (cbow); sparse gradients touch only the rows
+    # a batch uses (train with train.optimizer sparse_adam or sgd)
+    w2v_mode: Literal["skipgram", "cbow"] = only("word2vec", default="skipgram")
+    w2v_sparse: bool = only("word2vec", default=True)
 
 
 @dataclass
@@ -151,7 +157,7 @@ class TrainConfig:
     lr_decay: Factor = 0.5  # step schedule: multiply lr by this ...
     lr_decay_every: Count = 1000  # ... every this many steps ...
     lr_decay_start: NonNegativeInt = 0  # ... from this step on (e.g. Zaremba et al.: x0.5 per epoch after epoch 4)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "sparse_adam"] = "adamw"  # sparse_adam: for sparse gradients (word2vec)
     momentum: Fraction = 0.0  # sgd only
     weight_decay: NonNegative = 0.1
     beta1: Fraction = 0.9
@@ -285,6 +291,16 @@ class Seq2SeqConfig:
 
 
 @dataclass
+class Word2VecConfig:
+    """Training word vectors (model.family word2vec, train/word2vec.py) as word2vec.c and gensim do."""
+
+    window: Count = only("word2vec", default=5)  # context words each side, at most (each centre draws 1..window)
+    negatives: Count = only("word2vec", default=5)  # noise words per (centre, context) pair, drawn from unigram^0.75
+    sample: NonNegative = only("word2vec", default=1e-3)  # subsampling threshold of frequent words; 0 = keep all
+    min_count: Count = only("word2vec", default=5)  # words seen fewer times in the train split are dropped
+
+
+@dataclass
 class RunConfig:
     """Everything ``lmlab train`` needs: the model, the data and the training recipe (and, for an
     encoder, its masking; for an encoder-decoder, how it reads its pairs)."""
@@ -294,6 +310,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -554,7 +571,7 @@ def _check_families(cfg: Any, prefix: str = "") -> None:
 
 def _model_rules(m: ModelConfig, p: str) -> None:
     """Shapes that fit together and choices that fit the family: what the model constructors assume."""
-    if m.family == "rnn_seq2seq":  # no heads: its attention has one score per source token
+    if m.family in ("rnn_seq2seq", "word2vec"):  # no heads: attention with one score per source token; none
         return
     if m.family in RECURRENT:
         if m.tie_embeddings and m.d_ff not in (None, m.d_model):
@@ -605,6 +622,8 @@ def _run_rules(r: RunConfig, p: str) -> None:
     for f in _foreign_fields(r.seq2seq, r.model.family):
         raise ConfigError(f"{p}seq2seq.{f.name} applies to {p}model.family {', '.join(SEQ2SEQ)} only, "
                           f"not {r.model.family}")
+    for f in _foreign_fields(r.word2vec, r.model.family):
+        raise ConfigError(f"{p}word2vec.{f.name} applies to {p}model.family word2vec only, not {r.model.family}")
     if r.model.family in SEQ2SEQ:
         for name in ("max_source_len", "max_target_len"):
             limit = getattr(r.seq2seq, name)

@@ -107,6 +107,9 @@ def require_language_model(ckpt, masked: bool = False):
     if ckpt.model.config.family == "encoder":
         raise ConfigError(f"{ckpt.path} is an encoder without a language-model head; "
                           f"fine-tune a classifier on it with lmlab finetune classify")
+    if ckpt.model.config.family == "word2vec":
+        raise ConfigError(f"{ckpt.path} holds word vectors (word2vec), not a language model; "
+                          f"look at them with lmlab inspect embeddings")
     return ckpt
 
 

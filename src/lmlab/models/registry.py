@@ -11,6 +11,7 @@ from lmlab.models.gpt import GPT
 from lmlab.models.heads import SequenceClassifier, head_from_dict
 from lmlab.models.rnn import RecurrentLM
 from lmlab.models.seq2seq import RecurrentSeq2Seq, Seq2SeqTransformer
+from lmlab.models.word2vec import Word2Vec
 
 MODELS: dict[str, type[nn.Module]] = {
     "gpt": GPT,
@@ -20,6 +21,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "encoder": Encoder,
     "seq2seq": Seq2SeqTransformer,
     "rnn_seq2seq": RecurrentSeq2Seq,
+    "word2vec": Word2Vec,
 }
 
 

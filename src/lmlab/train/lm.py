@@ -180,16 +180,20 @@ def fit_model_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfi
 def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
              force: bool = False, scorer: "Scorer | None" = None) -> RunResult:
     """Train a model on the data ``cfg`` describes: a language model, an encoder as a masked language model
-    (train/mlm.py), an encoder-decoder on pairs (train/seq2seq.py, whose val_bleu needs ``scorer``);
+    (train/mlm.py), an encoder-decoder on pairs (train/seq2seq.py, whose val_bleu needs ``scorer``), word
+    vectors (train/word2vec.py);
     ``resume`` continues the run in train.out_dir, ``force`` replaces a previous run there (see Trainer)."""
     from lmlab.train.mlm import MaskedLMTask  # these tasks build on this module
     from lmlab.train.seq2seq import Seq2SeqTask
+    from lmlab.train.word2vec import Word2VecTask
 
     device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
     if cfg.model.family in SEQ2SEQ:
         task = Seq2SeqTask(cfg, device, scorer)
     elif cfg.model.family == "encoder":
         task = MaskedLMTask(cfg, device)
+    elif cfg.model.family == "word2vec":
+        task = Word2VecTask(cfg, device)
     else:
         task = LanguageModelTask(cfg, device)
     cfg = dataclasses.replace(cfg, model=task.model.config)  # presets resolved, for config.yaml

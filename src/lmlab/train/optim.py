@@ -17,9 +17,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str,
     ``lr_by_prefix`` gives parameters whose names start with a prefix their own learning rate (e.g.
     a new classifier head that must learn faster than the pretrained body); the schedule scales
     every group alike. Uses the fused kernel where this torch has one for the device (CPU and CUDA
-    in torch >= 2.4). SGD is there to reproduce classic recipes (Zaremba et al.'s recurrent LMs).
+    in torch >= 2.4). SGD is there to reproduce classic recipes (Zaremba et al.'s recurrent LMs);
+    sparse_adam (torch's SparseAdam: Adam's moments updated only in the rows a batch touched, no weight
+    decay) trains the sparse-gradient embedding tables of word2vec, where a dense step would touch every row.
     """
     groups = param_groups(model, cfg, lr_by_prefix or {})
+    if cfg.optimizer == "sparse_adam":
+        groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+        return torch.optim.SparseAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # adamw, the only other choice (train.optimizer is checked when the config loads)

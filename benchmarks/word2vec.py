@@ -1,0 +1,133 @@
+"""word2vec on WikiText-2: lmlab (configs/word2vec_wikitext2.yaml, the one training loop) against gensim's
+Word2Vec (workers=2) with the same settings, in one run: analogy accuracy on the Google analogy set
+(questions-words.txt, top 30,000 words) and Spearman on WordSim-353, both from gensim's test data and both
+scored for both models by gensim's own evaluate_word_analogies / evaluate_word_pairs (lmlab's vectors are
+loaded into gensim KeyedVectors; lmlab's own scores are reported beside them), words/s and wall time.
+
+    python benchmarks/word2vec.py                  # skip-gram, 5 epochs
+    python benchmarks/word2vec.py --epochs 2       # what fits a busy machine
+    python benchmarks/word2vec.py --mode cbow
+
+words/s is words read (the train split's 2.09M words, <eos> included, times the epochs) over the wall
+time of training alone (gensim: building the vocabulary and training; lmlab: the training run, data
+reading and the vocabulary included, checkpoint writes included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED_DATA, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESTRICT = 30000
+
+
+def lmlab(*args: str) -> str:
+    """Run the lmlab CLI in a fresh process, failing loudly; return its stdout."""
+    done = subprocess.run([sys.executable, "-m", "lmlab.cli", *args], check=True, cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True)
+    return done.stdout
+
+
+def gensim_scores(kv, questions: str, pairs: str) -> dict:
+    """gensim's own evaluation of KeyedVectors ``kv``."""
+    accuracy, _ = kv.evaluate_word_analogies(questions, restrict_vocab=RESTRICT)
+    _, spearman, oov = kv.evaluate_word_pairs(pairs)
+    return {"analogy_acc": float(accuracy), "wordsim_spearman": float(spearman[0]), "wordsim_oov_pct": float(oov)}
+
+
+def run_gensim(train: Path, args) -> tuple[dict, object]:
+    """Train gensim's Word2Vec on the lines of ``train``; its row and its vectors."""
+    from gensim.models import Word2Vec
+
+    started = time.perf_counter()
+    sentences = [line.split() for line in train.open(encoding="utf-8") if line.split()]
+    model = Word2Vec(sentences, vector_size=args.dim, window=args.window, negative=args.negatives, min_count=5,
+                     sample=1e-3, sg=int(args.mode == "skipgram"), workers=2, epochs=args.epochs, seed=args.seed)
+    seconds = time.perf_counter() - started
+    return {"system": f"gensim {__import__('gensim').__version__} (workers=2)", "wall_s": seconds}, model.wv
+
+
+def run_lmlab(train: Path, valid: Path, out: Path, args) -> tuple[dict, object, dict]:
+    """Prepare word shards, train the recipe, and read the vectors back; its row, KeyedVectors, lmlab's own scores."""
+    from gensim.models import KeyedVectors
+    from gensim.test.utils import datapath
+
+    from lmlab.inspect.embeddings import EmbeddingSpace
+    from lmlab.train.checkpoint import load_checkpoint
+
+    data, run = out / "words", out / "run"
+    lmlab("data", "prepare", str(train), "--val", str(valid), "--kind", "word", "-o", str(data), "--force", "-q")
+    overrides = [f"data.path={data}", f"train.out_dir={run}", f"train.epochs={args.epochs}",
+                 f"model.w2v_mode={args.mode}", f"model.d_model={args.dim}", f"word2vec.window={args.window}",
+                 f"word2vec.negatives={args.negatives}", f"train.seed={args.seed}", "train.progress=false",
+                 *args.overrides]
+    started = time.perf_counter()
+    lmlab("train", "configs/word2vec_wikitext2.yaml", *overrides, "--force", "-q")
+    seconds = time.perf_counter() - started
+    ckpt = load_checkpoint(run)
+    space = EmbeddingSpace.from_model(ckpt.model, ckpt.tokenizer, ckpt.manifest)
+    kv = KeyedVectors(args.dim)
+    kv.add_vectors([space.words[i] for i in space.allowed], np.asarray(space.unit[space.allowed]))
+    own = {"lmlab_analogy_acc": space.evaluate_analogies(datapath("questions-words.txt"), RESTRICT)["accuracy"],
+           "lmlab_wordsim_spearman": space.evaluate_similarity(datapath("wordsim353.tsv"))["spearman"]}
+    return {"system": "lmlab (" + " ".join(overrides[2:]) + ")", "wall_s": seconds}, kv, own
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(SHARED_DATA / "wikitext-2"), help="folder with train.txt and valid.txt")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "word2vec"), help="scratch folder")
+    p.add_argument("--mode", choices=["skipgram", "cbow"], default="skipgram")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--dim", type=int, default=100)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--negatives", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--name", default="word2vec_wikitext2", help="results/<name>.json and .md")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for lmlab's run")
+    args = p.parse_args()
+    from gensim.test.utils import datapath
+
+    logging.basicConfig(level=logging.WARNING)
+    src, out = Path(args.data), Path(args.out)
+    train, valid = src / "train.txt", src / "valid.txt"
+    words = sum(len(line.split()) + 1 for line in train.open(encoding="utf-8"))  # <eos> per line, as lmlab reads it
+    questions, pairs = datapath("questions-words.txt"), datapath("wordsim353.tsv")
+    rows = []
+    row, kv = run_gensim(train, args)
+    rows.append({**row, **gensim_scores(kv, questions, pairs)})
+    row, kv, own = run_lmlab(train, valid, out, args)
+    rows.append({**row, **gensim_scores(kv, questions, pairs), **own})
+    for r in rows:
+        r["words_per_s"] = words * args.epochs / r["wall_s"]
+    gensim, ours = rows
+    summary = {
+        "settings": f"{args.mode}, dim {args.dim}, window {args.window}, negatives {args.negatives}, min_count 5, "
+                    f"sample 1e-3, {args.epochs} epochs, {words:,} words per epoch",
+        "time_ratio_lmlab_over_gensim": round(ours["wall_s"] / gensim["wall_s"], 2),
+        "analogy_acc_lmlab_minus_gensim": round(ours["analogy_acc"] - gensim["analogy_acc"], 4),
+        "spearman_lmlab_minus_gensim": round(ours["wordsim_spearman"] - gensim["wordsim_spearman"], 4),
+        "goal": "accuracy and Spearman >= gensim's, time <= 2x gensim's",
+    }
+    notes = ("Both rows scored by gensim's evaluate_word_analogies (restrict_vocab 30,000) and evaluate_word_pairs; "
+             "lmlab_* columns: the same scores computed by `lmlab inspect embeddings` (they should agree). "
+             "The 2-core CPU was shared with other jobs: times are noisy, the ratio is of one run.")
+    write_results(args.name, rows, summary, notes,
+                  columns=["system", "analogy_acc", "wordsim_spearman", "wordsim_oov_pct", "words_per_s", "wall_s",
+                           "lmlab_analogy_acc", "lmlab_wordsim_spearman"])
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""word2vec (models/word2vec.py, train/word2vec.py): the loss, the noise distribution, subsampling, the
+windows, and training through the one loop until words that share their contexts are each other's
+nearest neighbours."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig, Word2VecConfig, load_config
+from lmlab.data.prepare import prepare
+from lmlab.data.tokenizer import train_tokenizer
+from lmlab.errors import ConfigError
+from lmlab.inspect.embeddings import EmbeddingSpace
+from lmlab.models.registry import build_model
+from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.lm import pretrain
+from lmlab.train.word2vec import Vocabulary, cbow_rows, skipgram_pairs, subsample_probability
+
+PAIRS = 6  # the synthetic language: word a_i or b_i, always between l_i and r_i
+
+
+def paired_corpus(sentences: int = 1500, seed: int = 0) -> str:
+    """Lines "l_i X r_i" with X a_i or b_i at random: a_i and b_i share every context, nothing else does."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        i = rng.randrange(PAIRS)
+        lines.append(f"l{i} {rng.choice('ab')}{i} r{i}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def paired_data(tmp_path_factory):
+    """Word-level shards of the paired corpus (train and val)."""
+    folder = tmp_path_factory.mktemp("w2v")
+    (folder / "train.txt").write_text(paired_corpus(), encoding="utf-8")
+    (folder / "val.txt").write_text(paired_corpus(200, seed=1), encoding="utf-8")
+    tok = train_tokenizer("word", [paired_corpus()])
+    prepare([str(folder / "train.txt")], tok, folder / "data", val_inputs=[str(folder / "val.txt")])
+    return folder / "data"
+
+
+def w2v_config(data_dir, out_dir, mode="skipgram", **train) -> RunConfig:
+    defaults = dict(out_dir=str(out_dir), batch_size=512, epochs=6, lr=0.05, min_lr=1e-4, lr_schedule="linear",
+                    warmup_steps=0, optimizer="sparse_adam", weight_decay=0.0, grad_clip=0.0, precision="fp32",
+                    eval_interval=1000, eval_batches=2, checkpoint_interval=1000, log_interval=5, progress=False,
+                    seed=3)
+    defaults.update(train)
+    return RunConfig(model=ModelConfig(family="word2vec", w2v_mode=mode, d_model=16),
+                     data=DataConfig(path=str(data_dir)), train=TrainConfig(**defaults),
+                     word2vec=Word2VecConfig(window=1, negatives=4, sample=0.0, min_count=1))
+
+
+def test_loss_is_the_negative_sampling_objective_for_both_modes():
+    model = build_model(ModelConfig(family="word2vec", d_model=8, vocab_size=30))
+    torch.nn.init.normal_(model.output_emb.weight)
+    centres, targets = torch.tensor([3, 4]), torch.tensor([5, 6])
+    negatives = torch.tensor([[7, 8, 9], [10, 11, 12]])
+    loss = model(centres, targets, negatives)
+    h, out = model.input_emb.weight, model.output_emb.weight
+    by_hand = [-(F.logsigmoid(h[c] @ out[t]) + F.logsigmoid(-(out[n] @ h[c])).sum())
+               for c, t, n in zip(centres, targets, negatives)]
+    assert loss.shape == () and torch.allclose(loss, torch.stack(by_hand).mean())
+    # cbow: the input vector is the mean of the real context words (the mask drops the padding)
+    contexts, mask = torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.allclose(model.input_vector(contexts, mask), torch.stack([(h[1] + h[2]) / 2, h[3]]))
+    assert model(contexts, targets, negatives, mask).shape == ()
+    assert model.features(torch.tensor([[1, 2, 3]])).shape == (1, 3, 8)
+
+
+def test_sparse_tables_give_sparse_gradients_of_the_rows_used():
+    model = build_model(ModelConfig(family="word2vec", d_model=4, vocab_size=50))
+    model(torch.tensor([1]), torch.tensor([2]), torch.tensor([[3, 4]])).backward()
+    grad = model.output_emb.weight.grad
+    assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == {2, 3, 4}
+
+
+def test_negatives_follow_the_unigram_distribution_to_the_power_three_quarters():
+    counts = np.array([0, 0, 1000, 100, 10, 1, 3])  # ids 0, 1 dropped (<unk>, <eos>); id 6 below min_count
+    dropped = np.array([True, True, False, False, False, False, False])
+    vocab = Vocabulary(counts, dropped, Word2VecConfig(min_count=1))
+    draws = vocab.negatives((400_000,), np.random.default_rng(0))
+    observed = np.bincount(draws, minlength=7) / len(draws)
+    expected = np.where(dropped, 0, counts) ** 0.75
+    expected = expected / expected.sum()
+    assert np.allclose(observed, expected, atol=0.003)
+    assert observed[:2].sum() == 0  # never a dropped word
+    vocab5 = Vocabulary(counts, dropped, Word2VecConfig(min_count=5))
+    assert not vocab5.kept[5] and not vocab5.kept[6] and vocab5.kept[4]  # below min_count: never drawn either
+    assert (vocab5.negatives((10_000,), np.random.default_rng(1)) < 5).all()
+
+
+def test_subsampling_keeps_rare_words_and_thins_frequent_ones_by_mikolovs_formula():
+    freq = np.array([0.1, 1e-3, 1e-4, 1e-6])
+    keep = subsample_probability(freq, 1e-3)
+    assert keep[0] == pytest.approx((np.sqrt(0.1 / 1e-3) + 1) * 1e-3 / 0.1)  # 0.11
+    assert keep[1] == 1.0 and keep[2] == 1.0 and keep[3] == 1.0  # at or below the threshold: always kept
+    assert (subsample_probability(freq, 0.0) == 1).all()
+
+
+def test_windows_stay_inside_sentences_and_never_exceed_the_drawn_size():
+    words = np.array([10, 11, 12, 13, 14, 15])
+    sentence = np.array([0, 0, 0, 1, 1, 1])
+    centres, contexts = skipgram_pairs(words, sentence, 1, np.random.default_rng(0))
+    assert sorted(zip(centres.tolist(), contexts.tolist())) == [
+        (10, 11), (11, 10), (11, 12), (12, 11), (13, 14), (14, 13), (14, 15), (15, 14)]
+    centres, contexts = skipgram_pairs(words, sentence, 5, np.random.default_rng(0))
+    assert all((c < 13) == (x < 13) for c, x in zip(centres, contexts))  # no pair across the boundary
+    assert len(centres) <= 2 * 3 * 2  # at most all pairs of two 3-word sentences
+    ctx, mask, centre = cbow_rows(words, sentence, 2, np.random.default_rng(0))
+    assert ctx.shape == (6, 4) and centre.tolist() == words.tolist()
+    for i, (c, m) in enumerate(zip(ctx, mask)):  # context words come from the centre's own sentence
+        assert set(c[m]) <= set(words[sentence == sentence[i]]) - {centre[i]}
+
+
+@pytest.mark.parametrize("mode", ["skipgram", "cbow"])
+def test_trained_vectors_put_words_that_share_their_contexts_nearest_each_other(paired_data, tmp_path, mode):
+    result = pretrain(w2v_config(paired_data, tmp_path / mode, mode))
+    assert result.metrics["val_loss"] < 1.5  # an untrained model scores (1 + 4) * log 2 = 3.47
+    ckpt = load_checkpoint(result.checkpoint)
+    space = EmbeddingSpace.from_model(ckpt.model, ckpt.tokenizer, ckpt.manifest)
+    for i in range(PAIRS):
+        assert space.neighbors(f"a{i}", 1)[0].word == f"b{i}"
+        assert space.neighbors(f"b{i}", 1)[0].word == f"a{i}"
+
+
+def test_a_recipe_that_cannot_take_sparse_gradients_is_refused(paired_data, tmp_path):
+    with pytest.raises(ConfigError, match="sparse_adam"):
+        pretrain(w2v_config(paired_data, tmp_path / "adamw", optimizer="adamw"))
+    with pytest.raises(ConfigError, match="grad_clip"):
+        pretrain(w2v_config(paired_data, tmp_path / "clip", grad_clip=1.0))
+
+
+def test_word2vec_fields_belong_to_the_word2vec_family(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  family: gpt\n  w2v_mode: cbow\n")
+    with pytest.raises(ConfigError, match="w2v_mode applies to model.family word2vec"):
+        load_config(cfg)
+    cfg.write_text("model:\n  family: gpt\nword2vec:\n  window: 3\n")
+    with pytest.raises(ConfigError, match="word2vec.window applies to model.family word2vec"):
+        load_config(cfg)
+    assert load_config("configs/word2vec_wikitext2.yaml").model.family == "word2vec"
