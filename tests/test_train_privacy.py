@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.cli import main
-from lmlab.config import ClassifyConfig, ModelConfig, load_config
+from lmlab.config import ClassifyConfig, LoraConfig, ModelConfig, load_config
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.finetune.classify import build_classifier
+from lmlab.models.lora import inject_lora
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import save_checkpoint
 from lmlab.train.privacy import PrivateTraining
@@ -95,19 +96,25 @@ def test_huge_noise_drowns_the_signal_and_no_noise_learns(toy, tmp_path):
     assert manifest(tmp_path / "quiet")[0]["privacy"]["epsilon"] is None  # no noise: no finite epsilon
 
 
-def test_without_noise_the_update_is_the_mean_of_clipped_example_gradients(toy):
-    """The private optimizer's gradient = sum over examples of g_i * min(1, C / |g_i|), over the expected batch."""
+@pytest.mark.parametrize("family, preset, lora", [("encoder", None, 0), ("gpt", "llama", 0), ("gpt", "gpt2", 4)])
+def test_without_noise_the_update_is_the_mean_of_clipped_example_gradients(family, preset, lora):
+    """The private optimizer's gradient = sum over examples of g_i * min(1, C / |g_i|), over the expected batch:
+    Opacus' per-example gradients are right for lmlab's layers (Linear, Embedding, LayerNorm, RMSNorm through
+    functorch, LoRA, attention through SDPA with a padding mask, rotary positions)."""
     torch.manual_seed(0)
-    backbone = build_model(ModelConfig(family="encoder", n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=30,
-                                       dropout=0.0))
-    model = build_classifier(backbone, ["0", "1"], "cls", 0.0)
+    backbone = build_model(ModelConfig(family=family, preset=preset, n_layer=1, n_head=2, d_model=16, block_size=8,
+                                       vocab_size=30, dropout=0.0))
+    model = build_classifier(backbone, ["0", "1"], "cls" if family == "encoder" else "last", 0.0)
+    if lora:
+        inject_lora(model, LoraConfig(r=lora), keep_trainable=("classifier",))
     x, mask, y = torch.randint(1, 30, (5, 6)), torch.ones(5, 6, dtype=torch.long), torch.tensor([0, 1, 1, 0, 1])
     mask[1, 4:] = 0
     params = [p for p in model.parameters() if p.requires_grad]
     per_example = []
     for i in range(5):
-        grads = torch.autograd.grad(model(x[i:i + 1], mask[i:i + 1], y[i:i + 1])[1], params)
-        per_example.append(torch.cat([g.flatten() for g in grads]))
+        grads = torch.autograd.grad(model(x[i:i + 1], mask[i:i + 1], y[i:i + 1])[1], params, allow_unused=True)
+        per_example.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # unused: 0
+                                      for g, p in zip(grads, params)]))
     g = torch.stack(per_example)  # (5, P)
     clip = 0.05
     assert (g.norm(dim=1) > clip).all()  # every example is clipped
