@@ -55,9 +55,7 @@ class PrivateTraining:
 
     def __init__(self, dp: DpConfig, examples: int, batch_size: int, seed: int, steps: int, model: nn.Module,
                  optimizer: torch.optim.Optimizer):
-        from opacus import PrivacyEngine  # imported here: only DP runs pay for it
-        from opacus.accountants.utils import get_noise_multiplier
-
+        PrivacyEngine, get_noise_multiplier = _opacus()
         self.dp, self.examples, self.seed = dp, examples, seed
         self.delta = dp.delta if dp.delta is not None else 1 / (2 * examples)
         self.sample_rate = 1 / math.ceil(examples / batch_size)
@@ -65,9 +63,11 @@ class PrivateTraining:
             warnings.simplefilter("ignore")  # "secure RNG turned off": said in the module docstring
             self.engine = PrivacyEngine(accountant=dp.accountant)
         if dp.target_epsilon is not None:
-            self.noise_multiplier = get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=self.delta,
-                                                         sample_rate=self.sample_rate, steps=steps,
-                                                         accountant=dp.accountant)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # RDP: "optimal order is the largest alpha" (a looser bound, still true)
+                self.noise_multiplier = get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=self.delta,
+                                                             sample_rate=self.sample_rate, steps=steps,
+                                                             accountant=dp.accountant)
         else:
             self.noise_multiplier = dp.noise_multiplier
         indices = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(examples)),
@@ -119,7 +119,9 @@ class PrivateTraining:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        return float(self.engine.get_epsilon(self.delta))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # as in __init__
+            return float(self.engine.get_epsilon(self.delta))
 
     def summary(self) -> dict:
         """What a checkpoint's manifest records: the spent epsilon, delta and how the steps were made private."""
@@ -150,6 +152,19 @@ def make_private(task, model: nn.Module, optimizer: torch.optim.Optimizer, tc: T
     if examples < 2:
         raise ConfigError(f"train.dp needs at least 2 training examples, the data has {examples}")
     return PrivateTraining(tc.dp, examples, tc.batch_size, tc.seed, tc.max_steps, model, optimizer)
+
+
+def _opacus():
+    """Opacus' PrivacyEngine and get_noise_multiplier, imported on first use (only DP runs pay for it), without
+    the root logging handler its import adds (logging.basicConfig), which would print lmlab's messages twice."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+    return PrivacyEngine, get_noise_multiplier
 
 
 def _grad_sample(p: torch.Tensor) -> torch.Tensor:
