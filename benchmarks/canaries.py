@@ -117,9 +117,13 @@ def main() -> None:
             notes.append("PII row skipped: lmlab.data.pii is not in this checkout.")
         else:
             redacted, counts = redact_batch(planted)
-            notes.append(f"PII redaction replaced {dict(counts)} in the training text.")
-            rows.append(train_and_measure("pii-redacted", prepared_corpus(redacted, val, out / "redacted"), out, args,
-                                          out / "canaries.jsonl", []))
+            notes.append(f"PII redaction (lmlab.data.pii) replaced {dict(counts) or 'nothing'} in the training text.")
+            normal = next((r for r in rows if r["training"] == "normal"), None)
+            if redacted == planted and normal is not None:  # the same text: the same model, the same exposures
+                rows.append({**normal, "training": "pii-redacted (text unchanged: the normal row)"})
+            else:
+                rows.append(train_and_measure("pii-redacted", prepared_corpus(redacted, val, out / "redacted"), out,
+                                              args, out / "canaries.jsonl", []))
     summary = {"candidates per canary": 10 ** args.digits, "max exposure (bits)": round(args.digits * 3.3219, 2),
                "steps": args.steps, "training characters": args.chars}
     write_results("canaries", rows, summary,
