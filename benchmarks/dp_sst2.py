@@ -44,13 +44,14 @@ def subsample(data: Path, n: int | None, out: Path, seed: int) -> Path:
     return out / "train.tsv"
 
 
-def run_row(name: str, train: Path, dev: Path, out: Path, overrides: list[str]) -> dict:
-    """Fine-tune one row to the end; its table row."""
+def run_row(name: str, train: Path, dev: Path, out: Path, overrides: list[str], reuse: bool = False) -> dict:
+    """Fine-tune one row to the end (with ``reuse``, read a finished run instead); its table row."""
     run = out / name.replace(" ", "_")
-    shutil.rmtree(run, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "lmlab.cli", "finetune", "classify", CONFIG, f"train.out_dir={run}",
-                    f"data.train={train}", f"data.val={dev}", "train.progress=false", *ROWS[name], *overrides],
-                   check=True, cwd=ROOT)
+    if not (reuse and (run / "results.json").is_file()):
+        shutil.rmtree(run, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "lmlab.cli", "finetune", "classify", CONFIG, f"train.out_dir={run}",
+                        f"data.train={train}", f"data.val={dev}", "train.progress=false", *ROWS[name], *overrides],
+                       check=True, cwd=ROOT)
     results = json.loads((run / "results.json").read_text())
     records = read_metrics(RunFolder(run).metrics)
     manifest = json.loads((RunFolder(run).checkpoints()[-1] / "manifest.json").read_text())
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--data", default=str(SHARED_DATA / "sst2"), help="folder with train.tsv and dev.tsv")
     p.add_argument("--train-examples", type=int, default=None, help="train on a seeded random subset (short runs)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "dp_sst2"), help="scratch folder for runs")
+    p.add_argument("--reuse", action="store_true", help="read rows whose run folder holds results.json instead of "
+                                                         "training again (rows run in separate processes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every row")
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -80,7 +83,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     train = subsample(data, args.train_examples, out, seed=0)
-    rows = [run_row(n, train, data / "dev.tsv", out, args.overrides) for n in names]
+    rows = [run_row(n, train, data / "dev.tsv", out, args.overrides, args.reuse) for n in names]
     by_name = {r["training"]: r for r in rows}
     summary = {"goal": "epsilon 8 within 5 points of non-private, in <= 60 min on this CPU",
                "train examples": args.train_examples or "all (67,349)", "overrides": " ".join(args.overrides) or "none"}
