@@ -295,6 +295,23 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
         print(write_comparison(results, folder), end="")
 
 
+def cmd_eval_canaries(args: argparse.Namespace) -> None:
+    from lmlab.eval.canaries import canaries_markdown, evaluate_canaries, read_canaries
+    from lmlab.eval.report import check_report_output, write_results
+    from lmlab.runs import atomic_dir
+
+    out = args.out and check_report_output(args.out, args.checkpoint, [args.canaries], force=args.force)
+    canaries = read_canaries(args.canaries)
+    ckpt = load(args, language_model=True)
+    report = evaluate_canaries(ckpt.model, ckpt.tokenizer, canaries,
+                               **given(args, "enumerate_up_to", "samples", "batch_size"))
+    report = {"checkpoint": str(ckpt.path), "canaries_file": args.canaries, **report}
+    if out:
+        with atomic_dir(out) as folder:
+            write_results(folder, report, canaries_markdown(report))
+    print(json.dumps(report, indent=2))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from lmlab.finetune.classify import predict_texts, require_classifier
 
@@ -824,6 +841,25 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("args", nargs=argparse.REMAINDER, help="lm_eval arguments, e.g. --model lmlab --model_args "
                     "path=CKPT --tasks arc_easy_local --metadata '{\"data_dir\": DIR}'")
     eh.set_defaults(func=cmd_eval_harness)
+
+    canary = "lmlab.eval.canaries:exposure"
+    ek = ev.add_parser("canaries", help="exposure of planted secrets: how much a language model memorised them",
+                       description="For each canary (a prefix and a secret of random digits) the rank of the "
+                                   "secret's log-perplexity among every secret of its format; exposure = "
+                                   "log2(candidates) - log2(rank) (Carlini et al., 2019; docs/privacy.md).")
+    ek.add_argument("checkpoint", help="language-model checkpoint or run folder")
+    ek.add_argument("--canaries", required=True, help="JSONL of {prefix, secret, repeats} (benchmarks/canaries.py "
+                                                      "writes one)")
+    ek.add_argument("--enumerate-up-to", type=int, default=Default(canary, "enumerate_up_to"),
+                    help="score every candidate secret when there are at most this many (default: %(default)s)")
+    ek.add_argument("--samples", type=int, default=Default(canary, "samples"),
+                    help="else estimate the rank from this many random candidates (default: %(default)s)")
+    ek.add_argument("--batch-size", type=int, default=Default(canary, "batch_size"),
+                    help="candidates per forward pass (default: %(default)s)")
+    ek.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
+    add_force_flag(ek, "--out", "evaluation report")
+    add_device_flag(ek)
+    ek.set_defaults(func=cmd_eval_canaries)
 
     predict = "lmlab.finetune.classify:predict_texts"
     pr = sub.add_parser("predict", help="classify texts with a trained classifier (one JSON line per text)")

@@ -137,6 +137,24 @@ class DataConfig:
 
 
 @dataclass
+class DpConfig:
+    """Differentially private training (DP-SGD through Opacus, train/privacy.py): Poisson-sampled batches,
+    each example's gradient clipped to max_grad_norm, Gaussian noise added. On when target_epsilon or
+    noise_multiplier is set (one of them); for tasks that hand out single examples (classify, pretrain)."""
+
+    target_epsilon: Positive | None = None  # the run's budget: the noise that spends (epsilon, delta) in max_steps
+    noise_multiplier: NonNegative | None = None  # instead: this noise std / max_grad_norm (epsilon then only reported)
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # None = 1 / (2 N), N the training examples
+    max_grad_norm: Positive = 1.0  # each example's whole gradient is clipped to this L2 norm
+    accountant: Literal["prv", "rdp"] = "prv"  # how spent epsilon is computed (prv: tighter; rdp: the classic bound)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run trains with differential privacy."""
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, evaluation and checkpointing of a training run."""
 
@@ -179,6 +197,7 @@ class TrainConfig:
     # under torchrun: ddp keeps a whole model per process, fsdp (FSDP2) shards weights, grads and optimizer state
     distributed: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, more compute
+    dp: DpConfig = field(default_factory=DpConfig)  # differential privacy (off unless dp.target_epsilon is set)
 
 
 @dataclass
@@ -610,6 +629,25 @@ def _train_rules(t: TrainConfig, p: str) -> None:
         raise ConfigError(f"{p}warmup_steps {t.warmup_steps} must be less than {p}max_steps {t.max_steps}")
     if t.carry_state and (t.batching != "sequential" or t.grad_accum != 1):
         raise ConfigError(f"{p}carry_state needs {p}batching=sequential and {p}grad_accum=1")
+    if t.dp.enabled:
+        _dp_rules(t, p)
+
+
+def _dp_rules(t: TrainConfig, p: str) -> None:
+    """What DP-SGD cannot run with: each step is one Poisson-sampled batch whose examples have their own
+    gradients, in one process, uncompiled (Opacus' hooks), in fp32 or bf16."""
+    if t.dp.target_epsilon is not None and t.dp.noise_multiplier is not None:
+        raise ConfigError(f"{p}dp: give {p}dp.target_epsilon or {p}dp.noise_multiplier, not both")
+    refused = {"grad_accum": t.grad_accum > 1, "compile": t.compile, "carry_state": t.carry_state,
+               "activation_checkpointing": t.activation_checkpointing, "precision": t.precision == "fp16"}
+    why = {"grad_accum": "a step is one Poisson-sampled batch; set train.batch_size to the expected batch instead",
+           "compile": "Opacus' per-example gradient hooks do not run under torch.compile",
+           "carry_state": "a carried state ties examples together, so they have no gradients of their own",
+           "activation_checkpointing": "recomputed activations would be recorded twice by Opacus' hooks",
+           "precision": "fp16's loss scaling does not fit per-example clipping; use fp32 or bf16"}
+    for name, bad in refused.items():
+        if bad:
+            raise ConfigError(f"{p}dp does not work with {p}{name} {getattr(t, name)!r}: {why[name]}")
 
 
 def _run_rules(r: RunConfig, p: str) -> None:
@@ -644,6 +682,12 @@ def _sft_rules(s: SftConfig, p: str) -> None:
         raise ConfigError(f"{p}model.{f.name} applies to lmlab finetune classify only")
 
 
+def _classify_rules(c: ClassifyConfig, p: str) -> None:
+    """R-Drop feeds each example twice, which DP-SGD would count as two examples."""
+    if c.train.dp.enabled and c.model.rdrop > 0:
+        raise ConfigError(f"{p}model.rdrop does not work with {p}train.dp: each example would count twice")
+
+
 def _serve_rules(s: ServeConfig, p: str) -> None:
     """The default completion length must be one the server allows."""
     if s.default_max_tokens > s.max_new_tokens:
@@ -651,7 +695,7 @@ def _serve_rules(s: ServeConfig, p: str) -> None:
 
 
 _RULES = {ModelConfig: _model_rules, TrainConfig: _train_rules, RunConfig: _run_rules, SftConfig: _sft_rules,
-          ServeConfig: _serve_rules}
+          ServeConfig: _serve_rules, ClassifyConfig: _classify_rules}
 
 
 # ---------------------------------------------------------------------------------------------

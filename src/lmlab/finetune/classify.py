@@ -181,6 +181,12 @@ class ClassificationTask(TaskBase):
         y = torch.tensor([self.train_y[i] for i in indices])
         return Batch({"x": x, "mask": mask, "y": y}, units=len(indices), tokens=int(mask.sum()))
 
+    def example_count(self) -> int:
+        return len(self.train_ids)
+
+    def example_batch(self, indices: list[int]) -> Batch:
+        return self._batch(indices)
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, mask, y = batch.tensors["x"], batch.tensors["mask"], batch.tensors["y"]
         if self.cfg.model.rdrop > 0:

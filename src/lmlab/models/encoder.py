@@ -102,7 +102,10 @@ class Encoder(nn.Module):
         B, T = idx.shape
         if T > self.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context_length}")
-        x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)
+        if self.training:  # a lookup per row, which per-example gradients (train.dp, Opacus' hooks) can see
+            x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device).expand(B, T))  # (B, T, d)
+        else:
+            x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)
         if self.type_emb is not None:  # segment A = 0 unless told otherwise
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.type_emb(types)

@@ -138,8 +138,12 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            # (T, C) rows of positions start..start+T-1, or (B, T, C) with per-row positions
-            x = x + (self.pos_emb.weight[start:start + T] if positions is None else self.pos_emb(positions))
+            # (T, C) rows of positions start..start+T-1, or (B, T, C) with per-row positions; in training a
+            # lookup per row, which per-example gradients (train.dp, Opacus' hooks) can see
+            rows = positions
+            if rows is None and self.training:
+                rows = torch.arange(start, start + T, device=idx.device).expand(idx.size(0), T)  # (B, T)
+            x = x + (self.pos_emb.weight[start:start + T] if rows is None else self.pos_emb(rows))
         elif positions is None:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # each (T, d/2)
         else:

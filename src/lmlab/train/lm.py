@@ -101,6 +101,16 @@ class LanguageModelTask(TaskBase):
             self.carry = self.model.make_cache(rows)  # each epoch starts from a zero state
         return x, y
 
+    def example_count(self) -> int:
+        """Examples for train.dp: the training text cut into consecutive windows of block_size tokens."""
+        return (self.train_data.tokens - 1) // self.block
+
+    def example_batch(self, indices: list[int]) -> Batch:
+        start = [i * self.block for i in indices]
+        rows = torch.from_numpy(np.stack([self.train_data.read(s, s + self.block + 1) for s in start]))  # (B, T + 1)
+        x, y = rows[:, :-1], rows[:, 1:]
+        return Batch({"x": x, "y": y}, units=y.numel(), tokens=x.numel())
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch.tensors["x"], batch.tensors["y"]
         if self.carry is not None:

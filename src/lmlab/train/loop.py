@@ -14,6 +14,8 @@ and its evaluation metrics. The loop alone owns everything else:
     reporting                 a progress bar with tokens/s and ETA; ``.item()`` only on logging steps
     processes                 under torchrun: DDP or FSDP2, each rank computing its rows of the same
                               global batch; rank 0 logs and writes (train/distributed.py)
+    privacy                   with train.dp: DP-SGD (train/privacy.py): Poisson-sampled batches of the
+                              task's examples, per-example clipping and noise, the spent epsilon
 
 The batches of step s are a pure function of s (and of the task's saved state), so a resumed run
 sees exactly what an uninterrupted run would have seen.
@@ -49,6 +51,7 @@ from lmlab.train.distributed import (all_mean, barrier, checkpoint_activations, 
 from lmlab.train.ema import averaged, weight_average
 from lmlab.train.logger import MetricsLogger, plot_losses
 from lmlab.train.optim import build_optimizer, build_scheduler
+from lmlab.train.privacy import make_private
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,12 @@ class Task(Protocol):
     def checkpoint_info(self) -> dict:
         """Extra manifest entries of this task's checkpoints (e.g. the base model, max_length)."""
 
+    def example_count(self) -> int:
+        """The training examples (train.dp samples each step's batch from them; the unit of privacy)."""
+
+    def example_batch(self, indices: list[int]) -> Batch:
+        """One batch of the training examples ``indices`` (of ``example_count``), on the CPU."""
+
 
 class TaskBase:
     """What most tasks do for the optional parts of ``Task``: one learning rate, nothing after a step,
@@ -147,6 +156,12 @@ class TaskBase:
     def checkpoint_info(self) -> dict:
         return {}
 
+    def example_count(self) -> int:
+        raise ConfigError(f"train.dp does not work with {self.kind} training yet (its task has no single examples)")
+
+    def example_batch(self, indices: list[int]) -> Batch:
+        raise ConfigError(f"train.dp does not work with {self.kind} training yet (its task has no single examples)")
+
 
 def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
     """Optimizer steps for ``epochs`` passes over data of ``steps_per_epoch`` steps each (at least 1)."""
@@ -166,6 +181,7 @@ class RunResult:
     checkpoint: str = ""
     plots: list[str] = field(default_factory=list)
     interrupted: bool = False
+    privacy: dict = field(default_factory=dict)  # with train.dp: the spent epsilon, delta, noise (PrivateTraining.summary)
     extra: dict = field(default_factory=dict)  # what a task adds (parameter counts, labels, a full report)
 
 
@@ -239,6 +255,9 @@ class Trainer:
         wrapped = wrap(self.model, tc.distributed, device)  # DDP or FSDP2 under torchrun, else the model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc, device.type, task.learning_rates())
+        self.privacy = make_private(task, self.model, self.optimizer, tc, world_size())  # None without train.dp
+        if self.privacy is not None:
+            self.optimizer = self.privacy.optimizer  # clips each example's gradient and adds noise
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.ema = weight_average(self.model, tc.ema_decay)
@@ -253,9 +272,12 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the step's micro-batches; returns the step's mean loss (a 0-d tensor)."""
-        batches = self.task.step_batches(self.step)
+        if self.privacy is not None:
+            batches = self.privacy.step_batches(self.task, self.step)  # Poisson-sampled: may be empty
+        else:
+            batches = self.task.step_batches(self.step)
         units = sum(b.units for b in batches)
-        if units == 0:
+        if units == 0 and self.privacy is None:
             raise DataError(f"step {self.step} has no examples or target tokens to learn from")
         total = torch.zeros((), device=self.device)
         world = world_size()
@@ -274,7 +296,9 @@ class Trainer:
                 weighted = loss * weight
                 self.scaler.scale(weighted).backward()
             total += weighted.detach().float()
-        if self.tc.grad_clip > 0:
+        if self.privacy is not None:
+            self.privacy.before_step()  # per-example clipping replaces train.grad_clip
+        elif self.tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, self.tc.grad_clip)
         self.scaler.step(self.optimizer)
@@ -354,6 +378,8 @@ class Trainer:
             result.plots = [str(p) for p in plot_losses(self.run_folder.metrics, self.run_folder.plots)]
         result.step, result.elapsed_s, result.tokens_seen = self.step, self.elapsed(), self.tokens_seen
         result.peak_mem_mib = peak_memory_mib(self.device)
+        if self.privacy is not None:
+            result.privacy = self.privacy.summary()
         result.checkpoint = str(self.run_folder.checkpoints()[-1])
         return result
 
@@ -371,6 +397,10 @@ class Trainer:
                   "elapsed_s": self.elapsed(),
                   "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
         postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tok_s:,.0f}"}
+        if self.privacy is not None:
+            epsilon = self.privacy.epsilon()
+            record["epsilon"] = epsilon if math.isfinite(epsilon) else None  # None: spent without noise (infinite)
+            postfix["eps"] = f"{epsilon:.2f}"
         if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, and its share of the peak (MFU)
             record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
             if self.peak_tflops:
@@ -431,6 +461,9 @@ class Trainer:
         if self.ema is not None:
             state["ema"] = self.ema.raw_state()
         info = {"step": self.step, "kind": self.task.kind, **self.task.checkpoint_info()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()  # the accountant's history: --resume goes on counting
+            info["privacy"] = self.privacy.summary()
         with averaged(self.ema):
             save_checkpoint(path, self.model, self.task.tokenizer, state, info=info, weights=weights, folders=folders)
         if self.claim is not None:
@@ -478,6 +511,11 @@ class Trainer:
             if "ema" not in state:
                 raise ConfigError(f"--resume: {ckpt} was trained without train.ema_decay")
             self.ema.load_raw_state(state["ema"])
+        if (self.privacy is not None) != ("privacy" in state):
+            raise ConfigError(f"--resume: {ckpt} was trained {'with' if 'privacy' in state else 'without'} train.dp; "
+                              f"resume with the train.dp it was trained with")
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
 
 
