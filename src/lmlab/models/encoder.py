@@ -69,6 +69,7 @@ class Encoder(nn.Module):
         self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.row_positions = False  # True: positions looked up per row, which per-example gradients (train.dp) see
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
@@ -102,7 +103,7 @@ class Encoder(nn.Module):
         B, T = idx.shape
         if T > self.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context_length}")
-        if self.training:  # a lookup per row, which per-example gradients (train.dp, Opacus' hooks) can see
+        if self.row_positions:
             x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device).expand(B, T))  # (B, T, d)
         else:
             x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)

@@ -65,6 +65,9 @@ class GPT(nn.Module):
         self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        # True: learned positions are looked up per row (B, T), not sliced once (T, C), so that hooks on
+        # pos_emb see every row (per-example gradients, train.dp); same values, more work
+        self.row_positions = False
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
@@ -138,10 +141,9 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            # (T, C) rows of positions start..start+T-1, or (B, T, C) with per-row positions; in training a
-            # lookup per row, which per-example gradients (train.dp, Opacus' hooks) can see
+            # (T, C) rows of positions start..start+T-1, or (B, T, C) with per-row positions
             rows = positions
-            if rows is None and self.training:
+            if rows is None and self.row_positions:
                 rows = torch.arange(start, start + T, device=idx.device).expand(idx.size(0), T)  # (B, T)
             x = x + (self.pos_emb.weight[start:start + T] if rows is None else self.pos_emb(rows))
         elif positions is None:

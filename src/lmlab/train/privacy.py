@@ -70,6 +70,9 @@ class PrivateTraining:
                                                              accountant=dp.accountant)
         else:
             self.noise_multiplier = dp.noise_multiplier
+        for module in model.modules():
+            if hasattr(module, "row_positions"):
+                module.row_positions = True  # learned positions per row: Opacus' hooks see each example's rows
         indices = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(examples)),
                                               batch_size=batch_size)  # fixes q = 1 / len(indices), as Opacus does
         with warnings.catch_warnings():
