@@ -209,6 +209,7 @@ def facts(tmp_path):
     ("multiple_choice", {}, {"acc": 1.0, "acc_norm": 1.0}),
     ("last_word", {}, {"acc": 1.0}),
     ("generation", {"max_new_tokens": 8}, {"exact_match": 1.0, "f1": 1.0}),
+    ("generation", {"max_new_tokens": 8, "metrics": ["rouge", "bleu"]}, {"rouge1": 100.0, "rougeL": 100.0}),
     ("classification", {"labels": {c[0]: c for c in COLOURS}, "fields": {"text": "context", "label": "colour"}},
      {"acc": 1.0, "macro_f1": 1.0}),
     ("classification", {"labels": {i: c for i, c in enumerate(COLOURS)}, "fields": {"text": "context"}},

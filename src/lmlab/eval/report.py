@@ -100,7 +100,8 @@ def read_task_results(paths: list[str | Path]) -> list[dict]:
 
 def write_comparison(results: list[dict], out_dir: str | Path) -> str:
     """Several task results side by side: results.md (one row per result, one column per metric),
-    results.json (the rows) and comparison.png (the 0..1 metrics as grouped bars); returns the Markdown."""
+    results.json (the rows) and comparison.png (the 0..1 metrics as grouped bars, chance as a line when
+    all results share it); returns the Markdown."""
     out_dir = Path(out_dir)
     names = list(dict.fromkeys(m for r in results for m in r["metrics"]))
     head = "| result | task | examples | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names) + "\n"
@@ -110,8 +111,9 @@ def write_comparison(results: list[dict], out_dir: str | Path) -> str:
                    + " | ".join("" if row[m] is None else _cell(row[m]) for m in names) + " |\n" for row in rows)
     md = f"# Comparison\n\n{head}{body}\n![comparison](comparison.png)\n"
     write_results(out_dir, {"rows": rows, "sources": [r["source"] for r in results]}, md)
+    chances = {r.get("chance") for r in results}
     plot_bars({f"{row['result']} ({row['task']})": r["metrics"] for row, r in zip(rows, results)},
-              out_dir / "comparison.png", "comparison")
+              out_dir / "comparison.png", "comparison", chances.pop() if len(chances) == 1 else None)
     return md
 
 
