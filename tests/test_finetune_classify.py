@@ -15,27 +15,7 @@ from lmlab.eval.metrics import classification_report
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import save_checkpoint
 
-POSITIVE = ["great", "lovely", "superb", "moving", "brilliant", "charming"]
-NEGATIVE = ["awful", "dull", "boring", "clumsy", "tedious", "bland"]
-FILLER = ["the", "film", "was", "a", "story", "and", "plot", "acting", "really", "quite", "its", "cast"]
-
-
-def sentences(n: int, seed: int) -> list[tuple[str, str]]:
-    """Toy sentiment: the label is whether a positive or a negative word appears among filler words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["0", "1"])
-        words = rng.choices(FILLER, k=rng.randint(3, 9))
-        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "1" else NEGATIVE))
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_tsv(path, rows):
-    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
-    return path
-
+from toy_sentiment import sentences, write_tsv
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

@@ -2,7 +2,6 @@
 logged, saved and carried over --resume, per-example clipping, refused combinations, DP language modelling."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -18,26 +17,14 @@ from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import save_checkpoint
 from lmlab.train.privacy import PrivateTraining
 
-POSITIVE = ["great", "lovely", "superb", "moving"]
-NEGATIVE = ["awful", "dull", "boring", "clumsy"]
-FILLER = ["the", "film", "was", "a", "story", "and", "plot", "acting"]
+import toy_sentiment
+from toy_sentiment import write_tsv
+
 
 
 def sentences(n: int, seed: int) -> list[tuple[str, str]]:
-    """Toy sentiment: the label says whether a positive or a negative word is among the filler."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["0", "1"])
-        words = rng.choices(FILLER, k=rng.randint(2, 6))
-        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "1" else NEGATIVE))
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_tsv(path, rows):
-    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
-    return path
+    """Short toy sentiment rows (4 label words a side, 8 filler words, 2-6 of them): quick to train privately."""
+    return toy_sentiment.sentences(n, seed, label_words=4, filler_words=8, fillers=(2, 6))
 
 
 @pytest.fixture(scope="module")
