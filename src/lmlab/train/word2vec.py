@@ -22,10 +22,11 @@ per ``batch_size`` words; an epoch is one pass) and, with a generator seeded wit
     negatives     word2vec.negatives noise words per row, shared by its pairs (word2vec.c draws them per
                   pair; sharing gathers each output vector once per row, and measured no worse)
 
-All of it is vectorised numpy over the whole micro-batch (one pass per window offset), not a loop over
-words. Learning rate: word2vec.c and gensim decay it linearly to ~0 over the run (train.lr_schedule
-linear, train.min_lr small). The loss unit is a pair (a context word and its centre; for cbow a whole row); tokens/s counts words read,
-before subsampling, which is what gensim's words/s counts too.
+All of it is vectorised numpy over the whole micro-batch (a grid of each word's 2 * window neighbours),
+not a loop over words. Learning rate: word2vec.c and gensim decay it linearly to ~0 over the run
+(train.lr_schedule linear, train.min_lr small). The loss unit is a pair (a context word and its centre;
+for cbow a whole row); tokens/s counts words read, before subsampling, which is what gensim's words/s
+counts too.
 """
 
 from __future__ import annotations
