@@ -20,7 +20,7 @@ per ``batch_size`` words; an epoch is one pass) and, with a generator seeded wit
     rows          one row per centre word with its context words (skipgram learns a pair per context word,
                   cbow one per row)
     negatives     word2vec.negatives noise words per row, shared by its pairs (word2vec.c draws them per
-                  pair; sharing gathers each output vector once per row, and measured no worse)
+                  pair; sharing gathers each output vector once per row, and scored as well in our runs)
 
 All of it is vectorised numpy over the whole micro-batch (a grid of each word's 2 * window neighbours),
 not a loop over words. Learning rate: word2vec.c and gensim decay it linearly to ~0 over the run
@@ -93,7 +93,7 @@ def sentence_stream(ids: np.ndarray, kept: np.ndarray, boundary: np.ndarray) -> 
 
 
 def window_rows(words: np.ndarray, sentence: np.ndarray, window: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(contexts (N, 2 * window), mask (N, 2 * window), centres (N,)) for every word with at least one
     context word in its dynamic window (size drawn from 1..window) inside its sentence: the rows of both
     modes (skipgram learns a pair per real context word, cbow one per row)."""
@@ -173,9 +173,12 @@ class Word2VecTask(TaskBase):
         if len(targets) == 0 and subsample:  # all but one word of a short stretch skipped: learn from it whole
             return self.rows(words, sentence, rng, subsample=False)
         negatives = self.vocab.negatives((len(targets), self.wc.negatives), rng)  # shared by a row's pairs
-        pairs = int(mask.sum()) if self.mode == "skipgram" else len(targets)
         tensors = {"inputs": inputs, "input_mask": mask, "targets": targets, "negatives": negatives}
-        return Batch({k: torch.from_numpy(v) for k, v in tensors.items()}, units=pairs, tokens=read)
+        tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        if self.mode == "cbow":  # a pair per row
+            return Batch(tensors, units=len(targets), tokens=read)
+        pairs = tensors["input_mask"].sum(1)  # (N,) a skip-gram pair per real context word
+        return Batch(tensors, units=int(pairs.sum()), tokens=read, row_units=pairs)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         t = batch.tensors
