@@ -17,7 +17,8 @@ from lmlab.inspect.embeddings import EmbeddingSpace
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
-from lmlab.train.word2vec import Vocabulary, cbow_rows, skipgram_pairs, subsample_probability
+from lmlab.train.optim import build_optimizer
+from lmlab.train.word2vec import Vocabulary, subsample_probability, window_rows
 
 PAIRS = 6  # the synthetic language: word a_i or b_i, always between l_i and r_i
 
@@ -55,27 +56,54 @@ def w2v_config(data_dir, out_dir, mode="skipgram", **train) -> RunConfig:
 
 
 def test_loss_is_the_negative_sampling_objective_for_both_modes():
-    model = build_model(ModelConfig(family="word2vec", d_model=8, vocab_size=30))
-    torch.nn.init.normal_(model.output_emb.weight)
-    centres, targets = torch.tensor([3, 4]), torch.tensor([5, 6])
-    negatives = torch.tensor([[7, 8, 9], [10, 11, 12]])
-    loss = model(centres, targets, negatives)
-    h, out = model.input_emb.weight, model.output_emb.weight
-    by_hand = [-(F.logsigmoid(h[c] @ out[t]) + F.logsigmoid(-(out[n] @ h[c])).sum())
-               for c, t, n in zip(centres, targets, negatives)]
-    assert loss.shape == () and torch.allclose(loss, torch.stack(by_hand).mean())
-    # cbow: the input vector is the mean of the real context words (the mask drops the padding)
     contexts, mask = torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert torch.allclose(model.input_vector(contexts, mask), torch.stack([(h[1] + h[2]) / 2, h[3]]))
-    assert model(contexts, targets, negatives, mask).shape == ()
-    assert model.features(torch.tensor([[1, 2, 3]])).shape == (1, 3, 8)
+    centres, negatives = torch.tensor([5, 6]), torch.tensor([[7, 8, 9], [10, 11, 12]])
+    for mode in ("skipgram", "cbow"):
+        model = build_model(ModelConfig(family="word2vec", w2v_mode=mode, d_model=8, vocab_size=30))
+        torch.nn.init.normal_(model.output_emb.weight)
+        h, out = model.input_emb.weight, model.output_emb.weight
+
+        def pair(vector, t, n):
+            return -(F.logsigmoid(vector @ out[t]) + F.logsigmoid(-(out[n] @ vector)).sum())
+
+        if mode == "skipgram":  # a pair per real context word, the row's noise words shared by its pairs
+            by_hand = [pair(h[1], 5, negatives[0]), pair(h[2], 5, negatives[0]), pair(h[3], 6, negatives[1])]
+        else:  # the mean of the real context words (the mask drops the padding) predicts the centre
+            by_hand = [pair((h[1] + h[2]) / 2, 5, negatives[0]), pair(h[3], 6, negatives[1])]
+        loss = model(contexts, centres, negatives, mask)
+        assert loss.shape == () and torch.allclose(loss, torch.stack(by_hand).mean())
+        assert model.features(torch.tensor([[1, 2, 3]])).shape == (1, 3, 8)
 
 
 def test_sparse_tables_give_sparse_gradients_of_the_rows_used():
     model = build_model(ModelConfig(family="word2vec", d_model=4, vocab_size=50))
-    model(torch.tensor([1]), torch.tensor([2]), torch.tensor([[3, 4]])).backward()
+    model(torch.tensor([[1]]), torch.tensor([2]), torch.tensor([[3, 4]])).backward()
     grad = model.output_emb.weight.grad
     assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == {2, 3, 4}
+
+
+def test_a_sparse_sgd_step_is_word2vec_cs_update_summed_over_the_pairs():
+    """train.optimizer sgd on sparse gradients moves each row by -lr / pairs times the sum of its pairs'
+    gradients (word2vec.c's per-pair update at lr / pairs), a word seen twice getting both updates."""
+    model = build_model(ModelConfig(family="word2vec", d_model=4, vocab_size=20))
+    torch.nn.init.normal_(model.output_emb.weight, generator=torch.Generator().manual_seed(0))
+    contexts, mask = torch.tensor([[1, 1, 2]]), torch.tensor([[1, 1, 1]])  # word 1 twice in the window
+    centre, noise = torch.tensor([5]), torch.tensor([[6]])
+    h0, out0 = model.input_emb.weight.detach().clone(), model.output_emb.weight.detach().clone()
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.3, weight_decay=0.0), "cpu")
+    model(contexts, centre, noise, mask).backward()
+    optimizer.step()
+    step = 0.3 / 3  # lr over the 3 pairs of the (mean) loss
+    new_h, new_out = h0.clone(), out0.clone()
+    for c in (1, 1, 2):  # d(-log sigmoid(h.o))/dh = -(1 - sigmoid(h.o)) o; d(-log sigmoid(-h.n))/dh = sigmoid(h.n) n
+        pos, neg = torch.sigmoid(h0[c] @ out0[5]), torch.sigmoid(h0[c] @ out0[6])
+        new_h[c] -= step * (-(1 - pos) * out0[5] + neg * out0[6])
+        new_out[5] -= step * -(1 - pos) * h0[c]
+        new_out[6] -= step * neg * h0[c]
+    assert torch.allclose(model.input_emb.weight, new_h, atol=1e-6)
+    assert torch.allclose(model.output_emb.weight, new_out, atol=1e-6)
+    untouched = [i for i in range(20) if i not in (1, 2, 5, 6)]
+    assert torch.equal(model.input_emb.weight[untouched], h0[untouched])
 
 
 def test_negatives_follow_the_unigram_distribution_to_the_power_three_quarters():
@@ -104,21 +132,24 @@ def test_subsampling_keeps_rare_words_and_thins_frequent_ones_by_mikolovs_formul
 def test_windows_stay_inside_sentences_and_never_exceed_the_drawn_size():
     words = np.array([10, 11, 12, 13, 14, 15])
     sentence = np.array([0, 0, 0, 1, 1, 1])
-    centres, contexts = skipgram_pairs(words, sentence, 1, np.random.default_rng(0))
-    assert sorted(zip(centres.tolist(), contexts.tolist())) == [
-        (10, 11), (11, 10), (11, 12), (12, 11), (13, 14), (14, 13), (14, 15), (15, 14)]
-    centres, contexts = skipgram_pairs(words, sentence, 5, np.random.default_rng(0))
-    assert all((c < 13) == (x < 13) for c, x in zip(centres, contexts))  # no pair across the boundary
-    assert len(centres) <= 2 * 3 * 2  # at most all pairs of two 3-word sentences
-    ctx, mask, centre = cbow_rows(words, sentence, 2, np.random.default_rng(0))
+    ctx, mask, centre = window_rows(words, sentence, 1, np.random.default_rng(0))
+    pairs = sorted((int(c), int(x)) for row, m, c in zip(ctx, mask, centre) for x in row[m])
+    assert pairs == [(10, 11), (11, 10), (11, 12), (12, 11), (13, 14), (14, 13), (14, 15), (15, 14)]
+    ctx, mask, centre = window_rows(words, sentence, 2, np.random.default_rng(0))
     assert ctx.shape == (6, 4) and centre.tolist() == words.tolist()
     for i, (c, m) in enumerate(zip(ctx, mask)):  # context words come from the centre's own sentence
         assert set(c[m]) <= set(words[sentence == sentence[i]]) - {centre[i]}
 
 
-@pytest.mark.parametrize("mode", ["skipgram", "cbow"])
-def test_trained_vectors_put_words_that_share_their_contexts_nearest_each_other(paired_data, tmp_path, mode):
-    result = pretrain(w2v_config(paired_data, tmp_path / mode, mode))
+# sgd as in configs/word2vec_wikitext2.yaml: lr 0.025 per pair times the ~120 pairs of a 64-word step (a
+# vocabulary of 24 words: bigger steps sum too many updates of one word)
+SGD = dict(optimizer="sgd", lr=3.0, min_lr=0.01, batch_size=64, epochs=3)
+
+
+@pytest.mark.parametrize("mode,optimizer", [("skipgram", {}), ("cbow", {}), ("skipgram", SGD)])
+def test_trained_vectors_put_words_that_share_their_contexts_nearest_each_other(paired_data, tmp_path, mode,
+                                                                                optimizer):
+    result = pretrain(w2v_config(paired_data, tmp_path / mode, mode, **optimizer))
     assert result.metrics["val_loss"] < 1.5  # an untrained model scores (1 + 4) * log 2 = 3.47
     ckpt = load_checkpoint(result.checkpoint)
     space = EmbeddingSpace.from_model(ckpt.model, ckpt.tokenizer, ckpt.manifest)

@@ -6,8 +6,10 @@ binary classification: for a predicted word t and an input vector h, maximise
 
     log sigmoid(h . out[t]) + sum over k noise words n of log sigmoid(-h . out[n])
 
-    skipgram   h = in[centre], t = one context word      (one row per (centre, context) pair)
-    cbow       h = mean of in[context words], t = centre (one row per centre word)
+    skipgram   h = in[one context word], t = centre     (a pair per context word; word2vec.c's orientation)
+    cbow       h = mean of in[context words], t = centre (a pair per centre word)
+
+A batch row is a centre word with its context words and k noise words that the row's pairs share.
 
 The noise words come with the batch (the training task draws them from the unigram^0.75 distribution),
 so this module knows nothing of counts, windows or files. As in word2vec.c, input vectors start
@@ -25,7 +27,7 @@ from lmlab.config import ModelConfig
 
 
 class Word2Vec(nn.Module):
-    """Skip-gram or CBOW with negative sampling; ``forward`` gives the mean loss of a batch of rows."""
+    """Skip-gram or CBOW with negative sampling; ``forward`` gives the mean loss of a batch's pairs."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -42,26 +44,32 @@ class Word2Vec(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 input_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean negative-sampling loss of N rows.
+        """The mean negative-sampling loss over the (input, target) pairs of N rows, one row per centre word.
 
-        skipgram: inputs (N,) centre words; cbow: inputs (N, C) context words, ``input_mask`` (N, C) 1
-        where a context word is real (rows have different window sizes). targets (N,) the word to tell
-        from negatives (N, k) noise words.
+        inputs (N, C) the centre's context words, ``input_mask`` (N, C) 1 where a context word is real (rows
+        have different window sizes); targets (N,) the centre words; negatives (N, k) noise words, shared by
+        the pairs of a row. skipgram: each real context word's vector predicts the centre (word2vec.c's
+        orientation), sum(input_mask) pairs; cbow: the mean of the context vectors does, N pairs. Scoring a
+        row's context vectors against its centre and noise words in one matrix product gathers each output
+        vector once per row instead of once per pair (k + 1 times fewer, in skipgram).
         """
-        h = self.input_vector(inputs, input_mask)  # (N, D)
-        candidates = torch.cat([targets.unsqueeze(1), negatives], dim=1)  # (N, 1 + k)
-        scores = torch.bmm(self.output_emb(candidates), h.unsqueeze(2)).squeeze(2)  # (N, 1 + k)
-        signs = torch.ones_like(scores)
-        signs[:, 1:] = -1.0  # the target is a positive, the noise words negatives
-        return -F.logsigmoid(scores * signs).sum(1).mean()
+        mask = torch.ones_like(inputs, dtype=torch.float32) if input_mask is None else input_mask.float()  # (N, C)
+        h, weight = self.input_vectors(inputs, mask)  # (N, P, D), (N, P): P = C (skipgram) or 1 (cbow)
+        candidates = self.output_emb(torch.cat([targets.unsqueeze(1), negatives], dim=1))  # (N, 1 + k, D)
+        scores = torch.bmm(h, candidates.transpose(1, 2))  # (N, P, 1 + k)
+        signs = torch.ones(scores.shape[2], dtype=scores.dtype, device=scores.device)
+        signs[1:] = -1.0  # the target is a positive, the noise words negatives
+        pair_loss = -F.logsigmoid(scores * signs).sum(2)  # (N, P)
+        return (pair_loss * weight).sum() / weight.sum().clamp(min=1)
 
-    def input_vector(self, inputs: torch.Tensor, input_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, D): the centre word's vector (inputs (N,)), or the mean of the context words' (inputs (N, C))."""
-        if inputs.dim() == 1:
-            return self.input_emb(inputs)
+    def input_vectors(self, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors that predict a row's centre, (N, P, D), and the weight of each, (N, P): skipgram each
+        context word's own (P = C, weight the mask), cbow the mean of the real ones (P = 1, weight 1)."""
         vectors = self.input_emb(inputs)  # (N, C, D)
-        mask = torch.ones_like(inputs, dtype=vectors.dtype) if input_mask is None else input_mask.to(vectors.dtype)
-        return (vectors * mask.unsqueeze(2)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        if self.config.w2v_mode == "skipgram":
+            return vectors, mask
+        mean = (vectors * mask.unsqueeze(2)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, D)
+        return mean.unsqueeze(1), torch.ones_like(mask[:, :1])
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The word vectors (B, T, d_model) of token ids idx (B, T): a word's features are its own vector."""

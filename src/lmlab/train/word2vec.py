@@ -17,13 +17,16 @@ per ``batch_size`` words; an epoch is one pass) and, with a generator seeded wit
                   (word2vec.c's formula, also gensim's), so frequent words ("the", ",") are mostly skipped
     window        each kept word draws its window size b uniformly from 1..word2vec.window (word2vec.c's
                   "dynamic window", which weights near words more); its context is the b kept words each side
-    rows          skipgram: one row per (centre, context) pair; cbow: one row per centre with its context
-    negatives     word2vec.negatives noise words per row
+    rows          one row per centre word with its context words (skipgram learns a pair per context word,
+                  cbow one per row)
+    negatives     word2vec.negatives noise words per row, shared by its pairs (word2vec.c draws them per
+                  pair; sharing gathers each output vector once per row, and scored as well in our runs)
 
-All of it is vectorised numpy over the whole micro-batch (one pass per window offset), not a loop over
-words. Learning rate: word2vec.c and gensim decay it linearly to ~0 over the run (train.lr_schedule
-linear, train.min_lr small). The loss unit is a row (a pair for skipgram); tokens/s counts words read,
-before subsampling, which is what gensim's words/s counts too.
+All of it is vectorised numpy over the whole micro-batch (a grid of each word's 2 * window neighbours),
+not a loop over words. Learning rate: word2vec.c and gensim decay it linearly to ~0 over the run
+(train.lr_schedule linear, train.min_lr small). The loss unit is a pair (a context word and its centre;
+for cbow a whole row); tokens/s counts words read, before subsampling, which is what gensim's words/s
+counts too.
 """
 
 from __future__ import annotations
@@ -89,25 +92,11 @@ def sentence_stream(ids: np.ndarray, kept: np.ndarray, boundary: np.ndarray) -> 
     return ids[keep].astype(np.int64), sentence[keep]
 
 
-def skipgram_pairs(words: np.ndarray, sentence: np.ndarray, window: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(centres, contexts) of every pair within each word's dynamic window (size drawn from 1..window)
-    inside its sentence: one vectorised pass per offset."""
-    reach = rng.integers(1, window + 1, len(words))  # (n,) each centre's window size
-    centres, contexts = [], []
-    for o in range(1, window + 1):
-        same = sentence[:-o] == sentence[o:]  # (n - o,) words o apart in one sentence
-        ahead = same & (reach[:-o] >= o)  # centre i, context i + o
-        behind = same & (reach[o:] >= o)  # centre i + o, context i
-        centres += [words[:-o][ahead], words[o:][behind]]
-        contexts += [words[o:][ahead], words[:-o][behind]]
-    return np.concatenate(centres), np.concatenate(contexts)
-
-
-def cbow_rows(words: np.ndarray, sentence: np.ndarray, window: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_rows(words: np.ndarray, sentence: np.ndarray, window: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(contexts (N, 2 * window), mask (N, 2 * window), centres (N,)) for every word with at least one
-    context word in its dynamic window inside its sentence."""
+    context word in its dynamic window (size drawn from 1..window) inside its sentence: the rows of both
+    modes (skipgram learns a pair per real context word, cbow one per row)."""
     n = len(words)
     reach = rng.integers(1, window + 1, n)  # (n,)
     offsets = [o for o in range(-window, window + 1) if o != 0]
@@ -180,17 +169,16 @@ class Word2VecTask(TaskBase):
         if subsample:
             keep = rng.random(read) < self.vocab.keep_prob[words]
             words, sentence = words[keep], sentence[keep]
-        if self.mode == "skipgram":
-            inputs, targets = skipgram_pairs(words, sentence, self.wc.window, rng)
-            tensors = {"inputs": inputs}
-        else:
-            inputs, mask, targets = cbow_rows(words, sentence, self.wc.window, rng)
-            tensors = {"inputs": inputs, "input_mask": mask}
+        inputs, mask, targets = window_rows(words, sentence, self.wc.window, rng)
         if len(targets) == 0 and subsample:  # all but one word of a short stretch skipped: learn from it whole
             return self.rows(words, sentence, rng, subsample=False)
-        tensors["targets"] = targets
-        tensors["negatives"] = self.vocab.negatives((len(targets), self.wc.negatives), rng)
-        return Batch({k: torch.from_numpy(v) for k, v in tensors.items()}, units=len(targets), tokens=read)
+        negatives = self.vocab.negatives((len(targets), self.wc.negatives), rng)  # shared by a row's pairs
+        tensors = {"inputs": inputs, "input_mask": mask, "targets": targets, "negatives": negatives}
+        tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        if self.mode == "cbow":  # a pair per row
+            return Batch(tensors, units=len(targets), tokens=read)
+        pairs = tensors["input_mask"].sum(1)  # (N,) a skip-gram pair per real context word
+        return Batch(tensors, units=int(pairs.sum()), tokens=read, row_units=pairs)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         t = batch.tensors
