@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
+from lmlab.eval.loglik import score_requests
 from lmlab.runs import atomic_write_text, read_text_file
 
 PREFIX = "my secret number is"
@@ -96,29 +96,17 @@ def read_canaries(path: str | Path) -> list[Canary]:
     return canaries
 
 
-@torch.no_grad()
 def log_perplexities(model: nn.Module, tokenizer: Tokenizer, prefix: str, secrets: list[str],
                      batch_size: int = 256) -> torch.Tensor:
-    """-log2 P(secret | prefix) of each secret (N,), summed over the secret's tokens."""
-    device = next(model.parameters()).device
+    """-log2 P(secret | prefix) of each secret (N,), summed over the secret's tokens: eval/loglik.py's scorer
+    (the prefix read once into a cache, the secrets scored on copies of it)."""
     context = tokenizer.encode(prefix)
-    rows = [context + tokenizer.encode(" " + s) for s in secrets]
+    requests = [(context, tokenizer.encode(" " + s)) for s in secrets]
     limit = model.context_length
-    if limit is not None and max(len(r) for r in rows) > limit:
+    if limit is not None and max(len(context) + len(secret) for _, secret in requests) > limit:
         raise DataError(f"a canary is longer than the model's context of {limit} tokens")
-    out = torch.empty(len(rows))
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        width = max(len(r) for r in batch) - 1
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        y = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not scored (prefix, padding)
-        for i, r in enumerate(batch):
-            x[i, :len(r) - 1] = torch.tensor(r[:-1])
-            y[i, len(context) - 1:len(r) - 1] = torch.tensor(r[len(context):])
-        logits, _ = model(x.to(device))  # (B, T, V); causal: right padding changes no earlier position
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")  # (B, T), 0 if not scored
-        out[start:start + len(batch)] = nll.sum(1).cpu() / math.log(2)
-    return out
+    scores = score_requests(model, requests, batch_size)
+    return torch.tensor([-logprob / math.log(2) for logprob, _ in scores])
 
 
 def exposure(model: nn.Module, tokenizer: Tokenizer, canary: Canary, enumerate_up_to: int = 100_000,
