@@ -259,23 +259,12 @@ def project_2d(vectors: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation: Pearson's of the ranks, ties given their mean rank (as scipy's spearmanr)."""
-    rx, ry = _ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64))
-    if rx.std() == 0 or ry.std() == 0:
+    """Spearman's rank correlation (scipy's spearmanr: ties given their mean rank); NaN when either side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
         return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, equal values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    for start, n in zip(first, counts):
-        if n > 1:
-            ranks[order[start:start + n]] = start + (n + 1) / 2
-    return ranks
+    return float(spearmanr(x, y).statistic)
 
 
 def inspect_embeddings(space: EmbeddingSpace, neighbors: list[str] = (), analogy: list[str] | None = None,
