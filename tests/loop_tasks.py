@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from lmlab.config import ModelConfig, TrainConfig
 from lmlab.data.tokenizer import train_tokenizer
+from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.logger import read_metrics
 from lmlab.train.loop import Batch, TaskBase, Trainer, prepare_run
 
 
@@ -58,3 +60,19 @@ class RegressionTask(TaskBase):
 def run_task(task, cfg, resume: bool = False, stop_after: int | None = None, force: bool = False):
     device, precision = prepare_run(cfg.train, resume, force)
     return Trainer(task, cfg, device, precision, resume=resume, stop_after=stop_after, replace=force).run()
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """{step: train_loss} of a run folder's metrics.jsonl."""
+    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r}
+
+
+def assert_same_run(full_dir, part_dir, steps: int) -> None:
+    """Two runs logged a loss at steps 1..steps, the same bit for bit, and ended with identical weights
+    (what a resumed run must give against an uninterrupted one on CPU fp32)."""
+    a, b = train_losses(full_dir), train_losses(part_dir)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]
+    wa = load_checkpoint(full_dir).model.state_dict()
+    wb = load_checkpoint(part_dir).model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -15,12 +15,9 @@ from lmlab.train.lm import pretrain
 from lmlab.train.logger import read_metrics
 
 from conftest import tiny_run_config
+from loop_tasks import train_losses
 
 CPU = torch.device("cpu")
-
-
-def _train_losses(run_dir):
-    return [r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r]
 
 
 def test_bf16_training_reaches_the_loss_of_fp32(prepared, tmp_path):
@@ -31,7 +28,7 @@ def test_bf16_training_reaches_the_loss_of_fp32(prepared, tmp_path):
         out = tmp_path / precision
         pretrain(tiny_run_config(prepared, out, max_steps=40, eval_interval=40, checkpoint_interval=40,
                                  precision=precision))
-        losses = _train_losses(out)
+        losses = list(train_losses(out).values())
         assert losses[-1] < losses[0] - 0.5  # both learn
         final[precision] = sum(losses[-5:]) / 5
     assert abs(final["bf16"] - final["fp32"]) <= 0.02 * final["fp32"], final

@@ -12,10 +12,8 @@ from lmlab.train.optim import lr_factor
 from lmlab.train.lm import pretrain
 
 from conftest import tiny_run_config
+from loop_tasks import assert_same_run
 
-
-def train_losses(run_dir):
-    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r}
 
 
 @pytest.mark.parametrize("preset,ema_decay", [("gpt2", 0.0), ("llama", 0.0), ("gpt2", 0.9)])
@@ -32,12 +30,7 @@ def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_d
     second = pretrain(runs["part"], resume=True)
     assert second.step == 16
 
-    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
-    assert sorted(a) == sorted(b) == list(range(1, 17))
-    assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bit-identical on CPU fp32
-    wa = load_checkpoint(tmp_path / "full").model.state_dict()
-    wb = load_checkpoint(tmp_path / "part").model.state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(tmp_path / "full", tmp_path / "part", 16)  # bit-identical on CPU fp32
 
 
 def test_weight_average_is_what_the_checkpoint_holds(prepared, tmp_path):

@@ -19,6 +19,7 @@ from lmlab.train.logger import read_metrics
 from lmlab.train.mlm import Masker, mask_token_id
 
 from conftest import tiny_corpus
+from loop_tasks import assert_same_run
 
 
 def corpus_windows(tokenizer, rows: int, width: int = 64) -> torch.Tensor:
@@ -122,13 +123,7 @@ def test_resumed_mlm_run_equals_uninterrupted(prepared, tmp_path):
     pretrain(runs["full"])
     assert pretrain(runs["part"], stop_after=7).step == 7
     assert pretrain(runs["part"], resume=True).step == 16
-
-    def losses(run):
-        return [r["train_loss"] for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
-    assert len(losses(tmp_path / "full")) == 16 and losses(tmp_path / "full") == losses(tmp_path / "part")
-    wa = load_checkpoint(tmp_path / "full").model.state_dict()
-    wb = load_checkpoint(tmp_path / "part").model.state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(tmp_path / "full", tmp_path / "part", 16)
 
 
 def test_mlm_run_learns_and_its_checkpoint_holds_encoder_and_head(mlm_run):

@@ -19,6 +19,8 @@ from lmlab.train.lm import pretrain
 from lmlab.train.logger import read_metrics
 from lmlab.train.seq2seq import Seq2SeqTask, micro_batch, target_loss
 
+from loop_tasks import assert_same_run
+
 LETTERS = "a b c d e f".split()
 MODELS = {
     "transformer": "{family: seq2seq, n_layer: 1, n_head: 2, d_model: 32, block_size: 12}",
@@ -55,9 +57,6 @@ def run_config(pairs, out_dir, model="transformer", **train) -> RunConfig:
     return load_config(None, [f"model={MODELS[model]}", f"data.path={pairs}", *overrides])
 
 
-def train_losses(run_dir):
-    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r}
-
 
 @pytest.mark.parametrize("model", ["transformer", "gru"])
 def test_lmlab_train_teaches_a_copy_task(pairs, tmp_path, model, capsys):
@@ -91,12 +90,7 @@ def test_resumed_training_equals_uninterrupted(pairs, tmp_path, model):
     pretrain(runs["full"])
     assert pretrain(runs["part"], stop_after=3).step == 3
     assert pretrain(runs["part"], resume=True).step == 8
-    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
-    assert sorted(a) == sorted(b) == list(range(1, 9))
-    assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bit-identical on CPU fp32
-    wa = load_checkpoint(tmp_path / "full").model.state_dict()
-    wb = load_checkpoint(tmp_path / "part").model.state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(tmp_path / "full", tmp_path / "part", 8)  # bit-identical on CPU fp32
 
 
 def test_grad_accumulation_equals_one_big_batch(pairs, tmp_path):
