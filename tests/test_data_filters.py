@@ -2,14 +2,18 @@
 pipeline's counts; configs and their one-line errors; `lmlab data prepare` with filters end to end."""
 
 import json
+from collections import Counter
 
 import pytest
 
 from lmlab.cli import main
-from lmlab.data.filters import FilterConfig, FilterPipeline, load_filter_config
+from lmlab.data import filters, pii
+from lmlab.data.decontaminate import Decontaminator
+from lmlab.data.dedup import NearDuplicates
+from lmlab.data.filters import FilterConfig, FilterPipeline, LanguageFilter, load_filter_config
 from lmlab.data.prepare import prepare
 from lmlab.data.sources import Document
-from lmlab.data.tokenizer import Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer
 from lmlab.errors import ConfigError
 
 PROSE = [
@@ -218,6 +222,37 @@ def test_cli_filters_end_to_end_with_report_and_filtered_tokenizer_training(tmp_
     assert "| language | 1 |" in (report / "report.md").read_text()
     code, _, err = run([*argv, "--force"], capsys)  # a report folder is replaced with --force
     assert code == 0, err
+
+
+def test_tokenizer_training_and_shards_share_one_filter_pass(tmp_path, monkeypatch):
+    """With a tokenizer to train, every filter (and PII redaction) still sees each document once."""
+    calls: Counter = Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += len(args[0]) if name == "pii" else 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(filters, "word_count", counted("words", filters.word_count))
+    monkeypatch.setattr(pii, "redact_batch", counted("pii", pii.redact_batch))
+    for cls, name in ((LanguageFilter, "language"), (NearDuplicates, "near"), (Decontaminator, "decontamination")):
+        monkeypatch.setattr(cls, "__call__", counted(name, cls.__call__))
+    exam = tmp_path / "exam.jsonl"
+    exam.write_text(json.dumps({"question": PROSE[2]}) + "\n")
+    docs = [*PROSE, GERMAN, "Too short to keep.", PROSE[0] + " Truly.", "Write to bob@example.com about the mill, the church and the bakery before the flood comes."]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = FilterConfig(min_words=5, lang=["en"], near_dedupe=True, exclude=[str(exam)])
+    meta = prepare([str(train)], tokenizer_trainer("word"), tmp_path / "out", val_fraction=0, filters=cfg,
+                   redact_pii=True, workers=1)
+    removed = {name: r["documents"] for name, r in meta["filters"]["removed"].items()}
+    assert removed == {"words": 1, "language": 1, "near_duplicates": 1, "decontamination": 1}
+    assert meta["filters"]["input"]["documents"] == 7 and meta["documents"] == meta["filters"]["kept"]["documents"] == 3
+    assert meta["pii_redacted"]["email"] == 1
+    assert calls == {"pii": 7, "words": 7, "language": 6, "near": 5, "decontamination": 4}  # once per document
+    vocab = Tokenizer.load(tmp_path / "out").tk.get_vocab()
+    assert "river" in vocab and "Fluss" not in vocab and "bob@example.com" not in vocab
 
 
 @pytest.mark.parametrize("extra, fragment", [

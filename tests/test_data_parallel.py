@@ -10,7 +10,7 @@ import pytest
 import lmlab.data.prepare as prepare_module
 from lmlab.data.parallel import AHEAD, Workers
 from lmlab.data.prepare import memmap_split, prepare
-from lmlab.data.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_from_files
+from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer, train_tokenizer_from_files
 from pii_corpus import planted_corpus
 
 
@@ -89,8 +89,10 @@ def test_prepare_redacts_every_split_and_counts(tmp_path):
 def test_tokenizer_trained_for_redacted_data_never_saw_the_pii(tmp_path):
     path = tmp_path / "leaky.txt"
     path.write_text("".join(f"line {i}: write to jane.doe@example.com today\n" for i in range(300)))
+    trainer = tokenizer_trainer("bpe", vocab_size=320)
     plain = train_tokenizer_from_files("bpe", [str(path)], vocab_size=320)
-    redacted = train_tokenizer_from_files("bpe", [str(path)], vocab_size=320, redact_pii=True)
+    prepare([str(path)], trainer, tmp_path / "out", split_lines=True, redact_pii=True, workers=1)
+    redacted = Tokenizer.load(tmp_path / "out")
 
     def pieces(t: Tokenizer) -> list[str]:
         return [t.decode([i]) for i in range(t.vocab_size)]
