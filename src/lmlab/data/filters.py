@@ -234,11 +234,33 @@ class FilterStats:
     examples: list[dict] = field(default_factory=list)
 
 
-class FilterPipeline:
-    """The filters of a ``FilterConfig`` applied in order to a document stream (``__call__``), with counts.
+Verdict = tuple[str, int]  # (the per-document stage that refuses a document, or "" when all keep it; its words)
 
-    Stateful stages (near-duplicates, decontamination) are fresh in every pipeline: make a new one for
-    every pass over the data (the tokenizer's training pass and prepare's pass each get their own).
+
+class DocumentRules:
+    """The per-document stages of a ``FilterConfig`` (quality rules, language): each a function of one
+    document's text alone, so documents can be judged in any process, in any order, with the same verdicts."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.stages = filter_functions(cfg)
+        if cfg.lang:
+            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold)))
+
+    def judge(self, text: str) -> Verdict:
+        """(the name of the first stage that refuses ``text``, or "" when all keep it; its word count)."""
+        words = text.split()
+        for name, keep in self.stages:
+            if not keep(text, words):
+                return name, len(words)
+        return "", len(words)
+
+
+class FilterPipeline:
+    """The filters of a ``FilterConfig`` applied in order to a document stream, with counts: the
+    per-document rules (``rules``, a DocumentRules, which prepare runs in its worker processes), then
+    the stages that remember what they saw (near-duplicates, decontamination), in document order here.
+
+    The stateful stages are fresh in every pipeline: make a new one for every pass over the data.
     """
 
     def __init__(self, cfg: FilterConfig):
@@ -247,30 +269,45 @@ class FilterPipeline:
 
         cfg = load_filter_config(None, dataclasses.asdict(cfg))  # a config built in code is checked too
         self.cfg = cfg
-        self.stages = filter_functions(cfg)
-        if cfg.lang:
-            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold)))
+        self.rules = DocumentRules(cfg)
+        self.stages: list[tuple[str, Callable]] = []  # the stateful ones
         if cfg.near_dedupe:
             self.stages.append(("near_duplicates", NearDuplicates(cfg.jaccard, cfg.num_perm, cfg.shingle)))
         self.decontaminator = Decontaminator(cfg.exclude, cfg.exclude_ngram) if cfg.exclude else None
         if self.decontaminator:
             self.stages.append(("decontamination", self.decontaminator))
-        self.stats = {name: FilterStats(name) for name, _ in self.stages}
+        self.stats = {name: FilterStats(name) for name, _ in [*self.rules.stages, *self.stages]}
         self.seen = FilterStats("input")
         self.lengths: dict[str, Counter] = {"before": Counter(), "after": Counter()}  # log2 word-count bins
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
-        """The documents that every filter keeps (a big document's pieces all follow its first's fate)."""
-        verdict, in_chain = None, False  # verdict: the stage that dropped the current chain, or "" (kept)
-        for doc in docs:
+        """The documents that every filter keeps, judged here (see ``apply``)."""
+
+        def judged() -> Iterator[tuple[Document, Verdict | None]]:
+            in_chain = False
+            for doc in docs:
+                yield doc, None if in_chain else self.rules.judge(doc.text)
+                in_chain = doc.continues
+
+        return self.apply(judged())
+
+    def apply(self, judged: Iterable[tuple[Document, Verdict | None]]) -> Iterator[Document]:
+        """The documents that every filter keeps, given each one's per-document verdict (``rules.judge``
+        of its text; None for a piece that continues a document: a big document's pieces all follow
+        its first's fate). Counts what each stage removed."""
+        verdict, in_chain = "", False  # verdict: the stage that dropped the current chain, or "" (kept)
+        for doc, local in judged:
             nbytes = len(doc.text.encode("utf-8"))
             if not in_chain:
-                words = doc.text.split()
-                verdict = self._judge(doc, words)
+                assert local is not None, "a document's first piece needs its verdict"
+                verdict, n_words = local
+                verdict = verdict or self._judge_in_order(doc.text)
                 self.seen.documents += 1
-                self.lengths["before"][_length_bin(len(words))] += 1
-                if not verdict:
-                    self.lengths["after"][_length_bin(len(words))] += 1
+                self.lengths["before"][_length_bin(n_words)] += 1
+                if verdict:
+                    self._charge(verdict, doc)
+                else:
+                    self.lengths["after"][_length_bin(n_words)] += 1
             self.seen.bytes += nbytes
             in_chain = doc.continues
             if verdict:
@@ -278,16 +315,19 @@ class FilterPipeline:
             else:
                 yield doc
 
-    def _judge(self, doc: Document, words: list[str]) -> str:
-        """The name of the first stage that refuses the document, or "" when all keep it."""
+    def _judge_in_order(self, text: str) -> str:
+        """The name of the first stateful stage that refuses the document, or "" when all keep it."""
         for name, keep in self.stages:
-            if not keep(doc.text, words):
-                stats = self.stats[name]
-                stats.documents += 1
-                if len(stats.examples) < EXAMPLES:
-                    stats.examples.append({"source": doc.source, "text": _shorten(doc.text)})
+            if not keep(text, None):
                 return name
         return ""
+
+    def _charge(self, name: str, doc: Document) -> None:
+        """Count a removed document against stage ``name``, keeping the first few as examples."""
+        stats = self.stats[name]
+        stats.documents += 1
+        if len(stats.examples) < EXAMPLES:
+            stats.examples.append({"source": doc.source, "text": _shorten(doc.text)})
 
     def report(self) -> dict:
         """meta.json's "filters": the config, per-filter documents/bytes removed, what went in and what stayed,

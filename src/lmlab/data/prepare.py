@@ -21,6 +21,7 @@ val_inputs to val. test_inputs, with any split, make a "test" split. Dedupe work
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ import numpy as np
 
 from lmlab.runs import atomic_dir, check_output
 from lmlab.data import pii
-from lmlab.data.filters import FilterConfig, FilterPipeline
+from lmlab.data.filters import DocumentRules, FilterConfig, FilterPipeline, Verdict, load_filter_config
 from lmlab.data.parallel import Workers, available_cores, worker_state
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
@@ -157,17 +158,20 @@ def prepare(
             expand_inputs(paths)  # fail on a missing input before creating anything
 
     pipeline = FilterPipeline(filters) if filters is not None and filters.any() else None
-    pool = Workers(workers or available_cores())
+    rules = dataclasses.asdict(pipeline.cfg) if pipeline is not None else None
+    pool = Workers(workers or available_cores(), _load_rules, (rules,))
     counts = {"documents": 0, "duplicates": 0}
 
     def cleaned(name: str) -> Iterator[Document]:
-        """The documents of split ``name``'s inputs, PII redacted and (train inputs only) filtered."""
+        """The documents of split ``name``'s inputs, PII redacted and (train inputs only) filtered: the
+        workers redact and judge by the per-document rules, then the pipeline's ordered stages run here."""
         docs = iter_documents(sources[name], field=field, split_lines=split_lines)
-        if redact_pii:  # first, so that no filter report's removed examples show anyone's PII
-            docs = _redacted(docs, pool, counts.setdefault("pii", Counter()))
-        if pipeline is not None and name == "train":  # the training inputs, not --val/--test
-            docs = pipeline(docs)
-        return docs
+        judge = pipeline is not None and name == "train"  # the training inputs, not --val/--test
+        if not (redact_pii or judge):
+            return docs
+        found = counts.setdefault("pii", Counter()) if redact_pii else Counter()
+        judged = _cleaned(docs, pool, redact_pii, pipeline.rules if judge else None, found)
+        return pipeline.apply(judged) if judge else (doc for doc, _ in judged)
 
     with atomic_dir(out) as tmp, pool:  # the folder appears whole, or the old one stays as it was
         spool = None
@@ -450,21 +454,50 @@ def _encode_in_worker(job: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarra
     return _encode_texts(texts, state["tok"])
 
 
-def _redacted(docs: Iterable[Document], pool: Workers, found: Counter) -> Iterator[Document]:
-    """Documents with their PII replaced by placeholders (data/pii.py), redacted in batches by the
-    workers; ``found`` counts what was replaced, per kind. A PII string that a big file's piece
-    boundary cuts in two is not seen (pieces are cut after a newline where there is one)."""
+def _cleaned(docs: Iterable[Document], pool: Workers, redact: bool, rules: DocumentRules | None,
+             found: Counter) -> Iterator[tuple[Document, Verdict | None]]:
+    """Documents with their PII replaced by placeholders (data/pii.py) when ``redact`` (first, so that no
+    filter report's removed examples show anyone's PII), each with its verdict by the per-document filter
+    ``rules`` (None: not judged, or a piece that continues a document), done in batches by the workers;
+    ``found`` counts what was replaced, per kind. A PII string that a big file's piece boundary cuts in
+    two is not seen (pieces are cut after a newline where there is one)."""
     waiting: deque[list[Document]] = deque()
 
-    def texts() -> Iterator[list[str]]:
+    def jobs() -> Iterator[tuple[list[str], bool, list[bool]]]:
+        in_chain = False
         for batch in _batches(docs, lambda doc: doc.text):
             waiting.append(batch)
-            yield [doc.text for doc in batch]
+            starts = []
+            for doc in batch:
+                starts.append(rules is not None and not in_chain)
+                in_chain = doc.continues
+            yield [doc.text for doc in batch], redact, starts
 
-    for redacted, counts in pool.map(pii.redact_batch, texts()):
+    for texts, counts, verdicts in pool.map(_clean_in_worker, jobs(), local=lambda job: _clean_texts(job, rules)):
         found.update(counts)
-        for doc, text in zip(waiting.popleft(), redacted):
-            yield Document(text, doc.source, doc.continues)
+        for doc, text, verdict in zip(waiting.popleft(), texts, verdicts):
+            yield Document(text, doc.source, doc.continues), verdict
+
+
+def _clean_texts(job: tuple[list[str], bool, list[bool]],
+                 rules: DocumentRules | None) -> tuple[list[str], Counter, list[Verdict | None]]:
+    """A batch (texts, redact, judge each?) redacted when asked, and each text's verdict by ``rules`` where
+    asked (else None), with the counts of what redaction replaced: a worker's unit."""
+    texts, redact, judge = job
+    found: Counter = Counter()
+    if redact:
+        texts, found = pii.redact_batch(texts)
+    verdicts = [rules.judge(text) if asked else None for text, asked in zip(texts, judge)]
+    return texts, found, verdicts
+
+
+def _load_rules(cfg: dict | None) -> None:
+    """A worker's initializer: the per-document filters of the FilterConfig fields ``cfg`` (None: none)."""
+    worker_state()["rules"] = DocumentRules(load_filter_config(None, cfg)) if cfg is not None else None
+
+
+def _clean_in_worker(job: tuple[list[str], bool, list[bool]]) -> tuple[list[str], Counter, list[Verdict | None]]:
+    return _clean_texts(job, worker_state()["rules"])
 
 
 class _Spool:
