@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 
 from lmlab.cli import main
-from lmlab.data import filters, pii
+from lmlab.data import filters, pii, sources
 from lmlab.data.decontaminate import Decontaminator
 from lmlab.data.dedup import NearDuplicates
 from lmlab.data.filters import FilterConfig, FilterPipeline, LanguageFilter, load_filter_config
-from lmlab.data.prepare import prepare
+from lmlab.data.prepare import memmap_split, prepare
 from lmlab.data.sources import Document
 from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer
 from lmlab.errors import ConfigError
@@ -148,12 +148,38 @@ def test_pipeline_charges_the_first_refusing_filter_with_documents_and_bytes():
     assert sum(report["word_histogram"]["before"].values()) == 4 and sum(report["word_histogram"]["after"].values()) == 2
 
 
-def test_a_big_document_in_pieces_is_kept_or_dropped_whole():
+def test_a_big_document_in_pieces_is_judged_whole():
     pieces = [Document("Kurz.", "big", continues=True), Document(PROSE[0], "big", continues=True),
-              Document(PROSE[1], "big"), Document(PROSE[2], "next")]
+              Document(PROSE[1], "big"), Document("Short.", "next")]
     pipeline = FilterPipeline(FilterConfig(min_words=5))
-    assert [d.text for d in pipeline(pieces)] == [PROSE[2]]  # judged by its first piece
-    assert pipeline.report()["removed"]["words"]["documents"] == 1
+    assert [d.text for d in pipeline(pieces)] == ["Kurz." + PROSE[0] + PROSE[1]]  # one document, kept
+    assert pipeline.report()["removed"]["words"]["documents"] == 1  # "Short."
+    pipeline = FilterPipeline(FilterConfig(max_words=60))  # passed after two pieces: the third is never held
+    assert [d.text for d in pipeline(pieces)] == ["Short."]
+    report = pipeline.report()
+    assert report["removed"]["words"] == {"documents": 1, "bytes": sum(len(p.text.encode()) for p in pieces[:3])}
+    assert report["input"]["documents"] == 2
+
+
+def test_prepare_judges_a_document_bigger_than_a_piece_by_all_of_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 64)  # every file comes in many pieces
+    exam = tmp_path / "exam.txt"
+    exam.write_text(PROSE[2])
+    texts = {"contaminated": PROSE[0] + "\n" + PROSE[2],  # the shared 13-grams are in later pieces only
+             "tags": PROSE[1] + "\n" + "#tag " * 40,  # the symbols come after a clean first piece
+             "long": " ".join(PROSE * 3),  # over max_words: dropped while read
+             "good": PROSE[0] + "\n" + PROSE[1]}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    cfg = FilterConfig(max_words=150, max_symbol_ratio=0.1, exclude=[str(exam)])
+    tok = train_tokenizer("byte", [])
+    paths = [str(tmp_path / f"{name}.txt") for name in texts]
+    meta = prepare(paths, tok, tmp_path / "out", filters=cfg, val_fraction=0, split="tail")
+    removed = meta["filters"]["removed"]
+    assert {name: r["documents"] for name, r in removed.items()} == {"words": 1, "symbol_ratio": 1, "decontamination": 1}
+    assert removed["words"]["bytes"] == len(texts["long"].encode())
+    ids = [int(t) for m in memmap_split(tmp_path / "out", "train") for t in m]
+    assert ids == tok.encode(texts["good"]) + [tok.eot_id] and meta["documents"] == 1
 
 
 def test_configs_load_from_yaml_flags_and_settings(tmp_path):

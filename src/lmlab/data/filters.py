@@ -9,7 +9,10 @@ A filter is a small function ``(text, words) -> bool`` that says whether a docum
 (``words = text.split()``, computed once per document). ``FilterPipeline`` runs the chosen ones in
 order over a stream of ``sources.Document``; the first filter that refuses a document is charged
 with it (documents and UTF-8 bytes), and keeps a few removed examples for the report. A big file
-that comes in pieces (``Document.continues``) is judged by its first piece and kept or dropped whole.
+that comes in pieces (``Document.continues``) is judged whole: its pieces are joined first (held in
+memory), except that one passing max_chars/max_words is dropped as it is read, without being held.
+The per-document rules (``DocumentRules``) run in prepare's worker processes; near-duplicates and
+decontamination, which remember what they saw, run in document order in the main process.
 """
 
 from __future__ import annotations
@@ -281,15 +284,51 @@ class FilterPipeline:
         self.lengths: dict[str, Counter] = {"before": Counter(), "after": Counter()}  # log2 word-count bins
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
-        """The documents that every filter keeps, judged here (see ``apply``)."""
+        """The documents that every filter keeps, whole (see ``whole``), judged here (see ``apply``)."""
 
         def judged() -> Iterator[tuple[Document, Verdict | None]]:
             in_chain = False
-            for doc in docs:
-                yield doc, None if in_chain else self.rules.judge(doc.text)
+            for doc, verdict in self.whole(docs):
+                yield doc, verdict or (None if in_chain else self.rules.judge(doc.text))
                 in_chain = doc.continues
 
         return self.apply(judged())
+
+    def whole(self, docs: Iterable[Document]) -> Iterator[tuple[Document, Verdict | None]]:
+        """Each document whole, so that every rule judges all of it: a big document's pieces
+        (``Document.continues``) joined into one, held in memory until its last piece, with None.
+        A document that passes max_chars or max_words while it is read is not held: its pieces come as they
+        are, the first with its verdict ("chars" or "words", the words counted so far), and follow its fate."""
+        pieces: list[Document] = []
+        chars = words = 0
+        refused = False  # the current chain passed a bound: its pieces pass through
+        for doc in docs:
+            if refused:
+                yield doc, None
+                refused = doc.continues
+                continue
+            if not pieces and not doc.continues:
+                yield doc, None
+                continue
+            joined = bool(pieces) and _in_word(pieces[-1].text[-1:]) and _in_word(doc.text[:1])  # a word cut in two
+            pieces.append(doc)
+            chars, words = chars + len(doc.text), words + len(doc.text.split()) - joined
+            verdict = self._too_long(chars, words)
+            if verdict and doc.continues:
+                yield pieces[0], (verdict, words)
+                yield from ((piece, None) for piece in pieces[1:])
+                pieces, chars, words, refused = [], 0, 0, True
+            elif not doc.continues:
+                yield Document("".join(p.text for p in pieces), pieces[0].source), None
+                pieces, chars, words = [], 0, 0
+
+    def _too_long(self, chars: int, words: int) -> str:
+        """"chars" or "words" when a document of at least this many is refused by its length bound."""
+        if self.cfg.max_chars is not None and chars > self.cfg.max_chars:
+            return "chars"
+        if self.cfg.max_words is not None and words > self.cfg.max_words:
+            return "words"
+        return ""
 
     def apply(self, judged: Iterable[tuple[Document, Verdict | None]]) -> Iterator[Document]:
         """The documents that every filter keeps, given each one's per-document verdict (``rules.judge``
@@ -413,6 +452,10 @@ def _dup_ngram_chars(words: list[str], n: int) -> int:
 def _length_bin(n_words: int) -> int:
     """A histogram bin of a document's word count: 0 for none, else 1 + floor(2 * log2(words))."""
     return 0 if n_words == 0 else 1 + int(2 * math.log2(n_words))
+
+
+def _in_word(char: str) -> bool:
+    return bool(char) and not char.isspace()
 
 
 def _shorten(text: str) -> str:

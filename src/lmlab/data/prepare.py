@@ -170,8 +170,9 @@ def prepare(
         if not (redact_pii or judge):
             return docs
         found = counts.setdefault("pii", Counter()) if redact_pii else Counter()
-        judged = _cleaned(docs, pool, redact_pii, pipeline.rules if judge else None, found)
-        return pipeline.apply(judged) if judge else (doc for doc, _ in judged)
+        if not judge:
+            return (doc for doc, _ in _cleaned(((doc, None) for doc in docs), pool, redact_pii, None, found))
+        return pipeline.apply(_cleaned(pipeline.whole(docs), pool, redact_pii, pipeline.rules, found))
 
     with atomic_dir(out) as tmp, pool:  # the folder appears whole, or the old one stays as it was
         spool = None
@@ -454,29 +455,30 @@ def _encode_in_worker(job: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarra
     return _encode_texts(texts, state["tok"])
 
 
-def _cleaned(docs: Iterable[Document], pool: Workers, redact: bool, rules: DocumentRules | None,
-             found: Counter) -> Iterator[tuple[Document, Verdict | None]]:
-    """Documents with their PII replaced by placeholders (data/pii.py) when ``redact`` (first, so that no
-    filter report's removed examples show anyone's PII), each with its verdict by the per-document filter
-    ``rules`` (None: not judged, or a piece that continues a document), done in batches by the workers;
-    ``found`` counts what was replaced, per kind. A PII string that a big file's piece boundary cuts in
-    two is not seen (pieces are cut after a newline where there is one)."""
-    waiting: deque[list[Document]] = deque()
+def _cleaned(docs: Iterable[tuple[Document, Verdict | None]], pool: Workers, redact: bool,
+             rules: DocumentRules | None, found: Counter) -> Iterator[tuple[Document, Verdict | None]]:
+    """(document, verdict) pairs with the documents' PII replaced by placeholders (data/pii.py) when
+    ``redact`` (first, so that no filter report's removed examples show anyone's PII) and each verdict
+    that is None filled in by the per-document filter ``rules`` (it stays None without rules, and for a
+    piece that continues a document), done in batches by the workers; ``found`` counts what was
+    replaced, per kind. A PII string that a big file's piece boundary cuts in two is not seen when the
+    pieces are not joined (filters.FilterPipeline.whole joins them)."""
+    waiting: deque[list[tuple[Document, Verdict | None]]] = deque()
 
     def jobs() -> Iterator[tuple[list[str], bool, list[bool]]]:
         in_chain = False
-        for batch in _batches(docs, lambda doc: doc.text):
+        for batch in _batches(docs, lambda item: item[0].text):
             waiting.append(batch)
-            starts = []
-            for doc in batch:
-                starts.append(rules is not None and not in_chain)
+            asks = []
+            for doc, verdict in batch:
+                asks.append(rules is not None and not in_chain and verdict is None)
                 in_chain = doc.continues
-            yield [doc.text for doc in batch], redact, starts
+            yield [doc.text for doc, _ in batch], redact, asks
 
     for texts, counts, verdicts in pool.map(_clean_in_worker, jobs(), local=lambda job: _clean_texts(job, rules)):
         found.update(counts)
-        for doc, text, verdict in zip(waiting.popleft(), texts, verdicts):
-            yield Document(text, doc.source, doc.continues), verdict
+        for (doc, given), text, verdict in zip(waiting.popleft(), texts, verdicts):
+            yield Document(text, doc.source, doc.continues), given or verdict
 
 
 def _clean_texts(job: tuple[list[str], bool, list[bool]],
