@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import struct
 from array import array
@@ -44,7 +43,6 @@ from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
 
-log = logging.getLogger(__name__)
 FORMAT, VERSION = "lmlab-tokens", 1
 SPLITS = ("hash", "tail")
 BATCH_CHARS = 1 << 20  # encode (and redact) documents in batches of about this many characters
@@ -177,7 +175,6 @@ def prepare(
     with atomic_dir(out) as tmp, pool:  # the folder appears whole, or the old one stays as it was
         spool = None
         if not isinstance(tokenizer, Tokenizer):
-            log.info("training the tokenizer on the (train) inputs' documents (pass --tokenizer to reuse one)")
             if pipeline is None and not redact_pii:  # nothing to redact or filter: read the inputs twice
                 tokenizer = tokenizer(doc.text for doc in cleaned("train"))
             else:

@@ -300,7 +300,10 @@ def tokenizer_for(tokenizer: str | os.PathLike | None, kind: str,
     if tokenizer is not None:
         return Tokenizer.load(tokenizer)
     trainer = tokenizer_trainer(kind, **train_options)
-    return trainer([]) if kind == "byte" else trainer
+    if kind == "byte":
+        return trainer([])
+    log.info(f"training a {kind} tokenizer on the (train) inputs that the filters keep (pass --tokenizer to reuse one)")
+    return trainer
 
 
 def tokenizer_trainer(
