@@ -134,6 +134,19 @@ def test_language_filter_drops_german_only_when_asked():
     assert kept(FilterConfig(lang=["en"], lang_threshold=1.0), PROSE[0]) == [False]  # nothing is that sure
 
 
+def test_stop_words_rule_drops_english_keyword_lists_and_spares_other_languages():
+    spam = ("Cheap shoes online. Best prices, fast shipping, free returns on all orders. Buy now: sneakers, boots, "
+            "sandals, heels. Great deals every day, top brands, secure checkout, happy customers.")
+    one_kind = spam + " The best. The cheapest. The fastest."  # "the" three times: still one stop word
+    cfg = FilterConfig(min_stop_words=2)
+    assert kept(cfg, spam, one_kind, PROSE[0], GERMAN) == [False, False, True, True]
+    assert kept(FilterConfig(min_stop_words=2, lang=["en", "de"]), GERMAN, spam) == [True, False]
+    pipeline = FilterPipeline(FilterConfig(min_stop_words=2, lang=["en"]))
+    list(pipeline(Document(t, "s") for t in (GERMAN, spam, PROSE[1])))
+    assert {n: r["documents"] for n, r in pipeline.report()["removed"].items()} == {"language": 1, "stop_words": 1}
+    assert FilterConfig.preset("default").min_stop_words == 2  # one of Gopher's quality rules
+
+
 def test_pipeline_charges_the_first_refusing_filter_with_documents_and_bytes():
     docs = ["x", "y y", PROSE[0], " ".join(PROSE * 3)]
     pipeline = FilterPipeline(FilterConfig(min_chars=2, max_words=100))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +37,8 @@ from lmlab.errors import ConfigError
 Probability = Annotated[float, Field(ge=0, le=1)]
 BULLETS = ("•", "‣", "◦", "⁃", "●", "▪", "-", "*", "·")
 ELLIPSES = ("...", "…")
+STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's English stop words
+WORD_PUNCTUATION = string.punctuation + "“”‘’«»…"  # stripped from a word's ends to find stop words
 LANG_CHARS = 20_000  # language identification reads at most this many characters of a document
 EXAMPLES = 3  # removed examples kept per filter for the report
 EXAMPLE_CHARS = 300
@@ -68,6 +71,7 @@ class FilterConfig:
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})  # characters in the most frequent n-gram
     dup_ngram_chars: dict[Annotated[int, Field(ge=5, le=10)], Probability] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})  # in repeated n-grams
+    min_stop_words: Count | None = None  # English documents only; Gopher: 2 of the, be, to, of, and, that, have, with
     lang: list[Name] = field(default_factory=list)  # keep only these languages (ISO 639-1: en, de, ...)
     lang_threshold: Probability = 0.5  # py3langid's normalised probability of the language, at least
     near_dedupe: bool = False  # MinHash LSH near-duplicate removal (data/dedup.py)
@@ -84,11 +88,11 @@ class FilterConfig:
             raise ConfigError(f"--filters {name!r} is neither the preset 'default' nor a YAML file")
         return cls(min_words=50, max_words=100_000, max_symbol_ratio=0.1, min_alpha_words=0.8,
                    min_mean_word_length=3, max_mean_word_length=10, max_bullet_lines=0.9,
-                   max_ellipsis_lines=0.3, repetition=True)
+                   max_ellipsis_lines=0.3, repetition=True, min_stop_words=2)
 
     def any(self) -> bool:
         """Whether any filter is on."""
-        return bool(filter_functions(self) or self.lang or self.near_dedupe or self.exclude)
+        return bool(filter_functions(self) or self.lang or self.min_stop_words or self.near_dedupe or self.exclude)
 
 
 def load_filter_config(source: str | None = None, overrides: dict | None = None,
@@ -185,18 +189,52 @@ def repetition(text: str, words: list[str], cfg: FilterConfig) -> bool:
     return True
 
 
-class LanguageFilter:
-    """Keeps documents that py3langid (its model ships in the package; nothing is downloaded) puts in one
-    of ``langs`` with a normalised probability of at least ``threshold``."""
+class LanguageOf:
+    """A document's language by py3langid (its model ships in the package; nothing is downloaded), read
+    from its first LANG_CHARS characters: (ISO 639-1 code, normalised probability). The answer for the
+    last text asked about is remembered: the language and stop-word rules ask about the same document."""
 
-    def __init__(self, langs: list[str], threshold: float):
-        self.langs, self.threshold = set(langs), threshold
+    def __init__(self):
         self.identifier = _identifier()
+        self.text: str | None = None
+        self.answer: tuple[str, float] = ("", 0.0)
+
+    def __call__(self, text: str) -> tuple[str, float]:
+        """(language, probability) of ``text``."""
+        if text is not self.text:
+            lang, prob = self.identifier.classify(text[:LANG_CHARS])
+            self.text, self.answer = text, (lang, float(prob))
+        return self.answer
+
+
+class LanguageFilter:
+    """Keeps documents that py3langid puts in one of ``langs`` with a normalised probability of at least
+    ``threshold``."""
+
+    def __init__(self, langs: list[str], threshold: float, language_of: LanguageOf | None = None):
+        self.langs, self.threshold = set(langs), threshold
+        self.language_of = language_of or LanguageOf()
 
     def __call__(self, text: str, words: list[str]) -> bool:
-        """Whether the document's (first LANG_CHARS characters') language is one of the wanted ones."""
-        lang, prob = self.identifier.classify(text[:LANG_CHARS])
+        """Whether the document's language is one of the wanted ones."""
+        lang, prob = self.language_of(text)
         return lang in self.langs and prob >= self.threshold
+
+
+class StopWordFilter:
+    """Gopher's stop-word rule (Rae et al. 2021, A.1.1): an English document must hold at least ``low`` of
+    the, be, to, of, and, that, have, with (different ones, any case, punctuation around them ignored),
+    which coherent English prose does and word lists, keyword spam and boilerplate often do not. Documents
+    that py3langid does not put in English are kept: the rule is about English."""
+
+    def __init__(self, low: int, language_of: LanguageOf | None = None):
+        self.low = low
+        self.language_of = language_of or LanguageOf()
+
+    def __call__(self, text: str, words: list[str]) -> bool:
+        """Whether the document stays."""
+        found = {w.strip(WORD_PUNCTUATION).lower() for w in words} & STOP_WORDS
+        return len(found) >= self.low or self.language_of(text)[0] != "en"
 
 
 def filter_functions(cfg: FilterConfig) -> list[tuple[str, Callable[[str, list[str]], bool]]]:
@@ -246,8 +284,11 @@ class DocumentRules:
 
     def __init__(self, cfg: FilterConfig):
         self.stages = filter_functions(cfg)
+        language_of = LanguageOf() if cfg.lang or cfg.min_stop_words else None  # one identification per document
         if cfg.lang:
-            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold)))
+            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold, language_of)))
+        if cfg.min_stop_words:
+            self.stages.append(("stop_words", StopWordFilter(cfg.min_stop_words, language_of)))
 
     def judge(self, text: str) -> Verdict:
         """(the name of the first stage that refuses ``text``, or "" when all keep it; its word count)."""
