@@ -2,14 +2,18 @@
 pipeline's counts; configs and their one-line errors; `lmlab data prepare` with filters end to end."""
 
 import json
+from collections import Counter
 
 import pytest
 
 from lmlab.cli import main
-from lmlab.data.filters import FilterConfig, FilterPipeline, load_filter_config
-from lmlab.data.prepare import prepare
+from lmlab.data import filters, pii, sources
+from lmlab.data.decontaminate import Decontaminator
+from lmlab.data.dedup import NearDuplicates
+from lmlab.data.filters import FilterConfig, FilterPipeline, LanguageFilter, load_filter_config
+from lmlab.data.prepare import memmap_split, prepare
 from lmlab.data.sources import Document
-from lmlab.data.tokenizer import Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer
 from lmlab.errors import ConfigError
 
 PROSE = [
@@ -130,6 +134,19 @@ def test_language_filter_drops_german_only_when_asked():
     assert kept(FilterConfig(lang=["en"], lang_threshold=1.0), PROSE[0]) == [False]  # nothing is that sure
 
 
+def test_stop_words_rule_drops_english_keyword_lists_and_spares_other_languages():
+    spam = ("Cheap shoes online. Best prices, fast shipping, free returns on all orders. Buy now: sneakers, boots, "
+            "sandals, heels. Great deals every day, top brands, secure checkout, happy customers.")
+    one_kind = spam + " The best. The cheapest. The fastest."  # "the" three times: still one stop word
+    cfg = FilterConfig(min_stop_words=2)
+    assert kept(cfg, spam, one_kind, PROSE[0], GERMAN) == [False, False, True, True]
+    assert kept(FilterConfig(min_stop_words=2, lang=["en", "de"]), GERMAN, spam) == [True, False]
+    pipeline = FilterPipeline(FilterConfig(min_stop_words=2, lang=["en"]))
+    list(pipeline(Document(t, "s") for t in (GERMAN, spam, PROSE[1])))
+    assert {n: r["documents"] for n, r in pipeline.report()["removed"].items()} == {"language": 1, "stop_words": 1}
+    assert FilterConfig.preset("default").min_stop_words == 2  # one of Gopher's quality rules
+
+
 def test_pipeline_charges_the_first_refusing_filter_with_documents_and_bytes():
     docs = ["x", "y y", PROSE[0], " ".join(PROSE * 3)]
     pipeline = FilterPipeline(FilterConfig(min_chars=2, max_words=100))
@@ -144,12 +161,38 @@ def test_pipeline_charges_the_first_refusing_filter_with_documents_and_bytes():
     assert sum(report["word_histogram"]["before"].values()) == 4 and sum(report["word_histogram"]["after"].values()) == 2
 
 
-def test_a_big_document_in_pieces_is_kept_or_dropped_whole():
+def test_a_big_document_in_pieces_is_judged_whole():
     pieces = [Document("Kurz.", "big", continues=True), Document(PROSE[0], "big", continues=True),
-              Document(PROSE[1], "big"), Document(PROSE[2], "next")]
+              Document(PROSE[1], "big"), Document("Short.", "next")]
     pipeline = FilterPipeline(FilterConfig(min_words=5))
-    assert [d.text for d in pipeline(pieces)] == [PROSE[2]]  # judged by its first piece
-    assert pipeline.report()["removed"]["words"]["documents"] == 1
+    assert [d.text for d in pipeline(pieces)] == ["Kurz." + PROSE[0] + PROSE[1]]  # one document, kept
+    assert pipeline.report()["removed"]["words"]["documents"] == 1  # "Short."
+    pipeline = FilterPipeline(FilterConfig(max_words=60))  # passed after two pieces: the third is never held
+    assert [d.text for d in pipeline(pieces)] == ["Short."]
+    report = pipeline.report()
+    assert report["removed"]["words"] == {"documents": 1, "bytes": sum(len(p.text.encode()) for p in pieces[:3])}
+    assert report["input"]["documents"] == 2
+
+
+def test_prepare_judges_a_document_bigger_than_a_piece_by_all_of_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 64)  # every file comes in many pieces
+    exam = tmp_path / "exam.txt"
+    exam.write_text(PROSE[2])
+    texts = {"contaminated": PROSE[0] + "\n" + PROSE[2],  # the shared 13-grams are in later pieces only
+             "tags": PROSE[1] + "\n" + "#tag " * 40,  # the symbols come after a clean first piece
+             "long": " ".join(PROSE * 3),  # over max_words: dropped while read
+             "good": PROSE[0] + "\n" + PROSE[1]}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    cfg = FilterConfig(max_words=150, max_symbol_ratio=0.1, exclude=[str(exam)])
+    tok = train_tokenizer("byte", [])
+    paths = [str(tmp_path / f"{name}.txt") for name in texts]
+    meta = prepare(paths, tok, tmp_path / "out", filters=cfg, val_fraction=0, split="tail")
+    removed = meta["filters"]["removed"]
+    assert {name: r["documents"] for name, r in removed.items()} == {"words": 1, "symbol_ratio": 1, "decontamination": 1}
+    assert removed["words"]["bytes"] == len(texts["long"].encode())
+    ids = [int(t) for m in memmap_split(tmp_path / "out", "train") for t in m]
+    assert ids == tok.encode(texts["good"]) + [tok.eot_id] and meta["documents"] == 1
 
 
 def test_configs_load_from_yaml_flags_and_settings(tmp_path):
@@ -218,6 +261,37 @@ def test_cli_filters_end_to_end_with_report_and_filtered_tokenizer_training(tmp_
     assert "| language | 1 |" in (report / "report.md").read_text()
     code, _, err = run([*argv, "--force"], capsys)  # a report folder is replaced with --force
     assert code == 0, err
+
+
+def test_tokenizer_training_and_shards_share_one_filter_pass(tmp_path, monkeypatch):
+    """With a tokenizer to train, every filter (and PII redaction) still sees each document once."""
+    calls: Counter = Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += len(args[0]) if name == "pii" else 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(filters, "word_count", counted("words", filters.word_count))
+    monkeypatch.setattr(pii, "redact_batch", counted("pii", pii.redact_batch))
+    for cls, name in ((LanguageFilter, "language"), (NearDuplicates, "near"), (Decontaminator, "decontamination")):
+        monkeypatch.setattr(cls, "__call__", counted(name, cls.__call__))
+    exam = tmp_path / "exam.jsonl"
+    exam.write_text(json.dumps({"question": PROSE[2]}) + "\n")
+    docs = [*PROSE, GERMAN, "Too short to keep.", PROSE[0] + " Truly.", "Write to bob@example.com about the mill, the church and the bakery before the flood comes."]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = FilterConfig(min_words=5, lang=["en"], near_dedupe=True, exclude=[str(exam)])
+    meta = prepare([str(train)], tokenizer_trainer("word"), tmp_path / "out", val_fraction=0, filters=cfg,
+                   redact_pii=True, workers=1)
+    removed = {name: r["documents"] for name, r in meta["filters"]["removed"].items()}
+    assert removed == {"words": 1, "language": 1, "near_duplicates": 1, "decontamination": 1}
+    assert meta["filters"]["input"]["documents"] == 7 and meta["documents"] == meta["filters"]["kept"]["documents"] == 3
+    assert meta["pii_redacted"]["email"] == 1
+    assert calls == {"pii": 7, "words": 7, "language": 6, "near": 5, "decontamination": 4}  # once per document
+    vocab = Tokenizer.load(tmp_path / "out").tk.get_vocab()
+    assert "river" in vocab and "Fluss" not in vocab and "bob@example.com" not in vocab
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 import lmlab.data.prepare as prepare_module
+from lmlab.data.filter_report import write_filter_report
+from lmlab.data.filters import FilterConfig
 from lmlab.data.parallel import AHEAD, Workers
 from lmlab.data.prepare import memmap_split, prepare
-from lmlab.data.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_from_files
+from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer, train_tokenizer_from_files
 from pii_corpus import planted_corpus
 
 
@@ -39,6 +41,34 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch):
         metas[n] = prepare(paths, tok, tmp_path / f"out{n}", split_lines=True, redact_pii=True, workers=n)
     assert shard_bytes(tmp_path / "out1") == shard_bytes(tmp_path / "out2") == shard_bytes(tmp_path / "out3")
     assert metas[1] == metas[2] == metas[3]
+    assert metas[1]["pii_redacted"]["email"] > 0
+
+
+def test_filters_in_workers_give_the_same_shards_meta_and_report(tmp_path, monkeypatch):
+    from test_data_filters import GERMAN, PROSE
+
+    rng = random.Random(1)
+    units = [u.text.replace("\n", " ") for u in planted_corpus(seed=1, per_kind=4)]
+    docs = []
+    for i in range(60):  # prose (some with PII), German, short notes and near-copies, shuffled
+        docs.append(rng.choice([*PROSE, GERMAN, "A short note.", PROSE[i % 3] + " Truly, " + str(i)])
+                    + (" " + rng.choice(units) if i % 4 == 0 else ""))
+    path = tmp_path / "web.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    exam = tmp_path / "exam.txt"
+    exam.write_text(PROSE[1])
+    cfg = FilterConfig.preset("default")
+    cfg.min_words, cfg.lang, cfg.near_dedupe, cfg.exclude = 5, ["en"], True, [str(exam)]
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 500)  # many batches, so the workers are used
+    metas, reports = {}, {}
+    for n in (1, 2):
+        trainer = tokenizer_trainer("bpe", vocab_size=300)
+        metas[n] = prepare([str(path)], trainer, tmp_path / f"out{n}", filters=cfg, redact_pii=True, workers=n)
+        reports[n] = (write_filter_report(tmp_path / f"report{n}", metas[n]["filters"]) / "report.md").read_text()
+    assert shard_bytes(tmp_path / "out1") == shard_bytes(tmp_path / "out2")
+    assert metas[1] == metas[2] and reports[1] == reports[2]
+    removed = {name: r["documents"] for name, r in metas[1]["filters"]["removed"].items()}
+    assert all(removed[name] > 0 for name in ("words", "language", "near_duplicates", "decontamination")), removed
     assert metas[1]["pii_redacted"]["email"] > 0
 
 
@@ -89,8 +119,10 @@ def test_prepare_redacts_every_split_and_counts(tmp_path):
 def test_tokenizer_trained_for_redacted_data_never_saw_the_pii(tmp_path):
     path = tmp_path / "leaky.txt"
     path.write_text("".join(f"line {i}: write to jane.doe@example.com today\n" for i in range(300)))
+    trainer = tokenizer_trainer("bpe", vocab_size=320)
     plain = train_tokenizer_from_files("bpe", [str(path)], vocab_size=320)
-    redacted = train_tokenizer_from_files("bpe", [str(path)], vocab_size=320, redact_pii=True)
+    prepare([str(path)], trainer, tmp_path / "out", split_lines=True, redact_pii=True, workers=1)
+    redacted = Tokenizer.load(tmp_path / "out")
 
     def pieces(t: Tokenizer) -> list[str]:
         return [t.decode([i]) for i in range(t.vocab_size)]

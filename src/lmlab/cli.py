@@ -72,7 +72,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.filter_report import write_filter_report
-    from lmlab.data.filters import FilterPipeline, filter_table
+    from lmlab.data.filters import filter_table
     from lmlab.data.prepare import check_prepare_output, prepare
     from lmlab.data.tokenizer import tokenizer_for
 
@@ -82,8 +82,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         raise ConfigError(f"--{', --'.join(given(args, *PAIR_FLAGS)).replace('_', '-')}: only with --pairs")
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
     filters = filter_config(args)
-    keep = {"keep": FilterPipeline(filters)} if filters is not None and args.tokenizer is None else {}
-    tok = tokenizer_for(args.inputs, args.tokenizer, args.kind, **given(args, *TOKENIZER_OPTIONS, "redact_pii"), **keep)
+    tok = tokenizer_for(args.tokenizer, args.kind, **given(args, "vocab_size", "min_freq", "max_bytes"))
     meta = prepare(args.inputs, tok, args.output, val_inputs=args.val, test_inputs=args.test, force=args.force,
                    filters=filters, **given(args, "val_fraction", "split", "dedupe", "field", "split_lines",
                                             "shard_tokens", "redact_pii", "workers"))

@@ -9,7 +9,10 @@ A filter is a small function ``(text, words) -> bool`` that says whether a docum
 (``words = text.split()``, computed once per document). ``FilterPipeline`` runs the chosen ones in
 order over a stream of ``sources.Document``; the first filter that refuses a document is charged
 with it (documents and UTF-8 bytes), and keeps a few removed examples for the report. A big file
-that comes in pieces (``Document.continues``) is judged by its first piece and kept or dropped whole.
+that comes in pieces (``Document.continues``) is judged whole: its pieces are joined first (held in
+memory), except that one passing max_chars/max_words is dropped as it is read, without being held.
+The per-document rules (``DocumentRules``) run in prepare's worker processes; near-duplicates and
+decontamination, which remember what they saw, run in document order in the main process.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +37,8 @@ from lmlab.errors import ConfigError
 Probability = Annotated[float, Field(ge=0, le=1)]
 BULLETS = ("•", "‣", "◦", "⁃", "●", "▪", "-", "*", "·")
 ELLIPSES = ("...", "…")
+STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's English stop words
+WORD_PUNCTUATION = string.punctuation + "“”‘’«»…"  # stripped from a word's ends to find stop words
 LANG_CHARS = 20_000  # language identification reads at most this many characters of a document
 EXAMPLES = 3  # removed examples kept per filter for the report
 EXAMPLE_CHARS = 300
@@ -65,6 +71,7 @@ class FilterConfig:
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})  # characters in the most frequent n-gram
     dup_ngram_chars: dict[Annotated[int, Field(ge=5, le=10)], Probability] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})  # in repeated n-grams
+    min_stop_words: Count | None = None  # English documents only; Gopher: 2 of the, be, to, of, and, that, have, with
     lang: list[Name] = field(default_factory=list)  # keep only these languages (ISO 639-1: en, de, ...)
     lang_threshold: Probability = 0.5  # py3langid's normalised probability of the language, at least
     near_dedupe: bool = False  # MinHash LSH near-duplicate removal (data/dedup.py)
@@ -81,11 +88,11 @@ class FilterConfig:
             raise ConfigError(f"--filters {name!r} is neither the preset 'default' nor a YAML file")
         return cls(min_words=50, max_words=100_000, max_symbol_ratio=0.1, min_alpha_words=0.8,
                    min_mean_word_length=3, max_mean_word_length=10, max_bullet_lines=0.9,
-                   max_ellipsis_lines=0.3, repetition=True)
+                   max_ellipsis_lines=0.3, repetition=True, min_stop_words=2)
 
     def any(self) -> bool:
         """Whether any filter is on."""
-        return bool(filter_functions(self) or self.lang or self.near_dedupe or self.exclude)
+        return bool(filter_functions(self) or self.lang or self.min_stop_words or self.near_dedupe or self.exclude)
 
 
 def load_filter_config(source: str | None = None, overrides: dict | None = None,
@@ -182,18 +189,52 @@ def repetition(text: str, words: list[str], cfg: FilterConfig) -> bool:
     return True
 
 
-class LanguageFilter:
-    """Keeps documents that py3langid (its model ships in the package; nothing is downloaded) puts in one
-    of ``langs`` with a normalised probability of at least ``threshold``."""
+class LanguageOf:
+    """A document's language by py3langid (its model ships in the package; nothing is downloaded), read
+    from its first LANG_CHARS characters: (ISO 639-1 code, normalised probability). The answer for the
+    last text asked about is remembered: the language and stop-word rules ask about the same document."""
 
-    def __init__(self, langs: list[str], threshold: float):
-        self.langs, self.threshold = set(langs), threshold
+    def __init__(self):
         self.identifier = _identifier()
+        self.text: str | None = None
+        self.answer: tuple[str, float] = ("", 0.0)
+
+    def __call__(self, text: str) -> tuple[str, float]:
+        """(language, probability) of ``text``."""
+        if text is not self.text:
+            lang, prob = self.identifier.classify(text[:LANG_CHARS])
+            self.text, self.answer = text, (lang, float(prob))
+        return self.answer
+
+
+class LanguageFilter:
+    """Keeps documents that py3langid puts in one of ``langs`` with a normalised probability of at least
+    ``threshold``."""
+
+    def __init__(self, langs: list[str], threshold: float, language_of: LanguageOf | None = None):
+        self.langs, self.threshold = set(langs), threshold
+        self.language_of = language_of or LanguageOf()
 
     def __call__(self, text: str, words: list[str]) -> bool:
-        """Whether the document's (first LANG_CHARS characters') language is one of the wanted ones."""
-        lang, prob = self.identifier.classify(text[:LANG_CHARS])
+        """Whether the document's language is one of the wanted ones."""
+        lang, prob = self.language_of(text)
         return lang in self.langs and prob >= self.threshold
+
+
+class StopWordFilter:
+    """Gopher's stop-word rule (Rae et al. 2021, A.1.1): an English document must hold at least ``low`` of
+    the, be, to, of, and, that, have, with (different ones, any case, punctuation around them ignored),
+    which coherent English prose does and word lists, keyword spam and boilerplate often do not. Documents
+    that py3langid does not put in English are kept: the rule is about English."""
+
+    def __init__(self, low: int, language_of: LanguageOf | None = None):
+        self.low = low
+        self.language_of = language_of or LanguageOf()
+
+    def __call__(self, text: str, words: list[str]) -> bool:
+        """Whether the document stays."""
+        found = {w.strip(WORD_PUNCTUATION).lower() for w in words} & STOP_WORDS
+        return len(found) >= self.low or self.language_of(text)[0] != "en"
 
 
 def filter_functions(cfg: FilterConfig) -> list[tuple[str, Callable[[str, list[str]], bool]]]:
@@ -234,11 +275,36 @@ class FilterStats:
     examples: list[dict] = field(default_factory=list)
 
 
-class FilterPipeline:
-    """The filters of a ``FilterConfig`` applied in order to a document stream (``__call__``), with counts.
+Verdict = tuple[str, int]  # (the per-document stage that refuses a document, or "" when all keep it; its words)
 
-    Stateful stages (near-duplicates, decontamination) are fresh in every pipeline: make a new one for
-    every pass over the data (the tokenizer's training pass and prepare's pass each get their own).
+
+class DocumentRules:
+    """The per-document stages of a ``FilterConfig`` (quality rules, language): each a function of one
+    document's text alone, so documents can be judged in any process, in any order, with the same verdicts."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.stages = filter_functions(cfg)
+        language_of = LanguageOf() if cfg.lang or cfg.min_stop_words else None  # one identification per document
+        if cfg.lang:
+            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold, language_of)))
+        if cfg.min_stop_words:
+            self.stages.append(("stop_words", StopWordFilter(cfg.min_stop_words, language_of)))
+
+    def judge(self, text: str) -> Verdict:
+        """(the name of the first stage that refuses ``text``, or "" when all keep it; its word count)."""
+        words = text.split()
+        for name, keep in self.stages:
+            if not keep(text, words):
+                return name, len(words)
+        return "", len(words)
+
+
+class FilterPipeline:
+    """The filters of a ``FilterConfig`` applied in order to a document stream, with counts: the
+    per-document rules (``rules``, a DocumentRules, which prepare runs in its worker processes), then
+    the stages that remember what they saw (near-duplicates, decontamination), in document order here.
+
+    The stateful stages are fresh in every pipeline: make a new one for every pass over the data.
     """
 
     def __init__(self, cfg: FilterConfig):
@@ -247,30 +313,81 @@ class FilterPipeline:
 
         cfg = load_filter_config(None, dataclasses.asdict(cfg))  # a config built in code is checked too
         self.cfg = cfg
-        self.stages = filter_functions(cfg)
-        if cfg.lang:
-            self.stages.append(("language", LanguageFilter(cfg.lang, cfg.lang_threshold)))
+        self.rules = DocumentRules(cfg)
+        self.stages: list[tuple[str, Callable]] = []  # the stateful ones
         if cfg.near_dedupe:
             self.stages.append(("near_duplicates", NearDuplicates(cfg.jaccard, cfg.num_perm, cfg.shingle)))
         self.decontaminator = Decontaminator(cfg.exclude, cfg.exclude_ngram) if cfg.exclude else None
         if self.decontaminator:
             self.stages.append(("decontamination", self.decontaminator))
-        self.stats = {name: FilterStats(name) for name, _ in self.stages}
+        self.stats = {name: FilterStats(name) for name, _ in [*self.rules.stages, *self.stages]}
         self.seen = FilterStats("input")
         self.lengths: dict[str, Counter] = {"before": Counter(), "after": Counter()}  # log2 word-count bins
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
-        """The documents that every filter keeps (a big document's pieces all follow its first's fate)."""
-        verdict, in_chain = None, False  # verdict: the stage that dropped the current chain, or "" (kept)
+        """The documents that every filter keeps, whole (see ``whole``), judged here (see ``apply``)."""
+
+        def judged() -> Iterator[tuple[Document, Verdict | None]]:
+            in_chain = False
+            for doc, verdict in self.whole(docs):
+                yield doc, verdict or (None if in_chain else self.rules.judge(doc.text))
+                in_chain = doc.continues
+
+        return self.apply(judged())
+
+    def whole(self, docs: Iterable[Document]) -> Iterator[tuple[Document, Verdict | None]]:
+        """Each document whole, so that every rule judges all of it: a big document's pieces
+        (``Document.continues``) joined into one, held in memory until its last piece, with None.
+        A document that passes max_chars or max_words while it is read is not held: its pieces come as they
+        are, the first with its verdict ("chars" or "words", the words counted so far), and follow its fate."""
+        pieces: list[Document] = []
+        chars = words = 0
+        refused = False  # the current chain passed a bound: its pieces pass through
         for doc in docs:
+            if refused:
+                yield doc, None
+                refused = doc.continues
+                continue
+            if not pieces and not doc.continues:
+                yield doc, None
+                continue
+            joined = bool(pieces) and _in_word(pieces[-1].text[-1:]) and _in_word(doc.text[:1])  # a word cut in two
+            pieces.append(doc)
+            chars, words = chars + len(doc.text), words + len(doc.text.split()) - joined
+            verdict = self._too_long(chars, words)
+            if verdict and doc.continues:
+                yield pieces[0], (verdict, words)
+                yield from ((piece, None) for piece in pieces[1:])
+                pieces, chars, words, refused = [], 0, 0, True
+            elif not doc.continues:
+                yield Document("".join(p.text for p in pieces), pieces[0].source), None
+                pieces, chars, words = [], 0, 0
+
+    def _too_long(self, chars: int, words: int) -> str:
+        """"chars" or "words" when a document of at least this many is refused by its length bound."""
+        if self.cfg.max_chars is not None and chars > self.cfg.max_chars:
+            return "chars"
+        if self.cfg.max_words is not None and words > self.cfg.max_words:
+            return "words"
+        return ""
+
+    def apply(self, judged: Iterable[tuple[Document, Verdict | None]]) -> Iterator[Document]:
+        """The documents that every filter keeps, given each one's per-document verdict (``rules.judge``
+        of its text; None for a piece that continues a document: a big document's pieces all follow
+        its first's fate). Counts what each stage removed."""
+        verdict, in_chain = "", False  # verdict: the stage that dropped the current chain, or "" (kept)
+        for doc, local in judged:
             nbytes = len(doc.text.encode("utf-8"))
             if not in_chain:
-                words = doc.text.split()
-                verdict = self._judge(doc, words)
+                assert local is not None, "a document's first piece needs its verdict"
+                verdict, n_words = local
+                verdict = verdict or self._judge_in_order(doc.text)
                 self.seen.documents += 1
-                self.lengths["before"][_length_bin(len(words))] += 1
-                if not verdict:
-                    self.lengths["after"][_length_bin(len(words))] += 1
+                self.lengths["before"][_length_bin(n_words)] += 1
+                if verdict:
+                    self._charge(verdict, doc)
+                else:
+                    self.lengths["after"][_length_bin(n_words)] += 1
             self.seen.bytes += nbytes
             in_chain = doc.continues
             if verdict:
@@ -278,16 +395,19 @@ class FilterPipeline:
             else:
                 yield doc
 
-    def _judge(self, doc: Document, words: list[str]) -> str:
-        """The name of the first stage that refuses the document, or "" when all keep it."""
+    def _judge_in_order(self, text: str) -> str:
+        """The name of the first stateful stage that refuses the document, or "" when all keep it."""
         for name, keep in self.stages:
-            if not keep(doc.text, words):
-                stats = self.stats[name]
-                stats.documents += 1
-                if len(stats.examples) < EXAMPLES:
-                    stats.examples.append({"source": doc.source, "text": _shorten(doc.text)})
+            if not keep(text, None):
                 return name
         return ""
+
+    def _charge(self, name: str, doc: Document) -> None:
+        """Count a removed document against stage ``name``, keeping the first few as examples."""
+        stats = self.stats[name]
+        stats.documents += 1
+        if len(stats.examples) < EXAMPLES:
+            stats.examples.append({"source": doc.source, "text": _shorten(doc.text)})
 
     def report(self) -> dict:
         """meta.json's "filters": the config, per-filter documents/bytes removed, what went in and what stayed,
@@ -373,6 +493,10 @@ def _dup_ngram_chars(words: list[str], n: int) -> int:
 def _length_bin(n_words: int) -> int:
     """A histogram bin of a document's word count: 0 for none, else 1 + floor(2 * log2(words))."""
     return 0 if n_words == 0 else 1 + int(2 * math.log2(n_words))
+
+
+def _in_word(char: str) -> bool:
+    return bool(char) and not char.isspace()
 
 
 def _shorten(text: str) -> str:

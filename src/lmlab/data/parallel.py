@@ -1,8 +1,8 @@
 """Worker processes for data preparation: an ordered, memory-bounded map over a stream of batches.
 
 Why processes: the tokenizers library encodes a batch on several threads, but the work around it
-(reading, NFC, PII redaction, hashing, turning ids into arrays) is Python and holds the GIL, so on
-a real corpus one process keeps little more than one core busy. Workers take whole batches (a
+(reading, NFC, PII redaction, the per-document filters, hashing, turning ids into arrays) is Python
+and holds the GIL, so on a real corpus one process keeps little more than one core busy. Workers take whole batches (a
 batch's texts in, its results out), and results come back in input order, so the output does not
 depend on the number of workers. At most ``AHEAD`` batches per worker are in flight: memory stays
 bounded whatever the corpus size.

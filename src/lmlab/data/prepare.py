@@ -21,9 +21,11 @@ val_inputs to val. test_inputs, with any split, make a "test" split. Dedupe work
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import struct
 from array import array
 from collections import Counter, deque
 from itertools import chain
@@ -35,7 +37,7 @@ import numpy as np
 
 from lmlab.runs import atomic_dir, check_output
 from lmlab.data import pii
-from lmlab.data.filters import FilterConfig, FilterPipeline
+from lmlab.data.filters import DocumentRules, FilterConfig, FilterPipeline, Verdict, load_filter_config
 from lmlab.data.parallel import Workers, available_cores, worker_state
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
@@ -45,6 +47,8 @@ FORMAT, VERSION = "lmlab-tokens", 1
 SPLITS = ("hash", "tail")
 BATCH_CHARS = 1 << 20  # encode (and redact) documents in batches of about this many characters
 COPY_TOKENS = 1 << 22  # tokens per read when cutting the tail split
+TokenizerTrainer = Callable[[Iterable[str]], Tokenizer]
+Encode = Callable[[Iterable[list[str]]], Iterator[tuple[np.ndarray, np.ndarray]]]  # batches -> (ids, lengths)
 
 
 class ShardWriter:
@@ -102,7 +106,7 @@ class ShardWriter:
 
 def prepare(
     inputs: list[str],
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | TokenizerTrainer,
     out_dir: str | os.PathLike,
     val_fraction: float = 0.1,
     split: str = "hash",
@@ -119,6 +123,12 @@ def prepare(
     workers: int | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into a prepared data folder ``out_dir`` and return its meta.json dict.
+
+    ``tokenizer`` is the Tokenizer to encode with, or a function that trains one on texts
+    (tokenizer.tokenizer_trainer): it is then trained on the train inputs' documents as prepare writes
+    them, PII redacted and filtered, from the one pass that redacts and filters them (with redaction or
+    filters on, the kept documents wait in a temporary file of the output folder, which then holds them
+    twice over for a while, and are read back for the shards).
 
     ``filters`` (data/filters.py) drop documents of ``inputs`` (never of val_inputs or test_inputs)
     before exact dedupe and tokenization; what each removed goes to meta.json's "filters".
@@ -139,7 +149,6 @@ def prepare(
         raise DataError(f"shard_tokens must be at least 1, got {shard_tokens}")
     if workers is not None and workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
-    dtype = token_dtype(tokenizer.vocab_size)
     sources = {"train": inputs, "val": val_inputs, "test": test_inputs}
     out = check_output(out_dir, "data", [p for paths in sources.values() for p in paths or []], force)
     for paths in sources.values():
@@ -147,25 +156,49 @@ def prepare(
             expand_inputs(paths)  # fail on a missing input before creating anything
 
     pipeline = FilterPipeline(filters) if filters is not None and filters.any() else None
-    pool = Workers(workers or available_cores(), _load_tokenizer, (tokenizer.tk.to_str(),))
+    rules = dataclasses.asdict(pipeline.cfg) if pipeline is not None else None
+    pool = Workers(workers or available_cores(), _load_rules, (rules,))
+    counts = {"documents": 0, "duplicates": 0}
 
-    def read(paths: list[str], counts: dict) -> Iterator[tuple[Document, bytes]]:
-        docs = iter_documents(paths, field=field, split_lines=split_lines)
-        if redact_pii:  # first, so that no filter report's removed examples show anyone's PII
-            docs = _redacted(docs, pool, counts.setdefault("pii", Counter()))
-        if pipeline is not None and paths is inputs:  # the training inputs (sources["train"]), not --val/--test
-            docs = pipeline(docs)
-        return _unique(docs, dedupe, counts)
+    def cleaned(name: str) -> Iterator[Document]:
+        """The documents of split ``name``'s inputs, PII redacted and (train inputs only) filtered: the
+        workers redact and judge by the per-document rules, then the pipeline's ordered stages run here."""
+        docs = iter_documents(sources[name], field=field, split_lines=split_lines)
+        judge = pipeline is not None and name == "train"  # the training inputs, not --val/--test
+        if not (redact_pii or judge):
+            return docs
+        found = counts.setdefault("pii", Counter()) if redact_pii else Counter()
+        if not judge:
+            return (doc for doc, _ in _cleaned(((doc, None) for doc in docs), pool, redact_pii, None, found))
+        return pipeline.apply(_cleaned(pipeline.whole(docs), pool, redact_pii, pipeline.rules, found))
 
     with atomic_dir(out) as tmp, pool:  # the folder appears whole, or the old one stays as it was
-        meta = _write_folder(tmp, sources, tokenizer, dtype, val_fraction, split, read, dedupe, shard_tokens, pool)
+        spool = None
+        if not isinstance(tokenizer, Tokenizer):
+            if pipeline is None and not redact_pii:  # nothing to redact or filter: read the inputs twice
+                tokenizer = tokenizer(doc.text for doc in cleaned("train"))
+            else:
+                spool = _Spool(tmp / ".train-documents")
+                spool.write(cleaned("train"))
+                tokenizer = tokenizer(doc.text for doc in spool.read())
+        tokenizer.save(tmp / "tokenizer.json")  # also what the worker processes load
+
+        def read(name: str) -> Iterator[tuple[Document, bytes]]:
+            return _unique(spool.read() if spool is not None and name == "train" else cleaned(name), dedupe, counts)
+
+        def encode(batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            jobs = ((str(tmp / "tokenizer.json"), batch) for batch in batches)
+            return pool.map(_encode_in_worker, jobs, local=lambda job: _encode_texts(job[1], tokenizer))
+
+        meta = _write_folder(tmp, sources, tokenizer, val_fraction, split, read, dedupe, shard_tokens, encode, counts)
+        if spool is not None:
+            spool.path.unlink()
         if pipeline is not None:
             meta["filters"] = pipeline.report()
         if redact_pii:
             found = meta.pop("pii")
             meta["pii_redacted"] = {kind: found.get(kind, 0) for kind in pii.KINDS}
         _check_sizes(meta, min_split_tokens, sources)
-        tokenizer.save(tmp / "tokenizer.json")
         _write_json(tmp / "meta.json", meta)
     return meta
 
@@ -236,16 +269,17 @@ def _write_folder(
     folder: Path,
     sources: dict[str, list[str] | None],
     tok: Tokenizer,
-    dtype: np.dtype,
     val_fraction: float,
     split: str,
-    read: Callable[[list[str], dict], Iterator[tuple[Document, bytes]]],
+    read: Callable[[str], Iterator[tuple[Document, bytes]]],
     dedupe: bool,
     shard_tokens: int,
-    pool: Workers,
+    encode: Encode,
+    counts: dict,
 ) -> dict:
-    """Write every split's shards into folder; return meta.json's dict."""
-    counts = {"documents": 0, "duplicates": 0}
+    """Write every split's shards into folder; return meta.json's dict. ``read(split)`` gives a split's
+    inputs' documents; ``counts`` (documents, duplicates, pii) are updated as they are written."""
+    dtype = token_dtype(tok.vocab_size)
 
     def writer(prefix: str, log: bool = True) -> ShardWriter:
         w = ShardWriter(folder, prefix, dtype, shard_tokens)
@@ -255,15 +289,14 @@ def _write_folder(
 
     if sources["val"] is not None:
         train, val, used = writer("train", log=False), writer("val", log=False), "files"
-        _write_docs(read(sources["train"], counts), tok, counts, lambda _: train, pool)
-        _write_docs(read(sources["val"], counts), tok, counts, lambda _: val, pool)
+        _write_docs(read("train"), tok, counts, lambda _: train, encode)
+        _write_docs(read("val"), tok, counts, lambda _: val, encode)
     else:
-        train, val, used = _write_train_val(folder, read(sources["train"], counts), tok, counts, writer,
-                                            val_fraction, split, pool)
+        train, val, used = _write_train_val(folder, read("train"), tok, counts, writer, val_fraction, split, encode)
     splits = {"train": train.stats(), "val": val.stats()}
     if sources["test"] is not None:
         test = writer("test", log=False)
-        _write_docs(read(sources["test"], counts), tok, counts, lambda _: test, pool)
+        _write_docs(read("test"), tok, counts, lambda _: test, encode)
         splits["test"] = test.stats()
     meta = {
         "format": FORMAT,
@@ -298,14 +331,14 @@ def _write_train_val(
     writer: Callable[[str], ShardWriter],
     val_fraction: float,
     split: str,
-    pool: Workers,
+    encode: Encode,
 ) -> tuple[ShardWriter, ShardWriter, str]:
     """Split one document stream into train and val ("hash" or "tail"); return them and the split used."""
     train, val = writer("train"), writer("val")
     val.log = None
     if split == "tail":
         stream = ShardWriter(folder, ".all", train.dtype, 2**62)
-        _write_docs(docs, tok, counts, lambda _: stream, pool)
+        _write_docs(docs, tok, counts, lambda _: stream, encode)
         _cut_tail(stream, train, val, val_fraction)
         return train, val, split
 
@@ -315,7 +348,7 @@ def _write_train_val(
             return val
         return train
 
-    _write_docs(docs, tok, counts, by_hash, pool)
+    _write_docs(docs, tok, counts, by_hash, encode)
     val.close()
     if val_fraction > 0 and val.tokens == 0 and train.tokens > 0:
         old, train = train, writer("train")  # all went to train: cut as "tail"
@@ -329,13 +362,13 @@ def _write_train_val(
 
 def _write_docs(
     docs: Iterable[tuple[Document, bytes]], tok: Tokenizer, counts: dict, choose: Callable[[bytes], ShardWriter],
-    pool: Workers,
+    encode: Encode,
 ) -> None:
     """Encode documents, each followed by the end-of-text token, into the writer ``choose(digest)``
     picks at every document start (pieces of a big document follow their first); close them."""
     eot = np.array([tok.eot_id], dtype=np.int64)
     dest, starts, used = None, True, []  # starts: the next unit starts a new document
-    for doc, digest, ids in _encoded(docs, tok, pool):
+    for doc, digest, ids in _encoded(docs, encode):
         if starts:
             counts["documents"] += 1
             dest = choose(digest)
@@ -383,10 +416,9 @@ def _batches(items: Iterable, text: Callable[[object], str]) -> Iterator[list]:
         yield batch
 
 
-def _encoded(items: Iterable[tuple[Document, bytes]], tok: Tokenizer,
-             pool: Workers) -> Iterator[tuple[Document, bytes, np.ndarray]]:
-    """Encode documents in batches, in the worker processes (or here, in parallel in Rust); special
-    tokens in the text are plain text. Each document's ids come as a uint32 array."""
+def _encoded(items: Iterable[tuple[Document, bytes]], encode: Encode) -> Iterator[tuple[Document, bytes, np.ndarray]]:
+    """Encode documents in batches with ``encode`` (in the worker processes, or here, in parallel in
+    Rust); special tokens in the text are plain text. Each document's ids come as a uint32 array."""
     waiting: deque[list] = deque()  # batches sent out, in order, to pair with their ids
 
     def texts() -> Iterator[list[str]]:
@@ -394,7 +426,7 @@ def _encoded(items: Iterable[tuple[Document, bytes]], tok: Tokenizer,
             waiting.append(batch)
             yield [doc.text for doc, _ in batch]
 
-    for flat, lengths in pool.map(_encode_in_worker, texts(), local=lambda batch: _encode_texts(batch, tok)):
+    for flat, lengths in encode(texts()):
         batch = waiting.popleft()
         for (doc, digest), ids in zip(batch, np.split(flat, np.cumsum(lengths)[:-1])):
             yield doc, digest, ids
@@ -408,35 +440,87 @@ def _encode_texts(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndar
     return flat, lengths
 
 
-def _load_tokenizer(spec: str) -> None:
-    """A worker's initializer: the tokenizer to encode with, on this process's one thread (the workers
-    are the parallelism; Rust threads on top would only contend for the same cores)."""
-    import tokenizers
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-    worker_state()["tok"] = Tokenizer(tokenizers.Tokenizer.from_str(spec))
-
-
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _encode_texts(texts, worker_state()["tok"])
+def _encode_in_worker(job: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a batch of texts in a worker with the tokenizer of file ``job[0]`` (loaded on first use,
+    on this process's one thread: the workers are the parallelism; Rust threads on top would only
+    contend for the same cores)."""
+    path, texts = job
+    state = worker_state()
+    if state.get("tok_path") != path:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        state["tok"], state["tok_path"] = Tokenizer.load(path), path
+    return _encode_texts(texts, state["tok"])
 
 
-def _redacted(docs: Iterable[Document], pool: Workers, found: Counter) -> Iterator[Document]:
-    """Documents with their PII replaced by placeholders (data/pii.py), redacted in batches by the
-    workers; ``found`` counts what was replaced, per kind. A PII string that a big file's piece
-    boundary cuts in two is not seen (pieces are cut after a newline where there is one)."""
-    waiting: deque[list[Document]] = deque()
+def _cleaned(docs: Iterable[tuple[Document, Verdict | None]], pool: Workers, redact: bool,
+             rules: DocumentRules | None, found: Counter) -> Iterator[tuple[Document, Verdict | None]]:
+    """(document, verdict) pairs with the documents' PII replaced by placeholders (data/pii.py) when
+    ``redact`` (first, so that no filter report's removed examples show anyone's PII) and each verdict
+    that is None filled in by the per-document filter ``rules`` (it stays None without rules, and for a
+    piece that continues a document), done in batches by the workers; ``found`` counts what was
+    replaced, per kind. A PII string that a big file's piece boundary cuts in two is not seen when the
+    pieces are not joined (filters.FilterPipeline.whole joins them)."""
+    waiting: deque[list[tuple[Document, Verdict | None]]] = deque()
 
-    def texts() -> Iterator[list[str]]:
-        for batch in _batches(docs, lambda doc: doc.text):
+    def jobs() -> Iterator[tuple[list[str], bool, list[bool]]]:
+        in_chain = False
+        for batch in _batches(docs, lambda item: item[0].text):
             waiting.append(batch)
-            yield [doc.text for doc in batch]
+            asks = []
+            for doc, verdict in batch:
+                asks.append(rules is not None and not in_chain and verdict is None)
+                in_chain = doc.continues
+            yield [doc.text for doc, _ in batch], redact, asks
 
-    for redacted, counts in pool.map(pii.redact_batch, texts()):
+    for texts, counts, verdicts in pool.map(_clean_in_worker, jobs(), local=lambda job: _clean_texts(job, rules)):
         found.update(counts)
-        for doc, text in zip(waiting.popleft(), redacted):
-            yield Document(text, doc.source, doc.continues)
+        for (doc, given), text, verdict in zip(waiting.popleft(), texts, verdicts):
+            yield Document(text, doc.source, doc.continues), given or verdict
+
+
+def _clean_texts(job: tuple[list[str], bool, list[bool]],
+                 rules: DocumentRules | None) -> tuple[list[str], Counter, list[Verdict | None]]:
+    """A batch (texts, redact, judge each?) redacted when asked, and each text's verdict by ``rules`` where
+    asked (else None), with the counts of what redaction replaced: a worker's unit."""
+    texts, redact, judge = job
+    found: Counter = Counter()
+    if redact:
+        texts, found = pii.redact_batch(texts)
+    verdicts = [rules.judge(text) if asked else None for text, asked in zip(texts, judge)]
+    return texts, found, verdicts
+
+
+def _load_rules(cfg: dict | None) -> None:
+    """A worker's initializer: the per-document filters of the FilterConfig fields ``cfg`` (None: none)."""
+    worker_state()["rules"] = DocumentRules(load_filter_config(None, cfg)) if cfg is not None else None
+
+
+def _clean_in_worker(job: tuple[list[str], bool, list[bool]]) -> tuple[list[str], Counter, list[Verdict | None]]:
+    return _clean_texts(job, worker_state()["rules"])
+
+
+class _Spool:
+    """Documents kept on disk in order (text, source, continues), written once and read back."""
+
+    HEAD = struct.Struct("<QI?")  # text bytes, source bytes, continues
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, docs: Iterable[Document]) -> None:
+        """Write all documents (replacing what was there)."""
+        with open(self.path, "wb", buffering=1 << 20) as f:
+            for doc in docs:
+                text, source = doc.text.encode("utf-8"), doc.source.encode("utf-8")
+                f.write(self.HEAD.pack(len(text), len(source), doc.continues) + text + source)
+
+    def read(self) -> Iterator[Document]:
+        """The documents written, in order."""
+        with open(self.path, "rb", buffering=1 << 20) as f:
+            while head := f.read(self.HEAD.size):
+                n_text, n_source, continues = self.HEAD.unpack(head)
+                text, source = f.read(n_text).decode("utf-8"), f.read(n_source).decode("utf-8")
+                yield Document(text, source, continues)
 
 
 def _unit_interval(digest: bytes) -> float:

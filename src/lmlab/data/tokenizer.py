@@ -19,7 +19,6 @@ The kind is not stored separately; it is read off the structure of the tokenizer
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import json
@@ -27,7 +26,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Sequence
+from typing import Annotated, Callable, Iterable, Sequence
 
 import tokenizers
 from pydantic import Field
@@ -36,9 +35,6 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from lmlab.config import Count, check_argument
 from lmlab.errors import ConfigError, DataError, first_line
 from lmlab.runs import atomic_write_text
-
-if TYPE_CHECKING:
-    from lmlab.data.sources import Document
 
 log = logging.getLogger(__name__)
 
@@ -296,13 +292,43 @@ def train_tokenizer(
     return Tokenizer(tk)
 
 
-def tokenizer_for(inputs: list[str], tokenizer: str | os.PathLike | None, kind: str, **train_options) -> Tokenizer:
-    """The tokenizer saved at ``tokenizer``, or (None) one of ``kind`` trained on ``inputs``: what
-    ``lmlab data prepare`` tokenizes with. ``train_options`` go to ``train_tokenizer_from_files``."""
+def tokenizer_for(tokenizer: str | os.PathLike | None, kind: str,
+                  **train_options) -> Tokenizer | Callable[[Iterable[str]], Tokenizer]:
+    """What ``lmlab data prepare`` tokenizes with: the tokenizer saved at ``tokenizer``, or (None) a trainer
+    of ``kind`` (``tokenizer_trainer(kind, **train_options)``) that prepare calls on the train inputs'
+    documents as it writes them (PII redacted, filtered). A byte tokenizer learns nothing: it comes built."""
     if tokenizer is not None:
         return Tokenizer.load(tokenizer)
-    log.info(f"training a {kind} tokenizer on the (train) inputs (pass --tokenizer to reuse one)")
-    return train_tokenizer_from_files(kind, inputs, **train_options)
+    trainer = tokenizer_trainer(kind, **train_options)
+    if kind == "byte":
+        return trainer([])
+    log.info(f"training a {kind} tokenizer on the (train) inputs that the filters keep (pass --tokenizer to reuse one)")
+    return trainer
+
+
+def tokenizer_trainer(
+    kind: str,
+    vocab_size: int | None = None,
+    special_tokens: Sequence[str] | None = (),
+    min_freq: int = 1,
+    max_bytes: int | None = None,
+) -> Callable[[Iterable[str]], Tokenizer]:
+    """A function that trains a tokenizer of ``kind`` (see ``train_tokenizer``) on the texts it is given,
+    reading at most ``max_bytes`` UTF-8 bytes of them (a sample is enough for BPE)."""
+    check_argument("max_bytes", max_bytes, Count | None)
+
+    def first_bytes(texts: Iterable[str]) -> Iterable[str]:
+        seen = 0
+        for text in texts:
+            yield text
+            seen += len(text.encode("utf-8"))
+            if max_bytes is not None and seen >= max_bytes:
+                return
+
+    def train(texts: Iterable[str]) -> Tokenizer:
+        return train_tokenizer(kind, first_bytes(texts), vocab_size, special_tokens, min_freq)
+
+    return train
 
 
 def train_tokenizer_from_files(
@@ -313,39 +339,19 @@ def train_tokenizer_from_files(
     field: str = "text",
     max_bytes: int | None = None,
     min_freq: int = 1,
-    keep: Callable[[Iterable[Document]], Iterable[Document]] | None = None,
-    redact_pii: bool = False,
 ) -> Tokenizer:
     """Train a tokenizer on text files / JSONL / directories / globs (see sources.iter_documents).
 
     ``max_bytes`` stops reading after that many UTF-8 bytes of text (a sample is enough for BPE).
-    ``redact_pii`` trains on the text as ``prepare(redact_pii=True)`` writes it (data/pii.py), so
-    the vocabulary learns no one's e-mail address and has the placeholders' pieces.
-    ``keep`` then filters the document stream (a data/filters.py FilterPipeline: what prepare keeps is
-    what the tokenizer learns from).
+    (``lmlab data prepare`` trains through prepare instead, on the documents its filters keep.)
     """
-    from lmlab.data.pii import redact
-    from lmlab.data.sources import iter_documents
+    from lmlab.data.sources import expand_inputs, iter_documents
 
-    check_argument("max_bytes", max_bytes, Count | None)
+    trainer = tokenizer_trainer(kind, vocab_size, special_tokens, min_freq, max_bytes)
     if kind == "byte":  # nothing to learn; still check the inputs exist
-        from lmlab.data.sources import expand_inputs
-
         expand_inputs(inputs)
-        return train_tokenizer(kind, [], vocab_size, special_tokens, min_freq)
-
-    def texts() -> Iterable[str]:
-        seen = 0
-        docs = iter_documents(inputs, field=field)
-        if redact_pii:
-            docs = (dataclasses.replace(doc, text=redact(doc.text)[0]) for doc in docs)
-        for doc in keep(docs) if keep is not None else docs:
-            yield doc.text
-            seen += len(doc.text.encode("utf-8"))
-            if max_bytes is not None and seen >= max_bytes:
-                return
-
-    return train_tokenizer(kind, texts(), vocab_size, special_tokens, min_freq)
+        return trainer([])
+    return trainer(doc.text for doc in iter_documents(inputs, field=field))
 
 
 def _byte_level_pipeline(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
