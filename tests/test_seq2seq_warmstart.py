@@ -27,7 +27,7 @@ from lmlab.train.seq2seq import Seq2SeqTask  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LETTERS = "a b c d e f".split()
-MODEL = "{family: seq2seq, n_dec_layer: 1, n_dec_head: 2, block_size: 16, tie_embeddings: true, dropout: 0.0}"
+MODEL = "{family: seq2seq, n_dec_layer: 1, n_dec_head: 3, block_size: 16, tie_embeddings: true, dropout: 0.0}"
 
 
 def wordpiece_tokenizer() -> HFTokenizer:
@@ -47,7 +47,7 @@ def bert(tmp_path_factory):
     """A folder as Hugging Face saves a BertModel (random, seeded) with its tokenizer.json."""
     folder = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=48, intermediate_size=96,
                                   max_position_embeddings=32, vocab_size=len(SPECIALS) + 2 * len(LETTERS))
     transformers.BertModel(cfg).eval().save_pretrained(folder)
     wordpiece_tokenizer().save(str(folder / "tokenizer.json"))
@@ -100,8 +100,8 @@ def test_the_warm_started_encoder_is_the_pretrained_bert(bert, pairs):
     assert torch.equal(model.lm_head.weight, words) and model.tgt_emb.weight is model.lm_head.weight
     c = model.config
     assert (c.encoder_preset, c.d_model, c.n_layer, c.n_head, c.d_ff, c.mlp, c.norm_eps) == \
-        ("bert", 32, 2, 4, 64, "gelu_exact", 1e-12)
-    assert (c.n_dec_layer, c.n_dec_head, model.decoder[0].attn.n_head) == (1, 2, 2)
+        ("bert", 48, 2, 4, 96, "gelu_exact", 1e-12)
+    assert (c.n_dec_layer, c.n_dec_head, model.decoder[0].attn.n_head) == (1, 3, 3)  # 3 does not divide 128
 
 
 def test_cached_decoding_equals_full_recompute(bert, pairs):
@@ -182,11 +182,13 @@ def test_bad_warm_starts_are_one_line_errors(bert, pairs, tmp_path, capsys):
         return err
 
     assert "no such folder" in train(f"model.encoder_init={tmp_path / 'nowhere'}", f"data.path={pairs}")
-    assert "model.d_model=64 does not fit" in train(f"model.encoder_init={bert}", "model.d_model=64",
+    assert "model.d_model=96 does not fit" in train(f"model.encoder_init={bert}", "model.d_model=96",
                                                     f"data.path={pairs}")
     assert "tokenized with another tokenizer" in train(f"model.encoder_init={bert}", f"data.path={other}")
     assert "encoder_init applies to model.family seq2seq only, not gpt" in \
         train("model={family: gpt}", f"model.encoder_init={bert}", f"data.path={pairs}")
+    assert "seq2seq.encoder_lr is for a BERT encoder" in \
+        train("model={family: seq2seq}", "seq2seq.encoder_lr=1e-4", f"data.path={pairs}")
 
 
 def test_data_prepare_takes_a_pretrained_name_for_its_tokenizer(tmp_path):

@@ -637,7 +637,7 @@ def _model_rules(m: ModelConfig, p: str) -> None:
 def _seq2seq_rules(m: ModelConfig, p: str, pos_emb: str) -> None:
     """A decoder's heads that divide its width; a BERT encoder beside a decoder of the same kind of blocks."""
     if m.n_dec_head is not None:
-        if m.d_model % m.n_dec_head:
+        if m.d_model % m.n_dec_head and not m.encoder_init:  # encoder_init: the width is the pretrained one's
             raise ConfigError(f"{p}d_model {m.d_model} is not divisible by {p}n_dec_head {m.n_dec_head}")
         if pos_emb == "rope" and m.n_dec_head != m.n_head:
             raise ConfigError(f"{p}n_dec_head needs learned positions (encoder and decoder share one rotary table)")
@@ -696,6 +696,9 @@ def _run_rules(r: RunConfig, p: str) -> None:
         if r.train.batching != "random":
             raise ConfigError(f"{p}train.batching {r.train.batching!r} does not apply to pairs; an encoder-decoder "
                               f"draws random (length-grouped) batches")
+        if r.seq2seq.encoder_lr is not None and not (r.model.encoder_preset or r.model.encoder_init):
+            raise ConfigError(f"{p}seq2seq.encoder_lr is for a BERT encoder ({p}model.encoder_init or "
+                              f"{p}model.encoder_preset bert)")
     if r.train.carry_state and r.model.family not in RECURRENT:
         raise ConfigError(f"{p}train.carry_state needs a model that carries a state ({p}model.family "
                           f"{', '.join(RECURRENT)}), not {r.model.family}")

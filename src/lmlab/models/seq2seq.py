@@ -308,7 +308,7 @@ class Seq2SeqTransformer(nn.Module):
                    max_len: int | None = None) -> Seq2SeqCache:
         """A cache to decode from: every layer's cross-attention keys/values of memory (B, S, C), computed
         here once, and an empty self-attention cache for ``max_len`` target tokens (default block_size)."""
-        cfg, p = self.decoder_config, self.lm_head.weight
+        cfg, p = self.decoder_config, self.tgt_emb.weight
         k, v = zip(*(block.cross.keys_values(memory) for block in self.decoder))  # n_dec_layer x (B, H_kv, S, d)
         self_kv = KVCache(cfg.n_dec_layer, memory.size(0), cfg.n_kv_head, max_len or cfg.block_size,
                           cfg.d_model // cfg.n_head, p.device, p.dtype)

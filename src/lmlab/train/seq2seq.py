@@ -115,10 +115,8 @@ class Seq2SeqTask(TaskBase):
     def learning_rates(self) -> dict[str, float]:
         """seq2seq.encoder_lr for the BERT encoder's layers, positions and embedding LayerNorm (its word
         embeddings are the decoder's too, and train at train.lr with it)."""
-        if self.sc.encoder_lr is None:
+        if self.sc.encoder_lr is None:  # the config allows it with a BERT encoder only
             return {}
-        if self.model.config.family != "seq2seq" or self.model.config.encoder_preset != "bert":
-            raise ConfigError("seq2seq.encoder_lr is for a pretrained encoder: model.encoder_init (encoder_preset bert)")
         return {prefix: self.sc.encoder_lr for prefix in ("encoder.layers.", "encoder.pos_emb.", "encoder.norm_emb.")}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
