@@ -15,6 +15,8 @@ SMALL = dict(n_layer=2, d_model=32, block_size=12, vocab_size=VOCAB)
 CONFIGS = {
     "gpt2": ModelConfig(family="seq2seq", preset="gpt2", n_head=4, **SMALL),
     "llama": ModelConfig(family="seq2seq", preset="llama", n_head=4, n_kv_head=2, n_dec_layer=3, **SMALL),
+    "bert": ModelConfig(family="seq2seq", encoder_preset="bert", n_head=4, n_dec_head=2, n_dec_layer=1,
+                        mlp="gelu_exact", **SMALL),
     "lstm-luong": ModelConfig(family="rnn_seq2seq", cell="lstm", attention="luong", **SMALL),
     "gru-bahdanau": ModelConfig(family="rnn_seq2seq", cell="gru", attention="bahdanau", d_ff=24, **SMALL),
 }
@@ -202,7 +204,7 @@ def test_a_tiny_model_learns_to_reverse_short_sequences(name, steps, lr, one_thr
     assert sum(map(bool, correct)) >= 58  # >= 90% of unseen sources reversed exactly, end token included
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gru-bahdanau"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "gru-bahdanau"])
 def test_a_checkpoint_of_an_encoder_decoder_loads_back_the_same_model(name, tmp_path):
     """The checkpoint format holds the new families as they are: config filled, tied weights stored once."""
     from lmlab.data.tokenizer import train_tokenizer
@@ -215,4 +217,4 @@ def test_a_checkpoint_of_an_encoder_decoder_loads_back_the_same_model(name, tmp_
     src, tgt = ids(2, 5), ids(2, 4, seed=1)
     assert loaded.config == model.config and type(loaded) is type(model)
     assert torch.equal(loaded(src, tgt)[0], model(src, tgt)[0])
-    assert loaded.src_emb.weight is loaded.tgt_emb.weight
+    assert getattr(loaded, "source_embedding", loaded.src_emb).weight is loaded.tgt_emb.weight

@@ -76,6 +76,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import check_prepare_output, prepare
     from lmlab.data.tokenizer import tokenizer_for
 
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):  # a pretrained model's (model.encoder_init)?
+        from lmlab.interop.hf import PRETRAINED, resolve_source
+
+        if args.tokenizer in PRETRAINED:
+            args.tokenizer = str(resolve_source(args.tokenizer) / "tokenizer.json")
     if args.pairs:
         return cmd_data_prepare_pairs(args)
     if given(args, *PAIR_FLAGS):
@@ -143,10 +148,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.train.lm import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    scorer = None
+    scorer = init_model = None
     if cfg.model.family in SEQ2SEQ:  # greedy val BLEU: generation and metrics, which train/ sits below
         from lmlab.eval.seq2seq import greedy_scores as scorer
-    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force, scorer=scorer))
+    if cfg.model.encoder_init:  # a pretrained encoder: Hugging Face folders are read by interop/, above train/
+        from lmlab.interop.warmstart import encoder_warm_start
+
+        cfg, init_model = encoder_warm_start(cfg)
+    print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force, scorer=scorer,
+                          init_model=init_model))
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> None:
@@ -630,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("inputs", nargs="+", help="text files, directories or globs (.txt, .jsonl, .gz, ...); with "
                     "--pairs: SOURCE TARGET aligned files, or one table")
     dp.add_argument("-o", "--output", required=True, help="output folder (new or empty; see --force)")
-    dp.add_argument("--tokenizer", help="tokenizer.json to use (default: train one with --kind/--vocab-size)")
+    dp.add_argument("--tokenizer", help="tokenizer.json to use, or a pretrained model's name (all-MiniLM-L6-v2: its "
+                    "WordPiece, for model.encoder_init) (default: train one with --kind/--vocab-size)")
     dp.add_argument("--val", nargs="+", metavar="INPUT", help="validation inputs: all inputs go to train, these to val")
     dp.add_argument("--test", nargs="+", metavar="INPUT", help="test inputs: a test split of their own")
     add_tokenizer_flags(dp, "lmlab.data.tokenizer:train_tokenizer_from_files")

@@ -118,6 +118,14 @@ class ModelConfig:
     type_vocab_size: NonNegativeInt | None = only("encoder")  # token-type (segment) embeddings, 0 = none; None = 2 (bert)
     # encoder-decoders (seq2seq, rnn_seq2seq)
     n_dec_layer: Count | None = only(*SEQ2SEQ)  # the decoder's layers; None = n_layer
+    n_dec_head: Count | None = only("seq2seq")  # the decoder's attention heads; None = n_head
+    # the encoder's blocks: None = the preset's pre-norm blocks; bert = models/encoder.py's post-norm BERT
+    # encoder (its own embedding LayerNorm; n_layer, n_head, d_ff are its shape), what encoder_init loads
+    encoder_preset: Literal["bert"] | None = only("seq2seq")
+    # a pretrained BERT (a name such as all-MiniLM-L6-v2, or a Hugging Face folder) whose weights start the
+    # encoder (lmlab train; interop/warmstart.py): its shape fills the encoder's fields; checkpoints hold the
+    # weights, so loading one never reads it again
+    encoder_init: str | None = only("seq2seq")
     cell: Literal["lstm", "gru"] | None = only("rnn_seq2seq")  # the recurrent cell; None = lstm
     attention: Literal["luong", "bahdanau"] | None = only("rnn_seq2seq")  # None = luong (general score)
     # word2vec (its vectors have d_model dimensions): predict each context word from the centre word
@@ -307,6 +315,9 @@ class Seq2SeqConfig:
     # a pool of this many batches is sorted by length and one of them taken (less padding); 0 or 1 = off
     length_grouping: NonNegativeInt = only(*SEQ2SEQ, default=16)
     val_bleu_examples: NonNegativeInt = only(*SEQ2SEQ, default=0)  # greedy-translate this many val pairs, report BLEU
+    # the learning rate of a warm-started encoder's layers, positions and embedding LayerNorm (model.encoder_init;
+    # the shared word embeddings are also the decoder's output layer and train at train.lr); None = train.lr
+    encoder_lr: Positive | None = only("seq2seq")
 
 
 @dataclass
@@ -608,6 +619,8 @@ def _model_rules(m: ModelConfig, p: str) -> None:
     if m.family == "encoder" and m.norm not in (None, "layernorm"):
         raise ConfigError(f"{p}norm {m.norm!r} does not fit family encoder: it has layernorm (BERT)")
     pos_emb = m.pos_emb or PRESET_POS_EMB[m.preset or presets[0]]
+    if m.family == "seq2seq":
+        _seq2seq_rules(m, p, pos_emb)
     if pos_emb == "rope":
         if (m.d_model // m.n_head) % 2:
             raise ConfigError(f"{p}pos_emb rope needs an even head size, but {p}d_model / {p}n_head is "
@@ -619,6 +632,18 @@ def _model_rules(m: ModelConfig, p: str) -> None:
         if f.name.startswith("rope_") and _is_set(m, f):
             raise ConfigError(f"{p}{f.name} needs rotary positions ({p}pos_emb rope or {p}preset llama), "
                               f"but {p}pos_emb is {pos_emb}")
+
+
+def _seq2seq_rules(m: ModelConfig, p: str, pos_emb: str) -> None:
+    """A decoder's heads that divide its width; a BERT encoder beside a decoder of the same kind of blocks."""
+    if m.n_dec_head is not None:
+        if m.d_model % m.n_dec_head and not m.encoder_init:  # encoder_init: the width is the pretrained one's
+            raise ConfigError(f"{p}d_model {m.d_model} is not divisible by {p}n_dec_head {m.n_dec_head}")
+        if pos_emb == "rope" and m.n_dec_head != m.n_head:
+            raise ConfigError(f"{p}n_dec_head needs learned positions (encoder and decoder share one rotary table)")
+    if (m.encoder_preset or m.encoder_init) and (pos_emb, m.norm or "layernorm") != ("learned", "layernorm"):
+        raise ConfigError(f"{p}encoder_preset bert (and {p}encoder_init) needs learned positions and layernorm "
+                          f"({p}preset gpt2), not pos_emb {pos_emb} / norm {m.norm}")
 
 
 def _train_rules(t: TrainConfig, p: str) -> None:
@@ -671,6 +696,9 @@ def _run_rules(r: RunConfig, p: str) -> None:
         if r.train.batching != "random":
             raise ConfigError(f"{p}train.batching {r.train.batching!r} does not apply to pairs; an encoder-decoder "
                               f"draws random (length-grouped) batches")
+        if r.seq2seq.encoder_lr is not None and not (r.model.encoder_preset or r.model.encoder_init):
+            raise ConfigError(f"{p}seq2seq.encoder_lr is for a BERT encoder ({p}model.encoder_init or "
+                              f"{p}model.encoder_preset bert)")
     if r.train.carry_state and r.model.family not in RECURRENT:
         raise ConfigError(f"{p}train.carry_state needs a model that carries a state ({p}model.family "
                           f"{', '.join(RECURRENT)}), not {r.model.family}")

@@ -60,7 +60,8 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Bidirectional Transformer encoder (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pooler: bool = True):
+        """``pooler=False`` leaves the pooler out (an encoder-decoder's encoder reads every position)."""
         super().__init__()
         cfg = resolve_config(cfg)
         assert cfg.vocab_size, "vocab_size must be set (it comes from the tokenizer)"
@@ -74,7 +75,7 @@ class Encoder(nn.Module):
         self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
-        self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if pooler else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

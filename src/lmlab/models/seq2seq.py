@@ -4,7 +4,10 @@
   over the whole source) and decoder (causal self-attention, then cross-attention over the encoder's
   output, then the MLP), in the block style of a GPT preset: ``gpt2`` (learned positions, LayerNorm,
   GELU, biases, tied embeddings) or ``llama`` (rotary positions in the self-attentions, RMSNorm,
-  SwiGLU, no biases).
+  SwiGLU, no biases). With ``encoder_preset: bert`` the encoder is instead models/encoder.py's post-norm
+  BERT (its own embedding LayerNorm; n_layer, n_head, d_ff are its shape; the decoder has n_dec_layer
+  layers of n_dec_head heads): the layout of Hugging Face ``BertModel``, so that a pretrained encoder
+  (all-MiniLM-L6-v2) can start it (``load_encoder``; ``model.encoder_init`` in interop/warmstart.py).
 - ``RecurrentSeq2Seq`` (``model.family: rnn_seq2seq``): a bidirectional LSTM/GRU encoder and an
   LSTM/GRU decoder with attention, ``luong`` (general score, input feeding; Luong et al. 2015) or
   ``bahdanau`` (additive score on the previous state; Bahdanau et al. 2015): the classic comparison.
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmlab.config import ModelConfig
+from lmlab.models.encoder import Encoder
 from lmlab.models.gpt import PRESETS, Block
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.layers import KVCache, fill_from_preset, make_norm, rope_tables, sdpa
@@ -43,9 +47,24 @@ __all__ = ["PRESETS", "RecurrentSeq2Seq", "RecurrentSeq2SeqCache", "Seq2SeqCache
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields left as None: the preset's (gpt2 unless named) and n_dec_layer (= n_layer)."""
+    """Fill the fields left as None: the preset's (gpt2 unless named), n_dec_layer (= n_layer) and
+    n_dec_head (= n_head)."""
     cfg = fill_from_preset(cfg, PRESETS, default="gpt2")
-    return dataclasses.replace(cfg, n_dec_layer=cfg.n_dec_layer or cfg.n_layer)
+    return dataclasses.replace(cfg, n_dec_layer=cfg.n_dec_layer or cfg.n_layer, n_dec_head=cfg.n_dec_head or cfg.n_head)
+
+
+def decoder_config(cfg: ModelConfig) -> ModelConfig:
+    """The config the decoder's blocks are built from: n_dec_head heads (grouped keys only when it is n_head)."""
+    if cfg.n_dec_head == cfg.n_head:
+        return cfg
+    return dataclasses.replace(cfg, n_head=cfg.n_dec_head, n_kv_head=cfg.n_dec_head)
+
+
+def bert_config(cfg: ModelConfig) -> ModelConfig:
+    """The encoder's own config when ``encoder_preset`` is bert: a models/encoder.py Encoder of the shared
+    fields, without token types (a source is one segment; load_encoder folds segment A into the positions)."""
+    return dataclasses.replace(cfg, family="encoder", preset="bert", type_vocab_size=0, tie_embeddings=None,
+                               n_dec_layer=None, n_dec_head=None, encoder_preset=None, encoder_init=None)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -207,15 +226,20 @@ class Seq2SeqTransformer(nn.Module):
         self.config = cfg
         self.context_length = cfg.block_size  # the longest source and the longest target
         self.hidden_size = cfg.d_model
-        self.src_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.tgt_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         learned = cfg.pos_emb == "learned"
-        self.src_pos = nn.Embedding(cfg.block_size, cfg.d_model) if learned else None
+        if cfg.encoder_preset == "bert":  # post-norm BERT, with its own embeddings (models/encoder.py)
+            self.encoder = Encoder(bert_config(cfg), pooler=False)
+            self.src_emb = self.src_pos = self.norm_enc = None
+        else:
+            self.src_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.src_pos = nn.Embedding(cfg.block_size, cfg.d_model) if learned else None
+            self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
+            self.norm_enc = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
+        self.tgt_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.tgt_pos = nn.Embedding(cfg.block_size, cfg.d_model) if learned else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm_enc = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_dec_layer))
+        self.decoder_config = decoder_config(cfg)
+        self.decoder = nn.ModuleList(DecoderBlock(self.decoder_config) for _ in range(cfg.n_dec_layer))
         self.norm_dec = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not learned:
@@ -229,8 +253,27 @@ class Seq2SeqTransformer(nn.Module):
             if name.endswith(("attn.proj.weight", "cross.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * depth))
         if cfg.tie_embeddings:  # one matrix: source input, target input, output layer
-            self.tgt_emb.weight = self.src_emb.weight
-            self.lm_head.weight = self.src_emb.weight
+            self.tgt_emb.weight = self.source_embedding.weight
+            self.lm_head.weight = self.source_embedding.weight
+
+    @property
+    def source_embedding(self) -> nn.Embedding:
+        """The encoder's token embedding (the BERT encoder's own, or src_emb)."""
+        return self.encoder.tok_emb if self.src_emb is None else self.src_emb
+
+    def load_encoder(self, encoder: Encoder) -> None:
+        """Start the encoder (``encoder_preset`` bert) from a BERT encoder of the same shape, e.g. one
+        imported from Hugging Face: its word embeddings (with ``tie_embeddings`` also the decoder's input and
+        output layer), its first block_size positions, embedding LayerNorm and layers. A source is one
+        segment, so the token-type embedding of segment A is added into the position table: the same sums."""
+        if self.config.encoder_preset != "bert":
+            raise ValueError("load_encoder needs model.encoder_preset bert")
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("pooler.", "type_emb."))}
+        positions = state["pos_emb.weight"][:self.context_length]  # (block_size, C)
+        if encoder.type_emb is not None:
+            positions = positions + encoder.type_emb.weight[0]
+        state["pos_emb.weight"] = positions
+        self.encoder.load_state_dict(state)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -252,6 +295,8 @@ class Seq2SeqTransformer(nn.Module):
         """The encoder's output (B, S, C) for src (B, S): what cross-attention reads. Right padding
         (``src_mask`` 0) is never attended to, so it changes nothing at the real positions."""
         check_length(src.size(1), self.context_length, "a source")
+        if self.src_emb is None:
+            return self.encoder(src, key_mask_of(src_mask))
         x, rope = self._with_positions(self.src_emb(src), self.src_pos, 0, None)
         x = self.drop(x)
         key_mask = key_mask_of(src_mask)
@@ -263,7 +308,7 @@ class Seq2SeqTransformer(nn.Module):
                    max_len: int | None = None) -> Seq2SeqCache:
         """A cache to decode from: every layer's cross-attention keys/values of memory (B, S, C), computed
         here once, and an empty self-attention cache for ``max_len`` target tokens (default block_size)."""
-        cfg, p = self.config, self.src_emb.weight
+        cfg, p = self.decoder_config, self.tgt_emb.weight
         k, v = zip(*(block.cross.keys_values(memory) for block in self.decoder))  # n_dec_layer x (B, H_kv, S, d)
         self_kv = KVCache(cfg.n_dec_layer, memory.size(0), cfg.n_kv_head, max_len or cfg.block_size,
                           cfg.d_model // cfg.n_head, p.device, p.dtype)
@@ -317,8 +362,8 @@ class Seq2SeqTransformer(nn.Module):
         """
         cfg = self.config
         _, n = count_parameters(self)
-        if self.src_pos is not None:
-            n -= self.src_pos.weight.numel() + self.tgt_pos.weight.numel()
+        positions = [self.src_pos, self.tgt_pos, self.encoder.pos_emb if self.src_emb is None else None]
+        n -= sum(table.weight.numel() for table in positions if table is not None)
         attentions = cfg.n_layer + 2 * cfg.n_dec_layer
         return 6 * n + 12 * attentions * cfg.d_model * cfg.block_size
 

@@ -29,7 +29,7 @@ from lmlab.train.distributed import all_sum, rank, world_size
 from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 
 if TYPE_CHECKING:
-    from lmlab.train.seq2seq import Scorer
+    from lmlab.train.seq2seq import ModelInit, Scorer
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines of long evaluations when output is not a terminal
 
@@ -188,10 +188,11 @@ def fit_model_config(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfi
 
 
 def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None,
-             force: bool = False, scorer: "Scorer | None" = None) -> RunResult:
+             force: bool = False, scorer: "Scorer | None" = None,
+             init_model: "ModelInit | None" = None) -> RunResult:
     """Train a model on the data ``cfg`` describes: a language model, an encoder as a masked language model
     (train/mlm.py), an encoder-decoder on pairs (train/seq2seq.py, whose val_bleu needs ``scorer``), word
-    vectors (train/word2vec.py);
+    vectors (train/word2vec.py); ``init_model`` sets an encoder-decoder's starting weights (model.encoder_init);
     ``resume`` continues the run in train.out_dir, ``force`` replaces a previous run there (see Trainer)."""
     from lmlab.train.mlm import MaskedLMTask  # these tasks build on this module
     from lmlab.train.seq2seq import Seq2SeqTask
@@ -199,7 +200,7 @@ def pretrain(cfg: RunConfig, resume: bool = False, stop_after: int | None = None
 
     device, precision = prepare_run(cfg.train, resume, force, inputs=[cfg.data.path])
     if cfg.model.family in SEQ2SEQ:
-        task = Seq2SeqTask(cfg, device, scorer)
+        task = Seq2SeqTask(cfg, device, scorer, init_model)
     elif cfg.model.family == "encoder":
         task = MaskedLMTask(cfg, device)
     elif cfg.model.family == "word2vec":

@@ -21,6 +21,11 @@ eval_batch_size`` val pairs (the same every time), and with ``seq2seq.val_bleu_e
 BLEU of the greedy translations of the first n val sources (``val_bleu``). Generating and scoring
 text belong to layers above this one (generate/, eval/), so the caller hands in that ``scorer``
 (``lmlab train`` does: eval.seq2seq.greedy_scores).
+
+Warm start: with ``model.encoder_init`` the new model's encoder starts from a pretrained BERT. Reading
+Hugging Face folders belongs to interop/, above this layer, so the caller hands in ``init_model``, which
+sets the new model's starting weights (``lmlab train`` does: interop.warmstart.encoder_warm_start), and
+``seq2seq.encoder_lr`` gives the pretrained encoder a learning rate of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from lmlab.train.loop import Batch, TaskBase
 # (model, tokenizer, source token ids, reference texts, max_new_tokens) -> {"bleu": ..., ...}: the
 # scores of the model's greedy targets for these sources
 Scorer = Callable[[nn.Module, Tokenizer, list[list[int]], list[str], int], dict[str, float]]
+# (new model, the data's tokenizer) -> None: sets the model's starting weights (a warm start)
+ModelInit = Callable[[nn.Module, Tokenizer], None]
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
@@ -70,18 +77,27 @@ def micro_batch(batch: PairBatch, rows: slice) -> Batch:
 
 class Seq2SeqTask(TaskBase):
     """Teacher-forced training of an encoder-decoder on the pairs folder ``cfg.data.path`` (see the
-    module docstring); ``scorer`` computes val_bleu when seq2seq.val_bleu_examples asks for it."""
+    module docstring); ``scorer`` computes val_bleu when seq2seq.val_bleu_examples asks for it;
+    ``init_model`` starts the new model's weights (model.encoder_init)."""
 
     kind = "seq2seq"
 
-    def __init__(self, cfg: RunConfig, device: torch.device, scorer: Scorer | None = None):
+    def __init__(self, cfg: RunConfig, device: torch.device, scorer: Scorer | None = None,
+                 init_model: ModelInit | None = None):
         self.tc, self.sc = cfg.train, cfg.seq2seq
         if self.sc.val_bleu_examples and scorer is None:
             raise ConfigError("seq2seq.val_bleu_examples needs a scorer to translate and score text (lmlab train "
                               "has one; from Python pass pretrain(..., scorer=lmlab.eval.seq2seq.greedy_scores))")
+        if cfg.model.encoder_init and init_model is None:
+            raise ConfigError("model.encoder_init needs init_model to load the pretrained encoder (lmlab train has "
+                              "one; from Python: cfg, init = lmlab.interop.warmstart.encoder_warm_start(cfg), then "
+                              "pretrain(cfg, ..., init_model=init))")
         self.scorer = scorer
         self.train_data, self.val_data, self.tokenizer = load_pairs(cfg)
-        self.model = build_model(fit_model_config(cfg.model, self.tokenizer)).to(device)
+        self.model = build_model(fit_model_config(cfg.model, self.tokenizer))
+        if init_model is not None:
+            init_model(self.model, self.tokenizer)
+        self.model.to(device)
         block = self.model.config.block_size
         self.max_source_len = self.sc.max_source_len or block
         self.max_target_len = self.sc.max_target_len or block
@@ -95,6 +111,13 @@ class Seq2SeqTask(TaskBase):
         pairs = pair_batch(self.train_data, tc.batch_size * tc.grad_accum, tc.seed, step, self.max_source_len,
                            self.max_target_len, group=self.sc.length_grouping)
         return [micro_batch(pairs, slice(i, i + tc.batch_size)) for i in range(0, len(pairs.indices), tc.batch_size)]
+
+    def learning_rates(self) -> dict[str, float]:
+        """seq2seq.encoder_lr for the BERT encoder's layers, positions and embedding LayerNorm (its word
+        embeddings are the decoder's too, and train at train.lr with it)."""
+        if self.sc.encoder_lr is None:  # the config allows it with a BERT encoder only
+            return {}
+        return {prefix: self.sc.encoder_lr for prefix in ("encoder.layers.", "encoder.pos_emb.", "encoder.norm_emb.")}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         t = batch.tensors
