@@ -302,7 +302,8 @@ def tokenizer_for(tokenizer: str | os.PathLike | None, kind: str,
     trainer = tokenizer_trainer(kind, **train_options)
     if kind == "byte":
         return trainer([])
-    log.info(f"training a {kind} tokenizer on the (train) inputs that the filters keep (pass --tokenizer to reuse one)")
+    log.info(f"training a {kind} tokenizer on the train documents (those the filters keep, when filters are on; "
+             "pass --tokenizer to reuse one)")
     return trainer
 
 
