@@ -40,7 +40,7 @@ def lmlab(*args: str) -> float:
 
 def finetune(name: str, base: Path, sst2: Path, out: Path, minutes: float) -> dict:
     """Fine-tune on SST-2 from checkpoint ``base``; the table row of its dev results."""
-    run = out / f"sst2_{name}"
+    run = out / f"sst2_{name.replace(' ', '_')}"
     seconds = lmlab("finetune", "classify", FINETUNE, f"model.path={base}", f"train.out_dir={run}",
                     f"data.train={sst2 / 'train.tsv'}", f"data.val={sst2 / 'dev.tsv'}",
                     f"train.max_minutes={minutes}", "train.progress=false", "--force")
