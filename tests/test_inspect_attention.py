@@ -9,7 +9,8 @@ import torch
 from lmlab.cli import main
 from lmlab.config import ModelConfig
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.inspect.attention import attention_maps, recorded_attention
+from lmlab.errors import ConfigError
+from lmlab.inspect.attention import AttentionMap, attention_maps, recorded_attention, select_maps
 from lmlab.models.layers import Attention, reference_attention, rope_tables, sdpa
 from lmlab.models.registry import build_model
 from lmlab.train.checkpoint import save_checkpoint
@@ -120,3 +121,17 @@ def test_recurrent_model_gets_state_norms(tmp_path, capsys):
     idx = torch.tensor([tokenizer.encode(TEXTS[0])])
     last = model.features(idx)[0].norm(dim=-1)  # the fused layer's outputs: the last layer's states
     torch.testing.assert_close(torch.tensor(norms[1]), last, atol=1e-4, rtol=1e-4)
+
+
+def test_heads_are_chosen_per_map_when_maps_differ_in_heads():
+    """A warm-started encoder-decoder's encoder may have more heads than its decoder: a head the encoder
+    has is drawn where it exists, not refused because the first map lacks it (or the other way round)."""
+    encoder = AttentionMap("encoder.blocks.0.attn", torch.full((6, 3, 3), 1 / 3), list("abc"), list("abc"))
+    decoder = AttentionMap("decoder.0.cross", torch.full((2, 2, 3), 1 / 3), list("xy"), list("abc"))
+    for maps in ([encoder, decoder], [decoder, encoder]):
+        chosen = {m.name: drawn for m, drawn in select_maps(maps, None, [1, 4])}
+        assert chosen == {"encoder.blocks.0.attn": [1, 4], "decoder.0.cross": [1]}
+        every = {m.name: drawn for m, drawn in select_maps(maps, None, None)}
+        assert every == {"encoder.blocks.0.attn": list(range(6)), "decoder.0.cross": [0, 1]}
+        with pytest.raises(ConfigError, match="head 6 does not exist"):
+            select_maps(maps, None, [6])

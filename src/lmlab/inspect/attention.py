@@ -135,15 +135,19 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str,
 
 def select_maps(maps: list[AttentionMap], layers: list[int] | None, heads: list[int] | None
                 ) -> list[tuple[AttentionMap, list[int]]]:
-    """The maps of ``layers`` (default: all) with the heads to draw of each (default: all); a ConfigError
-    for a layer or head the model does not have."""
+    """The maps of ``layers`` (default: all) with the heads to draw of each (default: all of that map's);
+    a ConfigError for a layer or head the model does not have. Maps may differ in heads (a warm-started
+    encoder-decoder's encoder and decoder): a chosen head is drawn in the maps that have it."""
     n_layers = 1 + max(m.layer for m in maps)
-    n_heads = maps[0].weights.size(0)
+    n_heads = max(m.weights.size(0) for m in maps)
     for what, chosen, count in (("layer", layers, n_layers), ("head", heads, n_heads)):
         bad = [i for i in chosen or [] if not 0 <= i < count]
         if bad:
             raise ConfigError(f"{what} {bad[0]} does not exist: the model has {count} {what}s (0..{count - 1})")
-    return [(m, list(heads) if heads else list(range(n_heads))) for m in maps if not layers or m.layer in layers]
+    chosen_maps = [m for m in maps if not layers or m.layer in layers]
+    selected = [(m, [h for h in heads if h < m.weights.size(0)] if heads else list(range(m.weights.size(0))))
+                for m in chosen_maps]
+    return [(m, drawn) for m, drawn in selected if drawn]
 
 
 def plot_attention(weights: torch.Tensor, queries: list[str], keys: list[str], title: str, path: Path) -> Path:
