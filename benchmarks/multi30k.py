@@ -8,6 +8,7 @@ text (lmlab's eval/text_metrics.py; the signature is in the results).
 
     python benchmarks/multi30k.py                               # both models, one after the other (~90 min)
     python benchmarks/multi30k.py --models transformer          # the issue's goal: >= 35 BLEU in 45 min
+    python benchmarks/multi30k.py --models lstm --name multi30k_lstm   # one model: its own results file
     python benchmarks/multi30k.py --models lstm train.max_minutes=5   # overrides go to every recipe
 """
 
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "multi30k"), help="scratch folder for runs")
     p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary (default: %(default)s)")
     p.add_argument("--num-beams", type=int, default=4, help="beam width of the test translation (default: %(default)s)")
+    p.add_argument("--name", default="multi30k", help="results/<name>.json and .md (default: %(default)s; "
+                   "e.g. multi30k_lstm for a run of --models lstm alone)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe")
     args = p.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -92,7 +95,7 @@ def main() -> None:
     summary = {"goal": GOAL, "anchors": ANCHORS, "test set": "test2016 (flickr), 1,000 sentences",
                "evaluation": f"beam {args.num_beams}, sacrebleu on detokenized cased text",
                "wall time": "per model: the data preparation + its training + its evaluation, each a fresh process"}
-    write_results("multi30k", rows, summary, notes=__doc__.split("\n\n")[0])
+    write_results(args.name, rows, summary, notes=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
