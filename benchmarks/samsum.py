@@ -12,6 +12,7 @@ summary-level: compare it with rougeLsum.
 
     python benchmarks/samsum.py                              # the issue's goal: beat longest-3 in 60 min
     python benchmarks/samsum.py --recipes transformer,minilm # both rows, one after the other
+    python benchmarks/samsum.py --recipes minilm --name samsum_minilm   # one row, its own results file
     python benchmarks/samsum.py train.max_minutes=5          # overrides go to every recipe
 """
 
@@ -89,6 +90,8 @@ def main() -> None:
                    "(default: %(default)s)")
     p.add_argument("--num-beams", type=int, default=4, help="beam width of the test summaries (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="longest summary in tokens (default: %(default)s)")
+    p.add_argument("--name", default="samsum", help="results file name under benchmarks/results, so that a run of "
+                   "one recipe does not overwrite another's rows (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe")
     args = p.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
@@ -112,7 +115,7 @@ def main() -> None:
     rows += [{"system": name, "rouge1": r1, "rouge2": r2, "rougeLsum": rl} for name, (r1, r2, rl) in PAPER.items()]
     summary.update({"test set": f"{len(texts)} dialogues", "evaluation": f"beam {args.num_beams}, at most "
                     f"{args.max_new_tokens} new tokens"})
-    write_results("samsum", rows, summary, notes=__doc__.split("\n\n")[0], columns=COLUMNS)
+    write_results(args.name, rows, summary, notes=__doc__.split("\n\n")[0], columns=COLUMNS)
 
 
 if __name__ == "__main__":
