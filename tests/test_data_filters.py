@@ -1,7 +1,9 @@
 """Document filters (data/filters.py): each rule drops a crafted document and keeps a look-alike; the
 pipeline's counts; configs and their one-line errors; `lmlab data prepare` with filters end to end."""
 
+import importlib
 import json
+import sys
 from collections import Counter
 
 import pytest
@@ -230,6 +232,24 @@ def test_prepare_filters_train_inputs_only_and_records_them_in_meta(tmp_path):
     assert meta["filters"]["removed"]["language"]["documents"] == 1
     on_disk = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert on_disk["filters"]["kept"]["documents"] == 3
+
+
+def test_only_the_processes_that_judge_load_py3langid(tmp_path, monkeypatch):
+    """With workers the main process never loads py3langid (checking --lang reads filters.LANGUAGES, which is
+    py3langid's labels); with --workers 1 it judges, and the verdicts are the same."""
+    monkeypatch.setattr(importlib.import_module("lmlab.data.prepare"), "BATCH_CHARS", 100)  # a batch per document
+    for name in [m for m in sys.modules if m.split(".")[0] == "py3langid"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(filters, "_IDENTIFIER", None)
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t}) for t in [*PROSE, GERMAN]) + "\n")
+    cfg, tok = load_filter_config(None, {"lang": ["en"], "min_stop_words": 2}), train_tokenizer("byte", [])
+    two = prepare([str(train)], tok, tmp_path / "two", filters=cfg, workers=2, val_fraction=0)
+    assert "py3langid" not in sys.modules
+    assert two["filters"]["removed"]["language"]["documents"] == 1
+    one = prepare([str(train)], tok, tmp_path / "one", filters=cfg, workers=1, val_fraction=0)
+    assert "py3langid" in sys.modules and one["filters"]["removed"] == two["filters"]["removed"]
+    assert filters.LANGUAGES == set(filters._identifier().labels)
 
 
 def run(argv, capsys):

@@ -291,3 +291,50 @@ def test_stream_decoder_survives_any_id_sequence(toks, kind):
         assert isinstance(text, str)
         if "\ufffd" not in tok.decode(ids):
             assert text == tok.decode(ids)
+
+
+def wordpiece() -> Tokenizer:
+    """A tiny BERT-style uncased WordPiece tokenizer (the tokenizer.json pipeline of all-MiniLM-L6-v2)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    words = "jerry it isn i they do n t s m re ve ok fine yes here said not".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s", "##n", ".", ",", "!", "?", "'", ":", "(", ")"]
+    tk = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(cleanup=True)
+    tk.add_special_tokens(vocab[:5])
+    return Tokenizer(tk)
+
+
+WORDPIECE_TEXTS = ["Jerry's ok.", "it's fine, isn't it? yes!", "i'm here (they're 'fine') : ok", "do n't", "Jerrys ."]
+
+
+def test_wordpiece_decodes_to_normal_text_as_transformers_does():
+    """BERT's WordPiece decoder leaves "jerry ' s"; decode cleans the spaces up exactly as transformers'
+    tokenizer with clean_up_tokenization_spaces=True does. Byte-level BPE text is left as it is."""
+    transformers = pytest.importorskip("transformers")
+    tok = wordpiece()
+    assert tok.decode(tok.encode("Jerry's ok. Isn't it?")) == "jerry's ok. isn't it?"
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tk, clean_up_tokenization_spaces=True)
+    for text in WORDPIECE_TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == reference.decode(ids), text
+    bpe = train_tokenizer("bpe", CORPUS, vocab_size=300)
+    spaced = "jerry ' s ok . isn ' t it ?"
+    assert bpe.decode(bpe.encode(spaced)) == spaced
+
+
+def test_wordpiece_stream_decoder_matches_decode():
+    """Streamed WordPiece text is the cleaned-up text, never taken back: the end that more tokens could
+    still change ("jerry '") waits, for any token sequence."""
+    tok = wordpiece()
+    sd = tok.stream_decoder()
+    assert [sd.step(i) for i in tok.encode("jerry's ok")] == ["jerry", "", "'s", " ok"]
+    assert sd.flush() == ""
+    pieces = [tok.tk.token_to_id(t) for t in ["it", "n", "t", "s", "m", "re", "ve", "'", ".", ",", "?", "##s", "[SEP]"]]
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.choice(pieces) for _ in range(rng.randint(1, 16))]
+        sd = tok.stream_decoder()
+        assert "".join(sd.step(i) for i in ids) + sd.flush() == tok.decode(ids), [tok.tk.id_to_token(i) for i in ids]

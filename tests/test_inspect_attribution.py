@@ -12,7 +12,8 @@ from lmlab.cli import main
 from lmlab.config import ModelConfig
 from lmlab.data.labeled import encode_texts, pad_batch
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.inspect.attribution import ansi_line, baseline_ids, integrated_gradients
+from lmlab.errors import OutputError
+from lmlab.inspect.attribution import PAGE_MARK, ansi_line, baseline_ids, checked_page_path, integrated_gradients
 from lmlab.finetune.classify import build_classifier
 from lmlab.interop import load_model
 from lmlab.models.registry import build_model
@@ -91,3 +92,20 @@ def test_predict_explain_prints_json_colours_and_html(classifier, tmp_path, caps
     assert "\x1b[32;1mzebra\x1b[0m" in coloured  # the strongest push toward the label: bold green
     assert main(["predict", ckpt, text, "--html", str(tmp_path)]) == 1  # a folder
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_page_paths_get_the_place_checks_of_every_output(classifier, tmp_path):
+    """checked_page_path: its own rules for what a page replaces, then runs.check_place: no page inside a
+    checkpoint (it would change what the checkpoint holds), no parent that is a file; a page it wrote is replaced."""
+    inside = classifier.path / "why.html"
+    with pytest.raises(OutputError, match="is inside .* which holds an lmlab checkpoint"):
+        checked_page_path(inside, ".html")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create"):
+        checked_page_path(tmp_path / "file" / "why.png", ".png")
+    page = tmp_path / "why.html"
+    page.write_text(f"<html>{PAGE_MARK}</html>")
+    assert checked_page_path(page, ".html") == page
+    page.write_text("<html>mine</html>")
+    with pytest.raises(OutputError, match="is not an attribution page written by lmlab"):
+        checked_page_path(page, ".html")

@@ -200,3 +200,24 @@ def test_data_prepare_takes_a_pretrained_name_for_its_tokenizer(tmp_path):
     tok = Tokenizer.load(tmp_path / "d")
     assert tok.vocab_size == 30522 and tok.tk.id_to_token(tok.eot_id) == "[SEP]"
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["pad_id"] == tok.tk.token_to_id("[PAD]")
+
+
+def test_resume_builds_the_model_from_the_checkpoint_without_the_pretrained_folder(bert, pairs, tmp_path):
+    """--resume of a warm-started run, its pretrained folder gone: the model comes from the checkpoint's
+    config and weights, and training goes on from the saved step to max_steps."""
+    folder = tmp_path / "bert"
+    shutil.copytree(bert, folder)
+    config = tmp_path / "warm.yaml"
+    config.write_text(f"""
+model: {MODEL}
+data: {{path: {pairs}}}
+seq2seq: {{length_grouping: 0}}
+train: {{out_dir: {tmp_path / 'run'}, batch_size: 8, max_steps: 4, warmup_steps: 1, eval_interval: 100,
+        log_interval: 1, progress: false, precision: fp32}}
+""")
+    assert main(["train", str(config), "-q", f"model.encoder_init={folder}", "--stop-after", "2"]) == 0
+    shutil.rmtree(folder)
+    assert main(["train", str(config), "-q", f"model.encoder_init={folder}", "--resume"]) == 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert max(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == "step-000004"

@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if cfg.model.encoder_init:  # a pretrained encoder: Hugging Face folders are read by interop/, above train/
         from lmlab.interop.warmstart import encoder_warm_start
 
-        cfg, init_model = encoder_warm_start(cfg)
+        cfg, init_model = encoder_warm_start(cfg, resume=args.resume)  # resumed: the checkpoint's encoder
     print_result(pretrain(cfg, resume=args.resume, stop_after=args.stop_after, force=args.force, scorer=scorer,
                           init_model=init_model))
 

@@ -225,12 +225,25 @@ def check_output(path: str | os.PathLike, kind: str, inputs: Iterable = (), forc
     if kind == "tokenizer" and path.is_dir():
         raise OutputError(f"{path} is a folder; give the path of the tokenizer file to write, e.g. "
                           f"{path / 'tokenizer.json'} (a file of its own, not a file added to a folder)")
-    _check_not_an_input(path, inputs)
-    _check_not_inside_an_output(path)
-    remove_stale_temporaries(path.parent, path.name)
+    check_place(path, inputs)
     if kind == "run":
         RunFolder(path).remove_stale_temporaries()
     _check_existing(path, kind, force)
+    return path
+
+
+def check_place(path: str | os.PathLike, inputs: Iterable = ()) -> Path:
+    """The part of ``check_output`` about where ``path`` is, not what it holds; return the path to write.
+
+    Refused, as an OutputError: an output that is, contains or lies inside one of ``inputs``; one inside
+    a finished output; a place whose parent cannot be created or written. Stale temporaries of the
+    output are removed first. (A page or a picture that lmlab rewrites at will checks what it replaces
+    itself, and then its place here: inspect/attribution.py.)
+    """
+    path = Path(path)
+    _check_not_an_input(path, inputs)
+    _check_not_inside_an_output(path)
+    remove_stale_temporaries(path.parent, path.name)
     _check_writable(path)
     return path
 

@@ -40,6 +40,14 @@ ELLIPSES = ("...", "…")
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's English stop words
 WORD_PUNCTUATION = string.punctuation + "“”‘’«»…"  # stripped from a word's ends to find stop words
 LANG_CHARS = 20_000  # language identification reads at most this many characters of a document
+# the languages py3langid tells apart (its identifier's labels): written out, so that checking a config does not
+# load py3langid into a process that judges no document (tests/test_data_filters.py compares)
+LANGUAGES = frozenset("""
+af am ar as az be bg bn br bs ca cs cy da de el en eo es et eu fa fi fr fy ga gd gl gu ha he hi hr ht hu hy id ig
+is it ja jv ka kk km kn ko ku ky la lg ln lo lt lv mg mk ml mn mr ms my ne nl no om or pa pl ps pt qu ro ru sa si
+sk sl so sq sr sv sw ta te th tl tr ug uk ur uz vi xh yo zh zu zxx ace bcl dz ext gcf gom grc gug hbo kik nso pcm
+rw se sn st an ary crh fo fuv gcr guw kab lb lij ltg uzs wa sdh arz ba mt nn oc tg tk tt vec vo wuu yue
+""".split())
 EXAMPLES = 3  # removed examples kept per filter for the report
 EXAMPLE_CHARS = 300
 
@@ -192,17 +200,17 @@ def repetition(text: str, words: list[str], cfg: FilterConfig) -> bool:
 class LanguageOf:
     """A document's language by py3langid (its model ships in the package; nothing is downloaded), read
     from its first LANG_CHARS characters: (ISO 639-1 code, normalised probability). The answer for the
-    last text asked about is remembered: the language and stop-word rules ask about the same document."""
+    last text asked about is remembered: the language and stop-word rules ask about the same document.
+    py3langid is loaded at the first question, in the process that asks (prepare's workers judge)."""
 
     def __init__(self):
-        self.identifier = _identifier()
         self.text: str | None = None
         self.answer: tuple[str, float] = ("", 0.0)
 
     def __call__(self, text: str) -> tuple[str, float]:
         """(language, probability) of ``text``."""
         if text is not self.text:
-            lang, prob = self.identifier.classify(text[:LANG_CHARS])
+            lang, prob = _identifier().classify(text[:LANG_CHARS])
             self.text, self.answer = text, (lang, float(prob))
         return self.answer
 
@@ -523,8 +531,7 @@ def _identifier():
 
 
 def _check_languages(langs: list[str]) -> None:
-    known = set(_identifier().labels)
-    unknown = [x for x in langs if x not in known]
+    unknown = [x for x in langs if x not in LANGUAGES]
     if unknown:
         raise ConfigError(f"data.filters.lang: unknown language {unknown[0]!r} (py3langid knows ISO 639-1 codes "
                           f"such as en, de, fr, zh)")

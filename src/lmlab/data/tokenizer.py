@@ -15,6 +15,9 @@ bpe, byte and char decode(encode(text)) == text exactly, for any Unicode string;
 normalizer: Unicode normalisation (NFC) happens once, when text is read (see sources.py).
 word decodes to the words joined by single spaces, <eos> as "\n", unknown words as <unk>.
 The kind is not stored separately; it is read off the structure of the tokenizer.json.
+
+A WordPiece tokenizer from elsewhere (BERT's, all-MiniLM-L6-v2's) decodes its tokens joined by spaces,
+"jerry ' s"; decode then cleans up the spaces as transformers' BertTokenizer does ("jerry's").
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ UNK, EOS = "<unk>", "<eos>"  # the word kind's unknown word and end of line: ids
 # a word: what tokenizers' WhitespaceSplit keeps (Rust's char::is_whitespace separates; Python's
 # str.split would also split at \x1c-\x1f)
 _WORD = re.compile(r"[^\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+# transformers' clean_up_tokenization, in its order: what BertTokenizer(Fast) does to decoded WordPiece text
+# (clean_up_tokenization_spaces=True); the tokenizers library's WordPiece decoder, which sees one token at a
+# time, cannot join "jerry ' s"
+CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+           (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# what more text may add to a text whose end the clean-up could still change: the rest of each pattern
+# (and of " n ' t", which becomes " n't" and then "n't"), or nothing
+_CLEANUP_ENDINGS = ("", *sorted({p[k:] for p in [*(old for old, _ in CLEANUP), " n ' t"] for k in range(1, len(p))}))
 _EOS_NAMES = (EOT, "<eos>", "</s>", "<|end_of_text|>", "[SEP]")  # what eot_id accepts in tokenizers lmlab did not train
 
 
@@ -57,6 +68,7 @@ class Tokenizer:
         tk.no_truncation()  # lmlab pads and cuts where it needs to, itself
         self.tk = tk
         self._plain: tokenizers.Tokenizer | None = None  # copy that reads special tokens as text
+        self.clean_up = isinstance(tk.model, models.WordPiece)  # decoded text gets clean_up_spaces
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -113,8 +125,10 @@ class Tokenizer:
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of token ids, special tokens included, so decode(encode(text)) == text."""
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Text of token ids, special tokens included, so decode(encode(text)) == text (lmlab's kinds; a
+        WordPiece tokenizer's text is cleaned up as transformers does, see ``clean_up_spaces``)."""
+        text = self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+        return clean_up_spaces(text) if self.clean_up else text
 
     @property
     def vocab_size(self) -> int:
@@ -151,7 +165,7 @@ class Tokenizer:
 
     def stream_decoder(self) -> "StreamDecoder":
         """A decoder for generation: feed ids one at a time, get text that never splits a character."""
-        return StreamDecoder(self.tk)
+        return StreamDecoder(self.tk, self.clean_up)
 
     def add_special_tokens(self, tokens: list[str]) -> None:
         """Add special tokens (new ids at the end of the vocabulary), e.g. a chat template's markers."""
@@ -203,27 +217,46 @@ class StreamDecoder:
     character and start the next). If decoding the ids together changes text before them (a byte
     sequence that turned out invalid), the new ids are decoded on their own: streamed text never
     takes back what it showed. For valid text, "".join(steps) + flush() == tokenizer.decode(all ids).
+
+    With ``clean_up`` (a WordPiece tokenizer) the text so far is cleaned up as ``clean_up_spaces`` does, and
+    its end is held back while more tokens could still change it ("jerry '" may become "jerry's").
     """
 
     CONTEXT = 4  # ids kept before the new ones
 
-    def __init__(self, tk: tokenizers.Tokenizer):
+    def __init__(self, tk: tokenizers.Tokenizer, clean_up: bool = False):
         tk.no_padding()  # tokenizer.json files from elsewhere may pad or truncate every encoding:
         tk.no_truncation()  # lmlab pads and cuts where it needs to, itself
-        self.tk = tk
+        self.tk, self.clean_up = tk, clean_up
         self.context: list[int] = []  # the last few ids before the pending ones
         self.pending: list[int] = []  # ids since the last clean boundary
         self.given = 0  # characters of the pending ids' text already returned
+        self.raw = ""  # with clean_up: the text so far, before clean-up
+        self.shown = 0  # with clean_up: characters of its cleaned-up text already returned
 
     def step(self, token_id: int) -> str:
         """Feed one id; return the newly completed text ("" while a character is incomplete)."""
         self.pending.append(int(token_id))
-        return self._take(final=False)
+        return self._cleaned(self._take(final=False), final=False)
 
     def flush(self) -> str:
         """Return whatever is held back (incomplete bytes decode to U+FFFD) and start afresh."""
         out = self._take(final=True) if self.pending else ""
         self.context = []
+        return self._cleaned(out, final=True)
+
+    def _cleaned(self, piece: str, final: bool) -> str:
+        """With clean_up, the new text of the cleaned-up text so far: what it starts with however it goes on."""
+        if not self.clean_up:
+            return piece
+        self.raw += piece
+        if final:
+            text, shown = clean_up_spaces(self.raw), self.shown
+            self.raw, self.shown = "", 0
+            return text[shown:]
+        stable = os.path.commonprefix([clean_up_spaces(self.raw + more) for more in _CLEANUP_ENDINGS])
+        out = stable[self.shown:]
+        self.shown = max(self.shown, len(stable))
         return out
 
     def _take(self, final: bool) -> str:
@@ -240,6 +273,14 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False) if ids else ""
+
+
+def clean_up_spaces(text: str) -> str:
+    """``text`` with the spaces a WordPiece decoder leaves before punctuation and in contractions removed,
+    by transformers' rules (``CLEANUP``): "jerry ' s ok ." -> "jerry's ok.", "isn ' t" -> "isn't"."""
+    for old, new in CLEANUP:
+        text = text.replace(old, new)
+    return text
 
 
 def bytes_to_unicode() -> dict[int, str]:

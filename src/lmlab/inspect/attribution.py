@@ -29,7 +29,7 @@ from lmlab.errors import ConfigError, OutputError
 from lmlab.finetune.classify import checked_max_length, predict_texts, require_classifier
 from lmlab.inspect.attention import token_labels
 from lmlab.models.heads import SequenceClassifier
-from lmlab.runs import atomic_file, atomic_write_text
+from lmlab.runs import atomic_file, atomic_write_text, check_place
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ def plot_attributions(rows: list[dict], tokenizer: Tokenizer, path: str | Path, 
 
 def checked_page_path(path: str | Path, suffix: str) -> Path:
     """``path`` if a page (``suffix``: .html, .png) may be written there: not a folder, and not an existing
-    file of another kind (an existing .png, or an .html page this module wrote, is replaced)."""
+    file of another kind (an existing .png, or an .html page this module wrote, is replaced, with no --force:
+    the rule of runs.check_output for lmlab's outputs does not fit a page rewritten at will); then the
+    checks of its place that every output gets (runs.check_place: not inside a checkpoint, writable)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give the name of the {suffix} file to write")
@@ -206,7 +208,7 @@ def checked_page_path(path: str | Path, suffix: str) -> Path:
         raise OutputError(f"{path} does not end in {suffix}")
     if suffix == ".html" and path.is_file() and PAGE_MARK not in path.read_text("utf-8", errors="replace")[:2000]:
         raise OutputError(f"{path} exists and is not an attribution page written by lmlab; refusing to replace it")
-    return path
+    return check_place(path)
 
 
 def write_html(rows: list[dict], tokenizer: Tokenizer, path: str | Path) -> Path:
