@@ -2,7 +2,6 @@
 
 import random
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -137,12 +136,12 @@ def test_char_vocab_and_byte_fallback(toks):
     assert small.decode(small.encode("ab\n")) == "ab\n"
 
 
-def test_char_long_line_is_fast(toks):
+def test_char_long_line_round_trips(toks):
+    # one 280k-character line: a quadratic path here would take minutes (no timed assertion: timings
+    # on a shared CI machine are noise; speed is the benchmarks' business)
     tok = toks["char"]
-    text = "Speak, speak. " * 20_000  # one 280k-character line
-    start = time.perf_counter()
+    text = "Speak, speak. " * 20_000
     assert tok.decode(tok.encode(text)) == text
-    assert time.perf_counter() - start < 5
 
 
 def test_bad_settings():
