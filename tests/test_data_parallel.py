@@ -1,4 +1,4 @@
-"""Worker processes in data preparation: same bytes for any number of workers, bounded read-ahead,
+"""Worker processes and threads in data preparation: same bytes for any number of workers, bounded read-ahead,
 PII redaction through prepare (every split, the tokenizer's training text, meta.json counts)."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import lmlab.data.prepare as prepare_module
 from lmlab.data.filter_report import write_filter_report
 from lmlab.data.filters import FilterConfig
-from lmlab.data.parallel import AHEAD, Workers
+from lmlab.data.parallel import AHEAD, Workers, thread_map
 from lmlab.data.prepare import memmap_split, prepare
 from lmlab.data.tokenizer import Tokenizer, tokenizer_trainer, train_tokenizer, train_tokenizer_from_files
 from pii_corpus import planted_corpus
@@ -99,6 +99,31 @@ def test_a_worker_error_reaches_the_caller():
 
 def _divide(batch: list[int]) -> list[float]:
     return [1 / x for x in batch]
+
+
+def test_thread_map_keeps_order_reads_a_bounded_distance_ahead_and_raises():
+    pulled = []
+
+    def batches():
+        for i in range(50):
+            pulled.append(i)
+            yield [str(i) * (50 - i)]
+
+    results = thread_map(_lengths, batches(), threads=2)
+    assert next(results) == [50]
+    assert len(pulled) <= 2 + 1
+    assert list(results) == [[len(str(i) * (50 - i))] for i in range(1, 50)]
+    with pytest.raises(ZeroDivisionError):
+        list(thread_map(_divide, [[1], [0], [2]]))
+
+
+def test_encoding_on_threads_writes_the_same_bytes_for_any_batch_size(tmp_path, monkeypatch):
+    paths = corpus(tmp_path)
+    tok = train_tokenizer("bpe", [Path(p).read_text() for p in paths], vocab_size=400)
+    for chars in (1 << 20, 1500):  # one batch; many batches, several in flight on the threads
+        monkeypatch.setattr(prepare_module, "BATCH_CHARS", chars)
+        prepare(paths, tok, tmp_path / f"out{chars}", split_lines=True)
+    assert shard_bytes(tmp_path / f"out{1 << 20}") == shard_bytes(tmp_path / "out1500")
 
 
 def test_prepare_redacts_every_split_and_counts(tmp_path):

@@ -1,4 +1,4 @@
-"""Worker processes for data preparation: an ordered, memory-bounded map over a stream of batches.
+"""Worker processes and threads for data preparation: ordered, memory-bounded maps over a stream of batches.
 
 Why processes: the tokenizers library encodes a batch on several threads, but the work around it
 (reading, NFC, PII redaction, the per-document filters, hashing, turning ids into arrays) is Python
@@ -9,6 +9,10 @@ bounded whatever the corpus size.
 
 Workers are started with "spawn" (a fresh interpreter): forking a process whose tokenizer threads
 already ran is what the tokenizers library warns against.
+
+Work that releases the GIL (the tokenizers library encodes a batch in Rust on all cores) needs no
+processes: ``thread_map`` runs it on threads of this process, overlapped with the Python work between
+batches (reading, hashing, writing), without the processes' start-up and the pickling of texts and ids.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,19 @@ class Workers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def thread_map(fn: Callable[[T], R], batches: Iterable[T], threads: int = AHEAD) -> Iterator[R]:
+    """fn(batch) for every batch, in order, on ``threads`` threads of this process, at most ``threads``
+    batches ahead of the caller: for a ``fn`` that spends its time outside the GIL."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(fn, batch))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def worker_state() -> dict:

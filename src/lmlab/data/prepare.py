@@ -38,7 +38,7 @@ import numpy as np
 from lmlab.runs import atomic_dir, check_output
 from lmlab.data import pii
 from lmlab.data.filters import DocumentRules, FilterConfig, FilterPipeline, Verdict, load_filter_config
-from lmlab.data.parallel import Workers, available_cores, worker_state
+from lmlab.data.parallel import Workers, available_cores, thread_map, worker_state
 from lmlab.data.sources import Document, expand_inputs, iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
@@ -139,7 +139,8 @@ def prepare(
     replaced only after success (runs.check_output); a failure leaves nothing behind.
     ``redact_pii`` replaces e-mails, phones, IPs, card numbers, IBANs and secrets in every document by
     typed placeholders (data/pii.py; counts in meta.json's "pii_redacted"). ``workers`` processes
-    (default: the cores available) redact and encode batches; the output is the same for any number.
+    (default: the cores available) redact and filter batches; the output is the same for any number.
+    Encoding runs here, on all cores (the tokenizers library's Rust threads), beside the reading and writing.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -181,14 +182,13 @@ def prepare(
                 spool = _Spool(tmp / ".train-documents")
                 spool.write(cleaned("train"))
                 tokenizer = tokenizer(doc.text for doc in spool.read())
-        tokenizer.save(tmp / "tokenizer.json")  # also what the worker processes load
+        tokenizer.save(tmp / "tokenizer.json")
 
         def read(name: str) -> Iterator[tuple[Document, bytes]]:
             return _unique(spool.read() if spool is not None and name == "train" else cleaned(name), dedupe, counts)
 
         def encode(batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            jobs = ((str(tmp / "tokenizer.json"), batch) for batch in batches)
-            return pool.map(_encode_in_worker, jobs, local=lambda job: _encode_texts(job[1], tokenizer))
+            return thread_map(lambda texts: _encode_texts(texts, tokenizer), batches)
 
         meta = _write_folder(tmp, sources, tokenizer, val_fraction, split, read, dedupe, shard_tokens, encode, counts)
         if spool is not None:
@@ -417,8 +417,8 @@ def _batches(items: Iterable, text: Callable[[object], str]) -> Iterator[list]:
 
 
 def _encoded(items: Iterable[tuple[Document, bytes]], encode: Encode) -> Iterator[tuple[Document, bytes, np.ndarray]]:
-    """Encode documents in batches with ``encode`` (in the worker processes, or here, in parallel in
-    Rust); special tokens in the text are plain text. Each document's ids come as a uint32 array."""
+    """Encode documents in batches with ``encode`` (on threads, in parallel in Rust); special tokens in the
+    text are plain text. Each document's ids come as a uint32 array."""
     waiting: deque[list] = deque()  # batches sent out, in order, to pair with their ids
 
     def texts() -> Iterator[list[str]]:
@@ -433,23 +433,11 @@ def _encoded(items: Iterable[tuple[Document, bytes]], encode: Encode) -> Iterato
 
 
 def _encode_texts(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """All texts' ids end to end (uint32: compact to send between processes) and each text's count."""
+    """All texts' ids end to end (uint32) and each text's count."""
     all_ids = tok.encode_batch(texts, allow_special=False)
     lengths = np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids))
     flat = np.fromiter(chain.from_iterable(all_ids), dtype=np.uint32, count=int(lengths.sum()))
     return flat, lengths
-
-
-def _encode_in_worker(job: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a batch of texts in a worker with the tokenizer of file ``job[0]`` (loaded on first use,
-    on this process's one thread: the workers are the parallelism; Rust threads on top would only
-    contend for the same cores)."""
-    path, texts = job
-    state = worker_state()
-    if state.get("tok_path") != path:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        state["tok"], state["tok_path"] = Tokenizer.load(path), path
-    return _encode_texts(texts, state["tok"])
 
 
 def _cleaned(docs: Iterable[tuple[Document, Verdict | None]], pool: Workers, redact: bool,
