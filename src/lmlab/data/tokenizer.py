@@ -206,8 +206,9 @@ class Tokenizer:
         if self._plain is None:  # a separate copy, so no shared flag is flipped per call
             self._plain = tokenizers.Tokenizer.from_str(self.tk.to_str())
             self._plain.encode_special_tokens = True
-            if isinstance(self._plain.model, models.BPE):  # the encoder of corpora (data prepare): same ids, faster
-                self._plain.model._resize_cache(BPE_CACHE_WORDS)
+            resize = getattr(self._plain.model, "_resize_cache", None)  # tokenizers >= 0.21; private, so guarded
+            if isinstance(self._plain.model, models.BPE) and resize:  # the encoder of corpora: same ids, faster
+                resize(BPE_CACHE_WORDS)
         return self._plain
 
     def __repr__(self) -> str:
