@@ -120,19 +120,26 @@ def test_cached_decoding_equals_full_recompute(bert, pairs):
         assert got == prefix[1:]
 
 
-def test_lmlab_train_warm_starts_and_the_checkpoint_loads_without_the_pretrained_folder(bert, pairs, tmp_path):
-    """lmlab train with model.encoder_init: the loss falls in a few steps (the encoder at its own lr); the
-    checkpoint, the pretrained folder gone, loads the same weights and decodes through lmlab generate."""
+def warm_run(bert, pairs, tmp_path, seq2seq: str, train: str):
+    """A copy of the tiny BERT folder (to delete later) and a warm-start config of run folder tmp_path/run:
+    ``seq2seq`` and ``train`` are extra YAML fields of those sections."""
     folder = tmp_path / "bert"
     shutil.copytree(bert, folder)
     config = tmp_path / "warm.yaml"
     config.write_text(f"""
 model: {MODEL}
 data: {{path: {pairs}}}
-seq2seq: {{length_grouping: 0, encoder_lr: 1.0e-3}}
-train: {{out_dir: {tmp_path / 'run'}, batch_size: 16, max_steps: 30, warmup_steps: 3, lr: 1.0e-2, eval_interval: 30,
-        eval_batches: 2, log_interval: 1, progress: false, precision: fp32}}
+seq2seq: {{length_grouping: 0{', ' + seq2seq if seq2seq else ''}}}
+train: {{out_dir: {tmp_path / 'run'}, {train}, log_interval: 1, progress: false, precision: fp32}}
 """)
+    return folder, config
+
+
+def test_lmlab_train_warm_starts_and_the_checkpoint_loads_without_the_pretrained_folder(bert, pairs, tmp_path):
+    """lmlab train with model.encoder_init: the loss falls in a few steps (the encoder at its own lr); the
+    checkpoint, the pretrained folder gone, loads the same weights and decodes through lmlab generate."""
+    folder, config = warm_run(bert, pairs, tmp_path, "encoder_lr: 1.0e-3",
+                              "batch_size: 16, max_steps: 30, warmup_steps: 3, lr: 1.0e-2, eval_interval: 30, eval_batches: 2")
     assert main(["train", str(config), "-q", f"model.encoder_init={folder}"]) == 0
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
     assert sum(losses[-5:]) < 0.75 * sum(losses[:5]), losses
@@ -205,16 +212,7 @@ def test_data_prepare_takes_a_pretrained_name_for_its_tokenizer(tmp_path):
 def test_resume_builds_the_model_from_the_checkpoint_without_the_pretrained_folder(bert, pairs, tmp_path):
     """--resume of a warm-started run, its pretrained folder gone: the model comes from the checkpoint's
     config and weights, and training goes on from the saved step to max_steps."""
-    folder = tmp_path / "bert"
-    shutil.copytree(bert, folder)
-    config = tmp_path / "warm.yaml"
-    config.write_text(f"""
-model: {MODEL}
-data: {{path: {pairs}}}
-seq2seq: {{length_grouping: 0}}
-train: {{out_dir: {tmp_path / 'run'}, batch_size: 8, max_steps: 4, warmup_steps: 1, eval_interval: 100,
-        log_interval: 1, progress: false, precision: fp32}}
-""")
+    folder, config = warm_run(bert, pairs, tmp_path, "", "batch_size: 8, max_steps: 4, warmup_steps: 1, eval_interval: 100")
     assert main(["train", str(config), "-q", f"model.encoder_init={folder}", "--stop-after", "2"]) == 0
     shutil.rmtree(folder)
     assert main(["train", str(config), "-q", f"model.encoder_init={folder}", "--resume"]) == 0
