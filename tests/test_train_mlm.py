@@ -32,19 +32,21 @@ def corpus_windows(tokenizer, rows: int, width: int = 64) -> torch.Tensor:
     return torch.from_numpy(stream).view(rows, width)
 
 
-def mlm_config(data_dir, out_dir, **train) -> RunConfig:
-    model = ModelConfig(family="encoder", n_layer=2, n_head=2, d_model=32, block_size=32)
+def mlm_config(data_dir, out_dir, layout: dict | None = None, **train) -> RunConfig:
+    model = ModelConfig(family="encoder", n_layer=2, n_head=2, d_model=32, block_size=32, **(layout or {}))
     defaults = dict(out_dir=str(out_dir), batch_size=4, max_steps=16, warmup_steps=2, eval_interval=8, eval_batches=2,
                     checkpoint_interval=100, log_interval=1, progress=False, lr=3e-3)
     defaults.update(train)
     return RunConfig(model=model, data=DataConfig(path=str(data_dir)), train=TrainConfig(**defaults))
 
 
-@pytest.fixture(scope="module")
-def mlm_run(prepared, tmp_path_factory):
-    """A tiny encoder pretrained as a masked language model for 30 steps."""
+@pytest.fixture(scope="module", params=["bert", "pre-norm rope"])
+def mlm_run(prepared, tmp_path_factory, request):
+    """A tiny encoder pretrained as a masked language model for 30 steps: BERT's post-norm layers with learned
+    positions, and the recipe's pre-norm layers with rotary positions (configs/wikitext2_mlm.yaml)."""
+    layout = {"pre-norm rope": {"pre_norm": True, "pos_emb": "rope"}}.get(request.param)
     out = tmp_path_factory.mktemp("mlm") / "run"
-    pretrain(mlm_config(prepared, out, max_steps=30, eval_interval=10, lr=1e-2))
+    pretrain(mlm_config(prepared, out, layout, max_steps=30, eval_interval=10, lr=1e-2))
     return out
 
 

@@ -104,7 +104,7 @@ class ModelConfig:
     # the encoder's input, the decoder's input and the output layer share one matrix)
     tie_embeddings: bool | None = only("gpt", *RECURRENT, *SEQ2SEQ)
     # rotary positions (gpt or seq2seq with pos_emb rope, e.g. preset llama); scaling stretches them (gpt)
-    rope_theta: Positive = only("gpt", "seq2seq", default=10000.0)
+    rope_theta: Positive = only("gpt", "encoder", "seq2seq", default=10000.0)
     rope_scaling: Literal["linear", "llama3"] | None = only("gpt")
     rope_factor: Positive = only("gpt", default=1.0)  # linear/llama3: how many times longer than the original context
     rope_low_freq_factor: Positive = only("gpt", default=1.0)  # llama3
@@ -116,6 +116,9 @@ class ModelConfig:
     reset_token: Annotated[int, Field(ge=-1)] | None = only(*RECURRENT)
     # encoder
     type_vocab_size: NonNegativeInt | None = only("encoder")  # token-type (segment) embeddings, 0 = none; None = 2 (bert)
+    # pre-norm layers (x + attn(norm(x)), a final norm after the last layer) instead of BERT's post-norm ones
+    # (norm(x + attn(x))): they leave the masked-LM loss plateau sooner in short pretraining; no BertModel export
+    pre_norm: bool | None = only("encoder")  # None = False (bert)
     # encoder-decoders (seq2seq, rnn_seq2seq)
     n_dec_layer: Count | None = only(*SEQ2SEQ)  # the decoder's layers; None = n_layer
     n_dec_head: Count | None = only("seq2seq")  # the decoder's attention heads; None = n_head
@@ -614,8 +617,9 @@ def _model_rules(m: ModelConfig, p: str) -> None:
         raise ConfigError(f"{p}d_model {m.d_model} is not divisible by {p}n_head {m.n_head}")
     if m.n_kv_head is not None and m.n_head % m.n_kv_head:
         raise ConfigError(f"{p}n_head {m.n_head} is not divisible by {p}n_kv_head {m.n_kv_head}")
-    if m.family == "encoder" and m.pos_emb not in (None, "learned"):
-        raise ConfigError(f"{p}pos_emb {m.pos_emb!r} does not fit family encoder: it has learned positions (BERT)")
+    if m.family == "encoder" and m.pos_emb == "rope" and not m.pre_norm:
+        raise ConfigError(f"{p}pos_emb rope needs {p}pre_norm: true for family encoder (post-norm BERT layers have "
+                          "learned positions)")
     if m.family == "encoder" and m.norm not in (None, "layernorm"):
         raise ConfigError(f"{p}norm {m.norm!r} does not fit family encoder: it has layernorm (BERT)")
     pos_emb = m.pos_emb or PRESET_POS_EMB[m.preset or presets[0]]

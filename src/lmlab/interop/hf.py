@@ -311,6 +311,7 @@ def hf_architecture(model: nn.Module) -> str:
     _refuse(isinstance(model, MaskedLM), "a masked-LM head (BertForMaskedLM) does not export yet; fine-tune a classifier "
                                          "on the encoder and export that")
     if cfg.family == "encoder":
+        _refuse(bool(cfg.pre_norm), "a pre-norm encoder (BertModel's layers are post-norm and its positions learned)")
         if classifier:
             _refuse(model.head_config.pooling != "cls",
                     f"exporting a {model.head_config.pooling}-pooling classifier (BertForSequenceClassification pools [CLS])")

@@ -4,6 +4,8 @@ token + position + token-type embeddings -> LayerNorm -> N post-norm layers (x =
 then x = norm(x + mlp(x)), exact GELU) -> hidden states (B, T, d); a pooler (dense + tanh on the
 first token, [CLS]) for sentence-level tasks. This is the layout of Hugging Face ``BertModel``, so
 its checkpoints (all-MiniLM-L6-v2, bert-base, ...) convert weight for weight (see interop/hf.py).
+``model.pre_norm: true`` swaps in pre-norm layers and a final LayerNorm (faster out of the masked-LM
+plateau in short pretraining; such an encoder has no BertModel counterpart and does not export).
 
 Attention is the same module the decoders use, with ``causal=False`` and a key mask for padding.
 
@@ -24,35 +26,42 @@ import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
 from lmlab.models.interface import IGNORE_INDEX
-from lmlab.models.layers import MLP, Attention, fill_from_preset
+from lmlab.models.layers import MLP, Attention, fill_from_preset, rope_tables
 
 PRESETS = {
     "bert": dict(pos_emb="learned", norm="layernorm", mlp="gelu_exact", bias=True, tie_embeddings=False,
-                 type_vocab_size=2),
+                 type_vocab_size=2, pre_norm=False),
 }
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
     """Fill the fields left as None from the preset (bert), so a saved config is explicit.
 
-    The encoder has LayerNorm and learned positions whatever ``norm`` and ``pos_emb`` say; the config
-    refuses any other value for family encoder.
+    The encoder has LayerNorm whatever ``norm`` says, and learned positions unless ``pre_norm`` layers
+    ask for rotary ones (``pos_emb: rope``); the config refuses any other value for family encoder.
     """
     return fill_from_preset(cfg, PRESETS, default="bert")
 
 
 class EncoderLayer(nn.Module):
-    """One post-norm layer (BERT): x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+    """One layer: post-norm (BERT) x = norm1(x + attn(x)); x = norm2(x + mlp(x)), or with ``pre_norm``
+    x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual stream is never normalised, which
+    keeps gradients large early in training; the encoder then adds a final norm)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.pre_norm = bool(cfg.pre_norm)
         self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, causal=False)
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), rope, key_mask=key_mask))
+            return x + self.drop(self.mlp(self.norm2(x)))
         x = self.norm1(x + self.drop(self.attn(x, key_mask=key_mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
@@ -69,12 +78,17 @@ class Encoder(nn.Module):
         self.context_length = cfg.block_size
         self.hidden_size = cfg.d_model  # width of features(), for task heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        if cfg.pos_emb == "rope":  # rotary positions (pre-norm layers only): relative offsets from the first step
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.row_positions = False  # True: positions looked up per row, which per-example gradients (train.dp) see
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.pre_norm else None  # pre-norm's last norm
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if pooler else None
         self.apply(self._init_weights)
 
@@ -93,7 +107,7 @@ class Encoder(nn.Module):
         to) and the pooler, which runs once per sequence, not per token.
         """
         cfg = self.config
-        tables = [self.tok_emb, self.pos_emb, self.type_emb, self.pooler]
+        tables = [self.tok_emb, self.pos_emb, self.type_emb, self.pooler]  # pos_emb None with rope
         skipped = {id(p) for m in tables if m is not None for p in m.parameters()}
         n = sum(p.numel() for p in self.parameters() if id(p) not in skipped)
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
@@ -104,18 +118,22 @@ class Encoder(nn.Module):
         B, T = idx.shape
         if T > self.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.context_length}")
-        if self.row_positions:
-            x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device).expand(B, T))  # (B, T, d)
+        x = self.tok_emb(idx)  # (B, T, d)
+        rope = None
+        if self.pos_emb is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # each (T, head_dim / 2)
+        elif self.row_positions:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device).expand(B, T))
         else:
-            x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, d)
+            x = x + self.pos_emb.weight[:T]
         if self.type_emb is not None:  # segment A = 0 unless told otherwise
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.type_emb(types)
         x = self.drop(self.norm_emb(x))
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, T)
         for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
+            x = layer(x, key_mask, rope)
+        return self.norm_f(x) if self.norm_f is not None else x
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, T, d): the common interface of task heads (see models/heads.py)."""
