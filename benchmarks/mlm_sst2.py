@@ -1,4 +1,4 @@
-"""Does masked-LM pretraining pay? A small BERT pretrained on WikiText-2, then fine-tuned on SST-2,
+"""Does masked-LM pretraining pay? A small encoder pretrained on WikiText-2, then fine-tuned on SST-2,
 beside the same encoder fine-tuned from random initialisation in the same budget (issue 15).
 
 Steps, each a fresh ``lmlab`` process as a user runs it: ``lmlab data prepare`` WikiText-2 (byte-level
@@ -89,7 +89,7 @@ def main() -> None:
                "pretraining overrides": " ".join(args.pretrain_overrides) or "none",
                "fine-tuning overrides": " ".join(args.finetune) or "none"}
     write_results(args.name, rows, summary,
-                  notes=f"A 4 x 256 BERT ({PRETRAIN}) pretrained as a masked LM on WikiText-2 for "
+                  notes=f"A 4 x 256 encoder ({PRETRAIN}) pretrained as a masked LM on WikiText-2 for "
                         f"{args.pretrain_minutes:g} min, then fine-tuned on SST-2 ({FINETUNE}, "
                         f"{args.finetune_minutes:g} min each) beside the same encoder from random initialisation.")
 
