@@ -78,7 +78,7 @@ def test_context_is_enforced():
     ({"mlp": "relu"}, "model.mlp 'relu' is not one of gelu, gelu_exact, swiglu, null"),
     ({"preset": "llama", "rope_scaling": "ntk"}, "model.rope_scaling 'ntk' is not one of linear, llama3, null"),
     ({"family": "encoder", "norm": "rmsnorm"}, "model.norm 'rmsnorm' does not fit family encoder"),
-    ({"family": "encoder", "pos_emb": "rope"}, "model.pos_emb 'rope' does not fit family encoder"),
+    ({"family": "encoder", "pos_emb": "rope"}, "model.pos_emb rope needs model.pre_norm: true for family encoder"),
 ])
 def test_bad_architecture_is_refused_by_the_config(fields, message):
     """The models assume a checked config: every config and checkpoint manifest goes through from_dict."""
