@@ -75,6 +75,17 @@ def test_loss_is_the_negative_sampling_objective_for_both_modes():
         assert model.features(torch.tensor([[1, 2, 3]])).shape == (1, 3, 8)
 
 
+def test_a_noise_word_equal_to_the_centre_is_skipped():
+    """As in word2vec.c: drawing the centre itself as a noise word adds nothing to the loss (nor pushes the
+    centre's output vector away); the row's other noise words count as before."""
+    model = build_model(ModelConfig(family="word2vec", d_model=8, vocab_size=30))
+    torch.nn.init.normal_(model.output_emb.weight, generator=torch.Generator().manual_seed(0))
+    contexts, centre = torch.tensor([[1, 2]]), torch.tensor([5])
+    with_centre = model(contexts, centre, torch.tensor([[7, 5, 9]]))
+    without = model(contexts, centre, torch.tensor([[7, 9]]))
+    assert torch.allclose(with_centre, without)
+
+
 def test_sparse_tables_give_sparse_gradients_of_the_rows_used():
     model = build_model(ModelConfig(family="word2vec", d_model=4, vocab_size=50))
     model(torch.tensor([[1]]), torch.tensor([2]), torch.tensor([[3, 4]])).backward()

@@ -59,7 +59,10 @@ class Word2Vec(nn.Module):
         scores = torch.bmm(h, candidates.transpose(1, 2))  # (N, P, 1 + k)
         signs = torch.ones(scores.shape[2], dtype=scores.dtype, device=scores.device)
         signs[1:] = -1.0  # the target is a positive, the noise words negatives
-        pair_loss = -F.logsigmoid(scores * signs).sum(2)  # (N, P)
+        # a noise word that is the row's own centre is skipped, as word2vec.c does: it would push the
+        # centre's output vector away from the very contexts that just pulled it closer
+        keep = torch.cat([torch.ones_like(targets.unsqueeze(1)), negatives != targets.unsqueeze(1)], dim=1)  # (N, 1 + k)
+        pair_loss = (-F.logsigmoid(scores * signs) * keep.unsqueeze(1).to(scores.dtype)).sum(2)  # (N, P)
         return (pair_loss * weight).sum() / weight.sum().clamp(min=1)
 
     def input_vectors(self, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
