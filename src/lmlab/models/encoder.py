@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.models.gpt import Block
 from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.layers import MLP, Attention, fill_from_preset, rope_tables
 
@@ -44,26 +45,31 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
 
 
 class EncoderLayer(nn.Module):
-    """One layer: post-norm (BERT) x = norm1(x + attn(x)); x = norm2(x + mlp(x)), or with ``pre_norm``
-    x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual stream is never normalised, which
-    keeps gradients large early in training; the encoder then adds a final norm)."""
+    """One post-norm layer (BERT): x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pre_norm = bool(cfg.pre_norm)
         self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, causal=False)
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), rope, key_mask=key_mask))
-            return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, rope: None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Called as an EncoderBlock is; ``rope`` is always None (these layers come with learned positions)."""
         x = self.norm1(x + self.drop(self.attn(x, key_mask=key_mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class EncoderBlock(Block):
+    """A pre-norm GPT block whose attention sees every position (not causal): x + attn(norm(x)), then
+    x + mlp(norm(x)). The encoder's layer with ``model.pre_norm`` (the residual stream is never
+    normalised, which keeps gradients large early in training; the encoder then adds a final norm), and
+    an encoder-decoder's encoder block (models/seq2seq.py)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.attn.causal = False
 
 
 class Encoder(nn.Module):
@@ -87,7 +93,7 @@ class Encoder(nn.Module):
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList((EncoderBlock if cfg.pre_norm else EncoderLayer)(cfg) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.pre_norm else None  # pre-norm's last norm
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if pooler else None
         self.apply(self._init_weights)
@@ -132,7 +138,7 @@ class Encoder(nn.Module):
         x = self.drop(self.norm_emb(x))
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, T)
         for layer in self.layers:
-            x = layer(x, key_mask, rope)
+            x = layer(x, rope, key_mask=key_mask)
         return self.norm_f(x) if self.norm_f is not None else x
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmlab.config import ModelConfig
-from lmlab.models.encoder import Encoder
+from lmlab.models.encoder import Encoder, EncoderBlock
 from lmlab.models.gpt import PRESETS, Block
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.layers import KVCache, fill_from_preset, make_norm, rope_tables, sdpa
@@ -119,14 +119,6 @@ class CrossAttention(nn.Module):
         mask = None if src_mask is None else src_mask[:, None, None, :]  # (B, 1, 1, S)
         y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0, record=self.recorded)  # (B, H, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class EncoderBlock(Block):
-    """A pre-norm GPT block whose attention sees the whole source (not causal)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.attn.causal = False
 
 
 class DecoderBlock(Block):
