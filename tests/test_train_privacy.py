@@ -122,6 +122,23 @@ def test_without_noise_the_update_is_the_mean_of_clipped_example_gradients(famil
     assert all(torch.count_nonzero(p.grad) == 0 for p in params) and private.steps == 2
 
 
+def test_micro_batches_give_the_update_and_account_of_one_batch(toy, tmp_path):
+    """A step's Poisson batch cut into length-sorted micro-batches (train.dp.micro_batch) yields the same
+    per-example gradients, so the same weights; the accountant still counts one step at rate q per step."""
+    extra = ["train.dp.noise_multiplier=0.5", "train.max_steps=6", "train.log_interval=1"]
+    assert finetune(toy, tmp_path / "one", *extra, "train.dp.micro_batch=1000") == 0
+    assert finetune(toy, tmp_path / "many", *extra, "train.dp.micro_batch=7") == 0  # ~15 micro-batches a step
+    (one, one_ckpt), (many, many_ckpt) = manifest(tmp_path / "one"), manifest(tmp_path / "many")
+    assert many["privacy"]["steps"] == 6 and many["privacy"]["epsilon"] == pytest.approx(one["privacy"]["epsilon"])
+    a, b = load_file(one_ckpt / "model.safetensors"), load_file(many_ckpt / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = {f"backbone.{k}": v for k, v in load_file(toy["base"] / "model.safetensors").items()}
+    assert all(not torch.equal(a[k], base[k]) for k in base)  # every weight moved
+    losses = [[r["train_loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if "train_loss" in r] for run in ("one", "many")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_lora_with_dp_trains_only_the_adapters_and_head(toy, tmp_path):
     out = tmp_path / "lora"
     assert finetune(toy, out, "train.dp.target_epsilon=8", "train.dp.accountant=rdp", "lora.r=4", "lora.alpha=8",

@@ -158,6 +158,8 @@ class DpConfig:
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # None = 1 / (2 N), N the training examples
     max_grad_norm: Positive = 1.0  # each example's whole gradient is clipped to this L2 norm
     accountant: Literal["prv", "rdp"] = "prv"  # how spent epsilon is computed (prv: tighter; rdp: the classic bound)
+    micro_batch: Count = 64  # a step's examples, sorted by length, go through forward/backward this many at a time
+    #                          (less padding, bounded activation memory; the private update is the same)
 
     @property
     def enabled(self) -> bool:

@@ -187,6 +187,9 @@ class ClassificationTask(TaskBase):
     def example_batch(self, indices: list[int]) -> Batch:
         return self._batch(indices)
 
+    def example_lengths(self) -> list[int]:
+        return self.lengths
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, mask, y = batch.tensors["x"], batch.tensors["mask"], batch.tensors["y"]
         if self.cfg.model.rdrop > 0:

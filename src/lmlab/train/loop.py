@@ -136,6 +136,10 @@ class Task(Protocol):
     def example_batch(self, indices: list[int]) -> Batch:
         """One batch of the training examples ``indices`` (of ``example_count``), on the CPU."""
 
+    def example_lengths(self) -> list[int] | None:
+        """Each training example's length in tokens (train.dp groups a step's examples by it), or None
+        when all examples are equally long."""
+
 
 class TaskBase:
     """What most tasks do for the optional parts of ``Task``: one learning rate, nothing after a step,
@@ -161,6 +165,9 @@ class TaskBase:
 
     def example_batch(self, indices: list[int]) -> Batch:
         raise ConfigError(f"train.dp does not work with {self.kind} training yet (its task has no single examples)")
+
+    def example_lengths(self) -> list[int] | None:
+        return None
 
 
 def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
@@ -293,9 +300,10 @@ class Trainer:
             with gradient_sync(self.forward_model, sync=i == len(batches) - 1):
                 with autocast_context(self.precision, self.device):
                     loss = self.task.loss(self.forward_model, part.to(self.device))
-                weighted = loss * weight
-                self.scaler.scale(weighted).backward()
-            total += weighted.detach().float()
+                # under DP, each micro-batch's own mean loss: Opacus turns it into per-example gradients
+                backward = loss if self.privacy is not None else loss * weight
+                self.scaler.scale(backward).backward()
+            total += loss.detach().float() * weight
         if self.privacy is not None:
             self.privacy.before_step()  # per-example clipping replaces train.grad_clip
         elif self.tc.grad_clip > 0:

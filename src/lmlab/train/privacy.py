@@ -10,7 +10,9 @@ module's ``step_batches`` / ``before_step`` each step):
     sampling    each of the task's N examples joins the step's batch on its own with probability
                 q = 1 / ceil(N / batch_size) (Poisson sampling, which the privacy bound assumes: the
                 batch size varies, and may be 0); step s draws from a generator seeded with (seed, s),
-                so a resumed run draws the same batches as an uninterrupted one
+                so a resumed run draws the same batches as an uninterrupted one. The batch goes through
+                forward/backward in micro-batches of train.dp.micro_batch examples of similar length
+                (each micro-batch's mean loss, which Opacus turns into exact per-example gradients)
     gradients   Opacus' hooks give every trainable layer's per-example gradient (functorch for layers
                 without a rule of their own, such as lmlab's RMSNorm); each example's whole gradient is
                 clipped to max_grad_norm, the clipped ones summed, Gaussian noise of std
@@ -80,6 +82,9 @@ class PrivateTraining:
             self.hooks, self.optimizer, _ = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=indices, noise_multiplier=self.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, poisson_sampling=True, wrap_model=False)
+        # our micro-batches are parts of one Poisson batch, merged before the step (before_step), not the
+        # accumulation over several batches that Opacus guards against
+        self.hooks.allow_grad_accumulation()
         self.model = model
         log.info("DP-SGD: %d examples, sampling rate %.5f (expected batch %.1f), noise multiplier %.4f, delta %.3g",
                  examples, self.sample_rate, self.sample_rate * examples, self.noise_multiplier, self.delta)
@@ -91,9 +96,16 @@ class PrivateTraining:
         return np.flatnonzero(rng.random(self.examples) < self.sample_rate).tolist()
 
     def step_batches(self, task, step: int) -> list:
-        """The micro-batches of step ``step``: one batch of its Poisson-sampled examples ([] when none was drawn)."""
+        """The micro-batches of step ``step`` ([] when no example was drawn): its Poisson-sampled examples
+        sorted by length (where the task's examples differ in length), train.dp.micro_batch at a time, so
+        that each micro-batch pads only to its own longest example. Per-example gradients do not depend
+        on which examples share a forward pass, so the update is the same as from one batch."""
         indices = self.step_indices(step)
-        return [task.example_batch(indices)] if indices else []
+        lengths = task.example_lengths()
+        if lengths is not None:
+            indices.sort(key=lambda i: lengths[i])
+        size = self.dp.micro_batch
+        return [task.example_batch(indices[i:i + size]) for i in range(0, len(indices), size)]
 
     def before_step(self) -> None:
         """Give every trainable parameter its per-example gradients before the private optimizer's step:
@@ -102,6 +114,9 @@ class PrivateTraining:
         the hooks did not see (a weight read directly, not through its layer's forward) is refused:
         its examples' gradients could not be clipped."""
         params = self.optimizer.params
+        for p in params:  # one tensor per parameter: Opacus would take a list (one per micro-batch) for k steps
+            if isinstance(getattr(p, "grad_sample", None), list):
+                p.grad_sample = _grad_sample(p)
         rows = next((len(_grad_sample(p)) for p in params if getattr(p, "grad_sample", None) is not None), 0)
         for name, p in self.model.named_parameters():
             if not p.requires_grad or getattr(p, "grad_sample", None) is not None:
