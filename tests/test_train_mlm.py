@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lmlab.cli import main
 from lmlab.config import DataConfig, MlmConfig, ModelConfig, RunConfig, TrainConfig
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.models.encoder import Encoder, MaskedLM
+from lmlab.models.encoder import Encoder, MaskedLM, ReplacedTokenConfig, ReplacedTokenDetector
 from lmlab.models.interface import IGNORE_INDEX
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
@@ -115,6 +115,72 @@ def test_loss_is_on_masked_positions_only():
     assert none_scored.item() == 0.0  # a micro-batch without masked tokens adds nothing (not NaN) to its step
 
 
+def test_electra_corrupts_the_chosen_tokens_and_its_generator_learns_only_from_its_own_loss():
+    """ELECTRA: the generator's tokens replace the chosen positions only; the discriminator's loss is the
+    binary cross-entropy of 'replaced' at every token (a sampled original counts as original); the sampling
+    passes no gradient, so the generator's own layers get the same gradient whatever disc_weight is; the
+    generator shares the discriminator's token embedding; evaluation corrupts the same way every time."""
+    tok = train_tokenizer("char", tiny_corpus())
+    masker = Masker(tok)
+    inputs, targets = masker(corpus_windows(tok, 4, 32), np.random.default_rng(0))
+    chosen = targets != IGNORE_INDEX
+    original = torch.where(chosen, targets, inputs)
+    grads = []
+    for weight in (1.0, 50.0):
+        torch.manual_seed(0)
+        encoder = Encoder(ModelConfig(family="encoder", n_layer=2, n_head=2, d_model=16, block_size=32,
+                                      vocab_size=tok.vocab_size, pre_norm=True, pos_emb="rope"))
+        model = ReplacedTokenDetector(encoder, ReplacedTokenConfig(generator_layers=1, disc_weight=weight))
+        assert model.generator.backbone.tok_emb.weight is model.backbone.tok_emb.weight
+        assert len(model.generator.backbone.layers) == 1 and len(model.backbone.layers) == 2
+        torch.manual_seed(1)
+        gen_logits, gen_loss, corrupted, replaced = model.corrupt(inputs, targets)
+        assert torch.equal(corrupted[~chosen], original[~chosen]) and torch.equal(replaced, (corrupted != original).float())
+        assert gen_logits.shape == (int(chosen.sum()), tok.vocab_size)
+        logits = model.detect(corrupted)
+        expected = gen_loss + weight * F.binary_cross_entropy_with_logits(logits, replaced)
+        torch.manual_seed(1)
+        _, loss = model(inputs, targets)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.generator.backbone.layers.parameters()])
+        model.eval()
+        assert torch.equal(model.corrupt(inputs, targets)[2], model.corrupt(inputs, targets)[2])
+        assert model(inputs)[0].shape == inputs.shape  # without targets: the discriminator's logits
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_electra_run_learns_saves_and_fine_tunes(prepared, tmp_path, capsys):
+    """mlm.objective electra through lmlab train: the loss falls, the validation figures of both halves are
+    logged, the checkpoint loads back with the embedding still shared, eval ppl scores its generator, and
+    finetune classify starts from the discriminator."""
+    out = tmp_path / "electra"
+    cfg = mlm_config(prepared, out, {"pre_norm": True, "pos_emb": "rope"}, max_steps=30, eval_interval=10, lr=1e-2)
+    cfg.mlm = MlmConfig(objective="electra", generator_layers=1, disc_weight=20.0)
+    pretrain(cfg)
+    metrics = read_metrics(out / "metrics.jsonl")
+    train = [r["train_loss"] for r in metrics if "train_loss" in r]
+    val = [r for r in metrics if "val_loss" in r]
+    assert train[-1] < train[0] - 1.0 and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert {"val_gen_loss", "val_gen_accuracy", "val_disc_accuracy", "val_disc_recall"} <= set(val[-1])
+    ckpt = load_checkpoint(out)
+    assert isinstance(ckpt.model, ReplacedTokenDetector)
+    assert ckpt.manifest["head"] == {"kind": "electra", "generator_layers": 1, "disc_weight": 20.0}
+    assert ckpt.model.generator.backbone.tok_emb.weight is ckpt.model.backbone.tok_emb.weight
+    assert main(["eval", "ppl", str(out), "--data", str(prepared)]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["accuracy"] <= 1
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nthe quick fox\t1\na lazy dog\t0\n", encoding="utf-8")
+    config = tmp_path / "classify.yaml"
+    config.write_text(f"""
+model: {{path: {out}, pooling: mean}}
+data: {{train: {tmp_path / 'train.tsv'}, max_length: 16}}
+train: {{out_dir: {tmp_path / 'cls'}, batch_size: 2, max_steps: 1, warmup_steps: 0, lr: 1.0e-6, progress: false}}
+""")
+    assert main(["finetune", "classify", str(config)]) == 0
+    tuned = load_checkpoint(tmp_path / "cls").model.backbone.state_dict()
+    assert all(torch.allclose(tuned[k], v, atol=1e-4) for k, v in ckpt.model.backbone.state_dict().items())
+
+
 def test_resumed_mlm_run_equals_uninterrupted(prepared, tmp_path):
     """Stopping at step 7 and resuming gives the same losses and weights (masks and dropout included)."""
     runs = {}
@@ -137,7 +203,7 @@ def test_mlm_run_learns_and_its_checkpoint_holds_encoder_and_head(mlm_run):
     assert "mfu" in metrics[0] or "tflops" in metrics[0]
     ckpt = load_checkpoint(mlm_run)
     assert isinstance(ckpt.model, MaskedLM) and ckpt.manifest["head"] == {"kind": "mlm"}
-    assert ckpt.manifest["kind"] == "mlm" and ckpt.manifest["mlm"] == {"mask_prob": 0.15, "whole_word": False}
+    assert ckpt.manifest["kind"] == "mlm" and ckpt.manifest["mlm"] == {"mask_prob": 0.15, "whole_word": False, "objective": "mlm"}
     assert mask_token_id(ckpt.tokenizer) == ckpt.model.config.vocab_size - 1  # [MASK] added to the data's tokenizer
     assert {n.split(".")[0] for n in ckpt.model.state_dict()} == {"backbone", "head"}
 
@@ -201,6 +267,8 @@ def test_mlm_on_two_processes_takes_the_steps_of_one(prepared, tmp_path):
     ("mlm.mask_prob=0", "mlm.mask_prob must be in (0, 1), got 0"),
     ("mlm.whole_word=maybe", "mlm.whole_word expects bool"),
     ("model.family=gpt", "mlm.mask_prob applies to masked-LM pretraining (model.family encoder) only, not gpt"),
+    ("mlm.generator_layers=2", "mlm.generator_layers applies to mlm.objective electra, not mlm"),
+    ("mlm.objective=gan", "mlm.objective 'gan' is not one of mlm, electra"),
 ])
 def test_bad_masking_config_is_a_one_line_error(prepared, tmp_path, capsys, override, fragment):
     config = tmp_path / "mlm.yaml"

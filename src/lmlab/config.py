@@ -307,6 +307,11 @@ class MlmConfig:
 
     mask_prob: Annotated[float, Field(gt=0, lt=1)] = only("encoder", default=0.15)  # share of tokens chosen
     whole_word: bool = only("encoder", default=False)  # choose whole words: all of a word's tokens or none
+    # mlm: predict the chosen tokens (BERT); electra: a small generator fills them in and the encoder learns to
+    # tell, for every token, original from replacement (Clark et al., 2020; more learning per token)
+    objective: Literal["mlm", "electra"] = only("encoder", default="mlm")
+    generator_layers: Count = only("encoder", default=1)  # electra: the generator's layers (same width, shared embeddings)
+    disc_weight: Positive = only("encoder", default=50.0)  # electra: weight of the discriminator's loss (the paper's 50)
 
 
 @dataclass
@@ -688,6 +693,13 @@ def _run_rules(r: RunConfig, p: str) -> None:
     for f in _foreign_fields(r.mlm, r.model.family):
         raise ConfigError(f"{p}mlm.{f.name} applies to masked-LM pretraining ({p}model.family encoder) only, "
                           f"not {r.model.family}")
+    if r.mlm.objective == "mlm":
+        for name, default in (("generator_layers", 1), ("disc_weight", 50.0)):
+            if getattr(r.mlm, name) != default:
+                raise ConfigError(f"{p}mlm.{name} applies to {p}mlm.objective electra, not mlm")
+    if r.mlm.objective == "electra" and r.train.distributed == "fsdp":
+        raise ConfigError(f"{p}mlm.objective electra runs under torchrun with {p}train.distributed ddp, not fsdp "
+                          f"(its evaluation calls the generator and discriminator apart)")
     for f in _foreign_fields(r.seq2seq, r.model.family):
         raise ConfigError(f"{p}seq2seq.{f.name} applies to {p}model.family {', '.join(SEQ2SEQ)} only, "
                           f"not {r.model.family}")

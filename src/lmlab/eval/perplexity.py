@@ -28,7 +28,7 @@ from lmlab.config import Count, Precision, check_argument
 from lmlab.data.sources import iter_documents
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError, LmlabError
-from lmlab.models.encoder import MaskedLM
+from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 from lmlab.models.interface import IGNORE_INDEX, width_of
 from lmlab.progress import progress_bar
 from lmlab.runtime import autocast_context, resolve_precision
@@ -152,13 +152,16 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
                         split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True,
                         precision: str = "auto") -> dict:
     """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder; of a
-    masked language model, its masked-token figures instead (``masked_lm_report``).
+    masked language model, its masked-token figures instead (``masked_lm_report``; of an ELECTRA pretrainer,
+    its generator's).
 
     ``stride`` None means the model's context; ``batch_size`` windows go through the model at once;
     ``precision`` is train.precision's choice for the forward passes (auto: as training would choose).
     """
     check_argument("batch_size", batch_size, Count)
     check_argument("precision", precision, Precision)
+    if isinstance(model, ReplacedTokenDetector):  # ELECTRA: the generator is its masked language model
+        model = model.generator
     masked = isinstance(model, MaskedLM)
     if masked and stride is not None:
         raise LmlabError("stride does not apply to a masked language model (it reads consecutive windows)")

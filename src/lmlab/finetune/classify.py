@@ -31,7 +31,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.eval.metrics import classification_report
 from lmlab.eval.report import write_classification_report
 from lmlab.eval.tasks import TaskSpec, read_docs, task_result
-from lmlab.models.encoder import MaskedLM
+from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
@@ -88,8 +88,8 @@ def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None
 
     ``pooling`` is model.pooling, which the config checks; ``labels`` come from ``sorted_labels`` (two or more).
     """
-    if isinstance(backbone, (SequenceClassifier, MaskedLM)):  # a new head on the backbone of a classifier or of
-        backbone = backbone.backbone  # a masked language model (its MLM head is dropped)
+    if isinstance(backbone, (SequenceClassifier, MaskedLM, ReplacedTokenDetector)):  # a new head on the backbone
+        backbone = backbone.backbone  # of a classifier or a masked-LM / ELECTRA pretrainer (its heads dropped)
     if pooling is None:
         pooling = "cls" if backbone.config.family == "encoder" else "last"
     return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))

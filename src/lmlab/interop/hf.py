@@ -29,7 +29,7 @@ from lmlab.runs import atomic_dir
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
 from lmlab.models.lora import adapter_config, base_view, has_lora, lora_modules, merge_lora, unmerge_lora, write_adapter
-from lmlab.models.encoder import MaskedLM
+from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.interface import count_parameters
 from lmlab.models.registry import build_model
@@ -308,6 +308,8 @@ def hf_architecture(model: nn.Module) -> str:
     """Which HF architecture an lmlab model maps to, or Unsupported naming what does not fit."""
     classifier = isinstance(model, SequenceClassifier)
     cfg = model.config
+    _refuse(isinstance(model, ReplacedTokenDetector), "an ELECTRA pretrainer (generator and discriminator); fine-tune "
+                                                      "a classifier on its encoder and export that")
     _refuse(isinstance(model, MaskedLM), "a masked-LM head (BertForMaskedLM) does not export yet; fine-tune a classifier "
                                          "on the encoder and export that")
     if cfg.family == "encoder":

@@ -14,11 +14,14 @@ weights are named after Hugging Face ``BertForMaskedLM``'s, one to one: ``backbo
 (BertForMaskedLM has no pooler), ``head.dense`` / ``head.norm`` / ``head.bias`` are
 ``cls.predictions.transform.dense`` / ``.transform.LayerNorm`` / ``cls.predictions.bias``, and the
 decoder is the token embedding, as in BERT.
+
+``ReplacedTokenDetector`` is ELECTRA's pretraining instead (``mlm.objective: electra``): a small generator
+under an MLM head fills in the masked tokens, and the encoder learns to spot which tokens were replaced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -211,3 +214,95 @@ class MaskedLM(nn.Module):
         logits = self.head(hidden[scored], embedding)  # (N, vocab)
         total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
         return logits, total / max(logits.size(0), 1)  # a batch without scored positions has loss 0, not NaN
+
+
+@dataclass
+class ReplacedTokenConfig:
+    """What an ELECTRA pretrainer records in a checkpoint manifest's ``head`` entry: the generator's depth
+    and the weight of the discriminator's loss (``mlm.objective: electra``)."""
+
+    kind: str = "electra"
+    generator_layers: int = 1
+    disc_weight: float = 50.0
+
+
+class ReplacedTokenDetector(nn.Module):
+    """ELECTRA (Clark et al., 2020): a small masked-LM generator fills in the masked positions with tokens
+    it samples, and the encoder, the discriminator, learns to tell for every token whether it is the
+    original or a replacement. The discriminator learns from all tokens of a window, not only the 15%
+    masked, which makes pretraining far more sample-efficient at small scale; it is the encoder that
+    fine-tuning keeps (``backbone``, as for ``MaskedLM``).
+
+    The generator is an encoder of the same width with ``generator_layers`` layers under a BERT MLM head;
+    it shares the discriminator's token (and learned position) embeddings, as in ELECTRA. Loss: the
+    generator's masked-LM cross-entropy + disc_weight x the discriminator's binary cross-entropy over the
+    real tokens. The sampled tokens carry no gradient back to the generator (ELECTRA's choice).
+    """
+
+    def __init__(self, backbone: nn.Module, head_config: ReplacedTokenConfig | None = None):
+        super().__init__()
+        if not isinstance(backbone, Encoder):
+            raise ValueError(f"replaced-token detection needs an encoder, not a {backbone.config.family} model")
+        self.head_config = head_config or ReplacedTokenConfig()
+        if self.head_config.generator_layers < 1:
+            raise ValueError(f"generator_layers must be at least 1, got {self.head_config.generator_layers}")
+        self.backbone = backbone  # the discriminator
+        self.config = backbone.config
+        self.context_length = backbone.context_length
+        cfg = backbone.config
+        generator = Encoder(replace(cfg, n_layer=self.head_config.generator_layers), pooler=False)
+        generator.tok_emb.weight = backbone.tok_emb.weight  # shared embeddings (ELECTRA)
+        if generator.pos_emb is not None:
+            generator.pos_emb.weight = backbone.pos_emb.weight
+        self.generator = MaskedLM(generator)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)  # ELECTRA's discriminator head: dense, GELU, dense -> 1
+        self.classifier = nn.Linear(cfg.d_model, 1)
+        for layer in (self.dense, self.classifier):
+            nn.init.normal_(layer.weight, std=cfg.init_std)
+            nn.init.zeros_(layer.bias)
+        self.scored_fraction = 0.15  # share of tokens the generator's head decodes (the task sets it), for MFU
+
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token, for the MFU estimate: the discriminator's and its head's on
+        every token, plus the generator's (its MLM head on the masked share only)."""
+        d = self.config.d_model
+        self.generator.scored_fraction = self.scored_fraction
+        return self.backbone.flops_per_token() + 6 * (d * d + d) + self.generator.flops_per_token()
+
+    def detect(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The discriminator's logits (B, T) that each token of idx (B, T) is a replacement."""
+        hidden = self.backbone(idx, attention_mask)  # (B, T, d)
+        approximate = "tanh" if self.config.mlp == "gelu" else "none"
+        return self.classifier(F.gelu(self.dense(hidden), approximate=approximate)).squeeze(-1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With targets (B, T) (the original token where a position was chosen, else IGNORE_INDEX): the
+        generator's masked-LM loss on idx, its samples (argmax in eval mode) put in place of the chosen
+        tokens, and the discriminator's logits (B, T) on that text with the combined loss. Without targets:
+        the discriminator's logits on idx as it is."""
+        if targets is None:
+            return self.detect(idx, attention_mask), None
+        _, gen_loss, corrupted, replaced = self.corrupt(idx, targets, attention_mask)
+        logits = self.detect(corrupted, attention_mask)  # (B, T)
+        real = torch.ones_like(replaced) if attention_mask is None else attention_mask.to(replaced.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), replaced, reduction="none")  # (B, T)
+        disc_loss = (bce * real).sum() / real.sum().clamp(min=1)
+        return logits, gen_loss + self.head_config.disc_weight * disc_loss
+
+    def corrupt(self, idx: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(generator logits (N, vocab) at the N chosen positions, the generator's loss, the corrupted text
+        (B, T): the original with the generator's tokens at the chosen positions, and (B, T) 1.0 where the
+        corrupted token differs from the original - a sampled token equal to the original counts as
+        original, as in ELECTRA)."""
+        gen_logits, gen_loss = self.generator(idx, targets, attention_mask)  # (N, vocab)
+        scored = targets != IGNORE_INDEX  # (B, T)
+        original = torch.where(scored, targets, idx)
+        with torch.no_grad():
+            if self.training:
+                sampled = torch.multinomial(gen_logits.float().softmax(-1), 1).squeeze(1)  # (N,)
+            else:
+                sampled = gen_logits.argmax(-1)  # evaluation: the same corruption every time
+            corrupted = original.masked_scatter(scored, sampled)  # row-major order, as the logits
+        return gen_logits, gen_loss, corrupted, (corrupted != original).float()

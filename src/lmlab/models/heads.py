@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lmlab.config import SEQ2SEQ
 from lmlab.errors import ConfigError
-from lmlab.models.encoder import MaskedLM
+from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 
 POOLINGS = ("cls", "mean", "last")
 
@@ -93,7 +93,7 @@ def require_language_model(ckpt, masked: bool = False):
     """``ckpt`` itself if its model predicts tokens (what generate, chat, serve and eval ppl need), else a
     ConfigError saying what it is and which commands take it. With ``masked``, a masked language model
     (an encoder with its MLM head) counts too: eval ppl scores one, nothing generates with one."""
-    if isinstance(ckpt.model, MaskedLM):
+    if isinstance(ckpt.model, (MaskedLM, ReplacedTokenDetector)):
         if masked:
             return ckpt
         raise ConfigError(f"{ckpt.path} is a masked language model (an encoder): it fills in [MASK] tokens but "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError, first_line
-from lmlab.models.encoder import Encoder, MaskedLM
+from lmlab.models.encoder import Encoder, MaskedLM, ReplacedTokenConfig, ReplacedTokenDetector
 from lmlab.models.gpt import GPT
 from lmlab.models.heads import SequenceClassifier, head_from_dict
 from lmlab.models.rnn import RecurrentLM
@@ -29,7 +31,8 @@ def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
     """Instantiate the model family named by ``cfg.family``.
 
     With ``head`` (a checkpoint's ``head`` entry), the model is that family's backbone under a
-    ``SequenceClassifier`` (labels, pooling) or, for kind mlm, an encoder under a ``MaskedLM`` head.
+    ``SequenceClassifier`` (labels, pooling) or, for kind mlm, an encoder under a ``MaskedLM`` head (kind
+    electra: an encoder with its ELECTRA generator, ``ReplacedTokenDetector``).
     ``cfg`` is a checked config (``from_dict`` or ``load_config``: a known family, shapes that fit); what
     the constructors still refuse, such as a missing vocab_size or a head's unknown pooling, becomes a
     one-line ConfigError.
@@ -38,6 +41,11 @@ def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
         model = MODELS[cfg.family](cfg)
         if not head:
             return model
-        return MaskedLM(model) if head.get("kind") == "mlm" else SequenceClassifier(model, head_from_dict(head))
+        if head.get("kind") == "mlm":
+            return MaskedLM(model)
+        if head.get("kind") == "electra":
+            known = {f.name for f in dataclasses.fields(ReplacedTokenConfig)}
+            return ReplacedTokenDetector(model, ReplacedTokenConfig(**{k: v for k, v in head.items() if k in known}))
+        return SequenceClassifier(model, head_from_dict(head))
     except (ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"invalid model config: {first_line(e)}") from None

@@ -18,6 +18,11 @@ The [MASK] token is the data tokenizer's own ([MASK] or <mask>), or [MASK] added
 token (a new id at the end of the vocabulary); the checkpoint's tokenizer has it. The checkpoint holds
 the encoder under its MLM head (models/encoder.py: MaskedLM); ``lmlab finetune classify`` starts from
 the encoder and drops the head.
+
+With ``mlm.objective: electra`` the same masked windows train ELECTRA (models/encoder.py:
+ReplacedTokenDetector): a small generator (``mlm.generator_layers``) predicts the chosen tokens, its
+samples replace them, and the encoder learns to tell original from replaced at every position (loss:
+generator + ``mlm.disc_weight`` x discriminator). Fine-tuning keeps the encoder (the discriminator).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from lmlab.config import RunConfig
 from lmlab.data.loader import eval_batches, sequential_batch, train_batch
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.models.encoder import MaskedLM
+from lmlab.models.encoder import MaskedLM, ReplacedTokenConfig, ReplacedTokenDetector
 from lmlab.models.interface import IGNORE_INDEX
 from lmlab.models.registry import build_model
 from lmlab.progress import progress_bar
@@ -143,6 +148,35 @@ def masked_lm_totals(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
     return nll, correct, count
 
 
+@torch.no_grad()
+def replaced_token_metrics(model: ReplacedTokenDetector, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                           device: torch.device) -> dict[str, float]:
+    """ELECTRA's validation figures on (inputs, targets) batches, the generator's argmax filling in (the
+    same corruption every time): the objective's loss, the generator's masked-token loss and accuracy, the
+    discriminator's accuracy over all tokens and its recall of the replaced ones. Every process scores
+    every batch (the validation windows are few)."""
+    loss = nll = 0.0
+    correct = count = disc_right = tokens = caught = replaced_total = 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        gen_logits, gen_loss, corrupted, replaced = model.corrupt(inputs, targets)
+        logits = model.detect(corrupted).float()  # (B, T)
+        bce = F.binary_cross_entropy_with_logits(logits, replaced)
+        loss += float(gen_loss + model.head_config.disc_weight * bce)
+        gold = targets[targets != IGNORE_INDEX]  # (N,)
+        nll += F.cross_entropy(gen_logits.float(), gold, reduction="sum").item()
+        correct += int((gen_logits.argmax(-1) == gold).sum())
+        count += len(gold)
+        flagged = logits > 0
+        disc_right += int((flagged == replaced.bool()).sum())
+        tokens += replaced.numel()
+        caught += int((flagged & replaced.bool()).sum())
+        replaced_total += int(replaced.sum())
+    return {"val_loss": loss / max(len(batches), 1), "val_gen_loss": nll / max(count, 1),
+            "val_gen_accuracy": correct / max(count, 1), "val_disc_accuracy": disc_right / max(tokens, 1),
+            "val_disc_recall": caught / max(replaced_total, 1)}
+
+
 class MaskedLMTask(TaskBase):
     """Masked-token prediction on the token shards of ``cfg.data`` (see the module docstring)."""
 
@@ -153,7 +187,12 @@ class MaskedLMTask(TaskBase):
         self.train_data, self.val_data, self.tokenizer = load_shards(cfg)
         self.masker = Masker(self.tokenizer, self.mc.mask_prob, self.mc.whole_word)  # adds [MASK] if missing
         self.block = cfg.model.block_size
-        self.model = MaskedLM(build_model(fit_model_config(cfg.model, self.tokenizer))).to(device)
+        encoder = build_model(fit_model_config(cfg.model, self.tokenizer))
+        if self.mc.objective == "electra":
+            head = ReplacedTokenConfig(generator_layers=self.mc.generator_layers, disc_weight=self.mc.disc_weight)
+            self.model = ReplacedTokenDetector(encoder, head).to(device)
+        else:
+            self.model = MaskedLM(encoder).to(device)
         self.model.scored_fraction = self.mc.mask_prob
         # the MLM loss never reaches the pooler (BERT trained it with next-sentence prediction): frozen, so
         # that DDP waits for no gradient of it; it is saved as initialised, and fine-tuning trains it
@@ -182,7 +221,10 @@ class MaskedLMTask(TaskBase):
         return model(batch.tensors["x"], batch.tensors["y"])[1]
 
     def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
-        """Masked-token loss and accuracy on fixed validation windows, masked the same way every time."""
+        """Masked-token loss and accuracy on fixed validation windows, masked the same way every time
+        (electra: the whole objective, the generator's masked-token figures and the discriminator's accuracy)."""
+        if isinstance(model, ReplacedTokenDetector):
+            return replaced_token_metrics(model, self._val_batches(), device)
         nll, correct, count = masked_lm_totals(model, self._val_batches(), device)
         return {"val_loss": nll / count, "val_accuracy": correct / count}
 
@@ -196,4 +238,4 @@ class MaskedLMTask(TaskBase):
         return self._val
 
     def checkpoint_info(self) -> dict:
-        return {"mlm": {"mask_prob": self.mc.mask_prob, "whole_word": self.mc.whole_word}}
+        return {"mlm": {"mask_prob": self.mc.mask_prob, "whole_word": self.mc.whole_word, "objective": self.mc.objective}}
