@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, write_results  # noqa: E402
+from lmlab.runs import RunFolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, FINETUNE = "configs/wikitext2_mlm.yaml", "configs/sst2_wikitext2_mlm.yaml"
@@ -79,10 +80,13 @@ def main() -> None:
     lmlab("train", PRETRAIN, f"data.path={data}", f"train.out_dir={random}",
           *args.pretrain_overrides, "train.max_steps=1", "train.warmup_steps=0", "train.lr=1e-30", "train.min_lr=0",
           "train.progress=false")
-    rows = [finetune("MLM-pretrained", mlm, sst2, out, args.finetune_minutes, args.finetune),
+    manifest = json.loads((RunFolder(mlm).checkpoints()[-1] / "manifest.json").read_text())
+    objective = manifest.get("mlm", {}).get("objective", "mlm")
+    rows = [finetune(f"{objective.upper()}-pretrained", mlm, sst2, out, args.finetune_minutes, args.finetune),
             finetune("random init", random, sst2, out, args.finetune_minutes, args.finetune)]
     gain = rows[0]["dev_accuracy_%"] - rows[1]["dev_accuracy_%"]
     summary = {"pretraining minutes (wall)": round(pretrain_s / 60, 1),
+               # of an ELECTRA run: its generator's (lmlab eval ppl scores the generator)
                "MLM val masked loss / accuracy": f"{masked['masked_loss']:.3f} / {100 * masked['accuracy']:.1f}%",
                "gain (points)": round(gain, 2), "goal": f"pretrained >= random init + {GOAL_POINTS} points",
                "goal met": gain >= GOAL_POINTS,
