@@ -230,8 +230,9 @@ class ReplacedTokenDetector(nn.Module):
     """ELECTRA (Clark et al., 2020): a small masked-LM generator fills in the masked positions with tokens
     it samples, and the encoder, the discriminator, learns to tell for every token whether it is the
     original or a replacement. The discriminator learns from all tokens of a window, not only the 15%
-    masked, which makes pretraining far more sample-efficient at small scale; it is the encoder that
-    fine-tuning keeps (``backbone``, as for ``MaskedLM``).
+    masked, which the paper found more sample-efficient than masked-LM pretraining (in lmlab's 20-minute
+    WikiText-2 recipe it was not: docs/finetuning.md); it is the encoder that fine-tuning keeps
+    (``backbone``, as for ``MaskedLM``).
 
     The generator is an encoder of the same width with ``generator_layers`` layers under a BERT MLM head;
     it shares the discriminator's token (and learned position) embeddings, as in ELECTRA. Loss: the
