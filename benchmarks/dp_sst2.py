@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "dp_sst2"), help="scratch folder for runs")
     p.add_argument("--reuse", action="store_true", help="read rows whose run folder holds results.json instead of "
                                                          "training again (rows run in separate processes)")
+    p.add_argument("--name", default="dp_sst2", help="results file name under benchmarks/results (default: dp_sst2)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every row")
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -91,7 +92,7 @@ def main() -> None:
         gap = by_name["non-private"]["dev_accuracy_%"] - by_name["epsilon 8"]["dev_accuracy_%"]
         summary["epsilon 8 gap (points)"] = round(gap, 2)
         summary["meets goal"] = gap <= 5 and by_name["epsilon 8"]["train_minutes"] <= 60
-    write_results("dp_sst2", rows, summary,
+    write_results(args.name, rows, summary,
                   notes=f"GLUE SST-2 dev (872 sentences), LoRA r 8 on all-MiniLM-L6-v2 with `{CONFIG}`; the rows "
                         "differ only in train.dp.target_epsilon. Published anchor: DP LoRA on RoBERTa-base about "
                         "92% at epsilon about 7 (Yu et al., 2022, 'Differentially private fine-tuning of language "
