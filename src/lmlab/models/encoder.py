@@ -261,13 +261,20 @@ class ReplacedTokenDetector(nn.Module):
         for layer in (self.dense, self.classifier):
             nn.init.normal_(layer.weight, std=cfg.init_std)
             nn.init.zeros_(layer.bias)
-        self.scored_fraction = 0.15  # share of tokens the generator's head decodes (the task sets it), for MFU
+
+    @property
+    def scored_fraction(self) -> float:
+        """Share of tokens the generator's head decodes (the task sets it), for the MFU estimate."""
+        return self.generator.scored_fraction
+
+    @scored_fraction.setter
+    def scored_fraction(self, value: float) -> None:
+        self.generator.scored_fraction = value
 
     def flops_per_token(self) -> float:
         """Approximate training FLOPs per token, for the MFU estimate: the discriminator's and its head's on
         every token, plus the generator's (its MLM head on the masked share only)."""
         d = self.config.d_model
-        self.generator.scored_fraction = self.scored_fraction
         return self.backbone.flops_per_token() + 6 * (d * d + d) + self.generator.flops_per_token()
 
     def detect(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,10 +293,16 @@ class ReplacedTokenDetector(nn.Module):
             return self.detect(idx, attention_mask), None
         _, gen_loss, corrupted, replaced = self.corrupt(idx, targets, attention_mask)
         logits = self.detect(corrupted, attention_mask)  # (B, T)
+        return logits, self.objective(gen_loss, logits, replaced, attention_mask)
+
+    def objective(self, gen_loss: torch.Tensor, logits: torch.Tensor, replaced: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ELECTRA's loss: the generator's masked-LM loss + disc_weight x the discriminator's binary
+        cross-entropy of its logits (B, T) against ``replaced`` (B, T), averaged over the real tokens."""
         real = torch.ones_like(replaced) if attention_mask is None else attention_mask.to(replaced.dtype)
         bce = F.binary_cross_entropy_with_logits(logits.float(), replaced, reduction="none")  # (B, T)
         disc_loss = (bce * real).sum() / real.sum().clamp(min=1)
-        return logits, gen_loss + self.head_config.disc_weight * disc_loss
+        return gen_loss + self.head_config.disc_weight * disc_loss
 
     def corrupt(self, idx: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -83,10 +83,11 @@ class SequenceClassifier(nn.Module):
         return logits, loss
 
 
-def head_from_dict(data: dict) -> ClassifierConfig:
-    """A ClassifierConfig from a checkpoint manifest's ``head`` entry."""
-    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    return ClassifierConfig(**{k: v for k, v in data.items() if k in known})
+def head_from_dict(data: dict, cls: type = ClassifierConfig):
+    """A head config of dataclass ``cls`` (a ClassifierConfig unless told) from a checkpoint manifest's
+    ``head`` entry; keys ``cls`` does not know are ignored."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def require_language_model(ckpt, masked: bool = False):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch.nn as nn
 
 from lmlab.config import ModelConfig
@@ -44,8 +42,7 @@ def build_model(cfg: ModelConfig, head: dict | None = None) -> nn.Module:
         if head.get("kind") == "mlm":
             return MaskedLM(model)
         if head.get("kind") == "electra":
-            known = {f.name for f in dataclasses.fields(ReplacedTokenConfig)}
-            return ReplacedTokenDetector(model, ReplacedTokenConfig(**{k: v for k, v in head.items() if k in known}))
+            return ReplacedTokenDetector(model, head_from_dict(head, ReplacedTokenConfig))
         return SequenceClassifier(model, head_from_dict(head))
     except (ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"invalid model config: {first_line(e)}") from None

@@ -160,9 +160,8 @@ def replaced_token_metrics(model: ReplacedTokenDetector, batches: list[tuple[tor
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         gen_logits, gen_loss, corrupted, replaced = model.corrupt(inputs, targets)
-        logits = model.detect(corrupted).float()  # (B, T)
-        bce = F.binary_cross_entropy_with_logits(logits, replaced)
-        loss += float(gen_loss + model.head_config.disc_weight * bce)
+        logits = model.detect(corrupted)  # (B, T)
+        loss += float(model.objective(gen_loss, logits, replaced))
         gold = targets[targets != IGNORE_INDEX]  # (N,)
         nll += F.cross_entropy(gen_logits.float(), gold, reduction="sum").item()
         correct += int((gen_logits.argmax(-1) == gold).sum())

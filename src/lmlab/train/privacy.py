@@ -116,8 +116,8 @@ class PrivateTraining:
         params = self.optimizer.params
         for p in params:  # one tensor per parameter: Opacus would take a list (one per micro-batch) for k steps
             if isinstance(getattr(p, "grad_sample", None), list):
-                p.grad_sample = _grad_sample(p)
-        rows = next((len(_grad_sample(p)) for p in params if getattr(p, "grad_sample", None) is not None), 0)
+                p.grad_sample = torch.cat(p.grad_sample)
+        rows = next((len(p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None), 0)
         for name, p in self.model.named_parameters():
             if not p.requires_grad or getattr(p, "grad_sample", None) is not None:
                 continue
@@ -183,8 +183,3 @@ def _opacus():
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
     return PrivacyEngine, get_noise_multiplier
-
-
-def _grad_sample(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's per-example gradients, (rows, *shape) whether Opacus kept one tensor or a list."""
-    return p.grad_sample if isinstance(p.grad_sample, torch.Tensor) else torch.cat(p.grad_sample)
