@@ -70,8 +70,10 @@ def test_dp_classifier_learns_within_its_budget(toy, tmp_path):
     assert 7.0 < privacy["epsilon"] <= 8.0  # the noise is the least that spends the budget in max_steps
     assert privacy["steps"] == 30 and privacy["delta"] == pytest.approx(1 / 800)  # 1 / (2 N), N = 400
     assert privacy["sample_rate"] == pytest.approx(1 / 4) and privacy["noise_multiplier"] > 0.5
-    logged = [r["epsilon"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "epsilon" in r]
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "epsilon" in r]
+    logged = [r["epsilon"] for r in records]
     assert len(logged) == 3 and logged == sorted(logged) and logged[-1] == pytest.approx(privacy["epsilon"])
+    assert all(r["grad_norm_median"] > 0 and 0 <= r["clipped_fraction"] <= 1 for r in records)
 
 
 def test_huge_noise_drowns_the_signal_and_no_noise_learns(toy, tmp_path):
@@ -116,10 +118,14 @@ def test_without_noise_the_update_is_the_mean_of_clipped_example_gradients(famil
     got = torch.cat([p.grad.flatten() for p in params])
     assert torch.allclose(got, expected, atol=1e-5)
     private.optimizer.zero_grad()
+    logged = private.gradient_norms()  # what the train records show: the norms before clipping
+    assert logged["grad_norm_median"] == pytest.approx(float(g.norm(dim=1).median()), rel=1e-5)
+    assert logged["clipped_fraction"] == 1.0
 
     private.before_step()  # an empty Poisson batch: zero per-example gradients, so the step still adds noise
     private.optimizer.pre_step()
     assert all(torch.count_nonzero(p.grad) == 0 for p in params) and private.steps == 2
+    assert private.gradient_norms() == {}  # no examples since the last call
 
 
 def test_micro_batches_give_the_update_and_account_of_one_batch(toy, tmp_path):

@@ -408,6 +408,7 @@ class Trainer:
         if self.privacy is not None:
             epsilon = self.privacy.epsilon()
             record["epsilon"] = epsilon if math.isfinite(epsilon) else None  # None: spent without noise (infinite)
+            record.update(self.privacy.gradient_norms())  # per-example norms before clipping: how much clipping did
             postfix["eps"] = f"{epsilon:.2f}"
         if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, and its share of the peak (MFU)
             record["tflops"] = tok_s * self.model.flops_per_token() / 1e12

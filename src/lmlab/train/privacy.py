@@ -86,6 +86,7 @@ class PrivateTraining:
         # accumulation over several batches that Opacus guards against
         self.hooks.allow_grad_accumulation()
         self.model = model
+        self._norms: list[torch.Tensor] = []  # per-example gradient norms of the steps since gradient_norms()
         log.info("DP-SGD: %d examples, sampling rate %.5f (expected batch %.1f), noise multiplier %.4f, delta %.3g",
                  examples, self.sample_rate, self.sample_rate * examples, self.noise_multiplier, self.delta)
 
@@ -118,6 +119,9 @@ class PrivateTraining:
             if isinstance(getattr(p, "grad_sample", None), list):
                 p.grad_sample = torch.cat(p.grad_sample)
         rows = next((len(p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None), 0)
+        if rows:
+            self._norms.append(per_example_norms([p.grad_sample for p in params
+                                                  if getattr(p, "grad_sample", None) is not None]))
         for name, p in self.model.named_parameters():
             if not p.requires_grad or getattr(p, "grad_sample", None) is not None:
                 continue
@@ -125,6 +129,18 @@ class PrivateTraining:
                 raise ConfigError(f"train.dp: parameter {name} gets its gradient outside its layer's forward, "
                                   f"so it has no per-example gradient; freeze it or train without train.dp")
             p.grad_sample = torch.zeros((rows, *p.shape), device=p.device, dtype=p.dtype)
+
+    def gradient_norms(self) -> dict:
+        """The median per-example gradient norm (before clipping) of the steps since the last call, and the
+        fraction of those examples that max_grad_norm clipped: what to look at when choosing max_grad_norm.
+        Nearly every example clipped means every example counts the same, a confident one as much as a
+        wrong one; hardly any clipped means the noise (which grows with max_grad_norm) buys nothing."""
+        if not self._norms:
+            return {}
+        norms = torch.cat(self._norms)
+        self._norms = []
+        return {"grad_norm_median": float(norms.median()),
+                "clipped_fraction": float((norms > self.dp.max_grad_norm).float().mean())}
 
     @property
     def steps(self) -> int:
@@ -156,6 +172,11 @@ class PrivateTraining:
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict``'s output."""
         self.engine.accountant.load_state_dict(state)
+
+
+def per_example_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) L2 norm of each example's whole gradient, from every parameter's per-example gradients (B, ...)."""
+    return torch.stack([g.reshape(len(g), -1).float().norm(dim=1) for g in grad_samples], dim=1).norm(dim=1)
 
 
 def make_private(task, model: nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
