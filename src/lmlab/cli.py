@@ -528,6 +528,16 @@ def add_force_flag(p: argparse.ArgumentParser, output: str, kind: str, more: str
                    help=f"replace {output} if it holds a previous {kind} (never anything else){more}")
 
 
+def add_report_flags(p: argparse.ArgumentParser, files: str, kind: str = "evaluation report",
+                     required: bool = False, device: bool = True) -> None:
+    """--out (a new or empty folder for ``files``), its --force, and --device: the flags of every command
+    that writes a report."""
+    p.add_argument("--out", required=required, help=f"folder for {files} (new or empty; see --force)")
+    add_force_flag(p, "--out", kind)
+    if device:
+        add_device_flag(p)
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """--resume, --force and --stop-after: the flags of every command that runs the training loop."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
@@ -758,9 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="windows per forward pass (default: %(default)s)")
     pp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=Default(ppl, "precision"),
                     help="autocast precision of the forward passes (default: %(default)s: as training chooses)")
-    pp.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
-    add_force_flag(pp, "--out", "evaluation report")
-    add_device_flag(pp)
+    add_report_flags(pp, "results.json and results.md")
     pp.set_defaults(func=cmd_eval_ppl)
 
     seq = "lmlab.eval.seq2seq:evaluate_seq2seq"
@@ -791,9 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sources decoded at once (default: %(default)s)")
     es.add_argument("--max-new-tokens", type=int, default=Default(seq, "max_new_tokens"),
                     help="longest target in tokens (default: %(default)s = the model's block_size)")
-    es.add_argument("--out", help="folder for results.json, results.md and hypotheses.txt (new or empty; see --force)")
-    add_force_flag(es, "--out", "evaluation report")
-    add_device_flag(es)
+    add_report_flags(es, "results.json, results.md and hypotheses.txt")
     es.set_defaults(func=cmd_eval_seq2seq)
 
     evaluate = "lmlab.finetune.classify:evaluate_file"
@@ -808,9 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per text (default: as trained)")
     ec.add_argument("--batch-size", type=int, default=Default(evaluate, "batch_size"),
                     help="texts per forward pass (default: %(default)s)")
-    ec.add_argument("--out", help="folder for results.json, results.md and confusion.png (new or empty; see --force)")
-    add_force_flag(ec, "--out", "evaluation report")
-    add_device_flag(ec)
+    add_report_flags(ec, "results.json, results.md and confusion.png")
     ec.set_defaults(func=cmd_eval_classify)
 
     task = "lmlab.eval.tasks:evaluate_task"
@@ -833,17 +837,14 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=Default(task, "precision"),
                     help="autocast precision of the forward passes (default: %(default)s, comparable with other "
                          "tools; auto: as training chooses)")
-    et.add_argument("--out", required=True, help="folder for the report (new or empty; see --force)")
-    add_force_flag(et, "--out", "evaluation report")
-    add_device_flag(et)
+    add_report_flags(et, "the report", required=True)
     et.set_defaults(func=cmd_eval_task)
 
     cp = ev.add_parser("compare", help="several lmlab eval task results side by side (Markdown table + plot)")
     cp.add_argument("results", nargs="+", metavar="RUN_OR_RESULTS_DIR",
                     help="a folder written by lmlab eval task, or a folder (a run) with such folders below it")
-    cp.add_argument("--out", required=True, help="folder for results.md, results.json and comparison.png "
-                                                 "(new or empty; see --force)")
-    add_force_flag(cp, "--out", "comparison report")
+    add_report_flags(cp, "results.md, results.json and comparison.png", "comparison report", required=True,
+                     device=False)
     cp.set_defaults(func=cmd_eval_compare)
 
     eh = ev.add_parser("harness", add_help=False, prefix_chars="+",  # every argument, -h too, is lm_eval's
@@ -867,9 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="else estimate the rank from this many random candidates (default: %(default)s)")
     ek.add_argument("--batch-size", type=int, default=Default(canary, "batch_size"),
                     help="candidates per forward pass (default: %(default)s)")
-    ek.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
-    add_force_flag(ek, "--out", "evaluation report")
-    add_device_flag(ek)
+    add_report_flags(ek, "results.json and results.md")
     ek.set_defaults(func=cmd_eval_canaries)
 
     predict = "lmlab.finetune.classify:predict_texts"
@@ -902,9 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "self- and cross-attention (default: the encoder's only)")
     ia.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to draw (default: all)")
     ia.add_argument("--heads", type=int, nargs="+", default=None, help="head indices to draw (default: all)")
-    ia.add_argument("--out", required=True, help="folder for the maps (new or empty; see --force)")
-    add_force_flag(ia, "--out", "report")
-    add_device_flag(ia)
+    add_report_flags(ia, "the maps", "report", required=True)
     ia.set_defaults(func=cmd_inspect_attention)
 
     lens = "lmlab.inspect.lens:inspect_lens"
@@ -913,9 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("--prompt", required=True, help="text to read")
     il.add_argument("--top-k", type=int, default=Default(lens, "top_k"),
                     help="tokens shown per layer and position (default: %(default)s)")
-    il.add_argument("--out", required=True, help="folder for lens.png and results.json/.md (new or empty; see --force)")
-    add_force_flag(il, "--out", "report")
-    add_device_flag(il)
+    add_report_flags(il, "lens.png and results.json/.md", "report", required=True)
     il.set_defaults(func=cmd_inspect_lens)
 
     inspect_of = "lmlab.inspect.embeddings:inspect_embeddings"
@@ -934,9 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="neighbours and answers shown (default: %(default)s)")
     ie.add_argument("--restrict-vocab", dest="restrict", type=int, default=Default(inspect_of, "restrict"),
                     help="--eval-analogies counts only the N most frequent words (default: %(default)s, as gensim)")
-    ie.add_argument("--out", help="folder for results.json and results.md (new or empty; see --force)")
-    add_force_flag(ie, "--out", "report")
-    add_device_flag(ie)
+    add_report_flags(ie, "results.json and results.md", "report")
     ie.set_defaults(func=cmd_inspect_embeddings)
 
     cv = sub.add_parser("convert", help="convert between lmlab checkpoints and Hugging Face folders, or to GGUF",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lmlab.config import ModelConfig
 from lmlab.models.gpt import Block
 from lmlab.models.interface import IGNORE_INDEX
-from lmlab.models.layers import MLP, Attention, fill_from_preset, rope_tables
+from lmlab.models.layers import MLP, Attention, fill_from_preset, register_rope_tables
 
 PRESETS = {
     "bert": dict(pos_emb="learned", norm="layernorm", mlp="gelu_exact", bias=True, tie_embeddings=False,
@@ -89,9 +89,7 @@ class Encoder(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
         if cfg.pos_emb == "rope":  # rotary positions (pre-norm layers only): relative offsets from the first step
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            register_rope_tables(self, cfg)
         self.row_positions = False  # True: positions looked up per row, which per-example gradients (train.dp) see
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.norm_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)

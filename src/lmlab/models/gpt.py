@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lmlab.config import ModelConfig
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.layers import (MLP, Attention, KVCache, fill_from_preset, grow_embedding, grow_linear_rows, make_norm,
-                                 rope_tables)
+                                 register_rope_tables)
 
 PRESETS = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
@@ -75,11 +75,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta, cfg.rope_scaling,
-                                   cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-                                   cfg.rope_original_context or cfg.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            register_rope_tables(self, cfg)
         self.apply(self._init_weights)
         # GPT-2: scale the init of layers that write into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():

@@ -54,6 +54,17 @@ def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None =
     return angles.cos(), angles.sin()
 
 
+def register_rope_tables(module: nn.Module, cfg) -> None:
+    """Give ``module`` the rotary tables its attention reads, ``rope_cos`` and ``rope_sin`` (block_size,
+    head_dim // 2), for ModelConfig ``cfg`` (its theta and, for decoders, its scaling). They are
+    buffers (they follow .to(device)) but not saved: they are computed from the config."""
+    cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta, cfg.rope_scaling,
+                           cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                           cfg.rope_original_context or cfg.block_size)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: str | None = None, factor: float = 1.0,
                      low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
                      original_context: int | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ from lmlab.config import ModelConfig
 from lmlab.models.encoder import Encoder, EncoderBlock
 from lmlab.models.gpt import PRESETS, Block
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
-from lmlab.models.layers import KVCache, fill_from_preset, make_norm, rope_tables, sdpa
+from lmlab.models.layers import KVCache, fill_from_preset, make_norm, register_rope_tables, sdpa
 
 __all__ = ["PRESETS", "RecurrentSeq2Seq", "RecurrentSeq2SeqCache", "Seq2SeqCache", "Seq2SeqTransformer"]
 
@@ -235,9 +235,7 @@ class Seq2SeqTransformer(nn.Module):
         self.norm_dec = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not learned:
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            register_rope_tables(self, cfg)
         self.apply(self._init_weights)
         # GPT-2: layers that write into the residual stream start smaller, by 1/sqrt(2 * layers)
         depth = cfg.n_layer + cfg.n_dec_layer
