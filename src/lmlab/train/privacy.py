@@ -175,8 +175,10 @@ class PrivateTraining:
 
 
 def per_example_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
-    """(B,) L2 norm of each example's whole gradient, from every parameter's per-example gradients (B, ...)."""
-    return torch.stack([g.reshape(len(g), -1).float().norm(dim=1) for g in grad_samples], dim=1).norm(dim=1)
+    """(B,) L2 norm of each example's whole gradient, from every parameter's per-example gradients (B, ...).
+    Each tensor's norms are taken in its own dtype (as Opacus' clipping does; no float copy of the per-example
+    gradients, which can be the largest tensors of a DP step)."""
+    return torch.stack([g.reshape(len(g), -1).norm(dim=1).float() for g in grad_samples], dim=1).norm(dim=1)
 
 
 def make_private(task, model: nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
