@@ -134,7 +134,7 @@ class PrivateTraining:
         """The median per-example gradient norm (before clipping) of the steps since the last call, and the
         fraction of those examples that max_grad_norm clipped: what to look at when choosing max_grad_norm.
         Nearly every example clipped means every example counts the same, a confident one as much as a
-        wrong one; hardly any clipped means the noise (which grows with max_grad_norm) buys nothing."""
+        wrong one; hardly any clipped means max_grad_norm is larger than it needs to be, and the noise grows with it."""
         if not self._norms:
             return {}
         norms = torch.cat(self._norms)
