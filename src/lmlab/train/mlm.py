@@ -123,6 +123,14 @@ def _whitespace_edges(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     return before, after
 
 
+def chosen_token_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int, int]:
+    """Summed cross-entropy, correct predictions and count of a batch's chosen tokens: ``logits`` (N, vocab)
+    at the N chosen positions of ``targets`` (B, T) (the original token there, else IGNORE_INDEX)."""
+    gold = targets[targets != IGNORE_INDEX]  # (N,)
+    nll = F.cross_entropy(logits.float(), gold, reduction="sum").item()
+    return nll, int((logits.argmax(-1) == gold).sum()), len(gold)
+
+
 @torch.no_grad()
 def masked_lm_totals(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                      progress: bool = False) -> tuple[float, int, int]:
@@ -139,10 +147,8 @@ def masked_lm_totals(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
             bar.update(1)
             if i >= len(batches):
                 continue
-            gold = targets[targets != IGNORE_INDEX].to(device)  # (N,)
-            nll += F.cross_entropy(logits.float(), gold, reduction="sum").item()
-            correct += int((logits.argmax(-1) == gold).sum())
-            count += len(gold)
+            sums = chosen_token_sums(logits, targets.to(device))
+            nll, correct, count = nll + sums[0], correct + sums[1], count + sums[2]
     if world > 1:
         nll, correct, count = all_sum(nll, device), round(all_sum(correct, device)), round(all_sum(count, device))
     return nll, correct, count
@@ -162,15 +168,13 @@ def replaced_token_metrics(model: ReplacedTokenDetector, batches: list[tuple[tor
         gen_logits, gen_loss, corrupted, replaced = model.corrupt(inputs, targets)
         logits = model.detect(corrupted)  # (B, T)
         loss += float(model.objective(gen_loss, logits, replaced))
-        gold = targets[targets != IGNORE_INDEX]  # (N,)
-        nll += F.cross_entropy(gen_logits.float(), gold, reduction="sum").item()
-        correct += int((gen_logits.argmax(-1) == gold).sum())
-        count += len(gold)
-        flagged = logits > 0
-        disc_right += int((flagged == replaced.bool()).sum())
+        sums = chosen_token_sums(gen_logits, targets)
+        nll, correct, count = nll + sums[0], correct + sums[1], count + sums[2]
+        flagged, is_replaced = logits > 0, replaced.bool()
+        disc_right += int((flagged == is_replaced).sum())
         tokens += replaced.numel()
-        caught += int((flagged & replaced.bool()).sum())
-        replaced_total += int(replaced.sum())
+        caught += int((flagged & is_replaced).sum())
+        replaced_total += int(is_replaced.sum())
     return {"val_loss": loss / max(len(batches), 1), "val_gen_loss": nll / max(count, 1),
             "val_gen_accuracy": correct / max(count, 1), "val_disc_accuracy": disc_right / max(tokens, 1),
             "val_disc_recall": caught / max(replaced_total, 1)}

@@ -118,10 +118,10 @@ class PrivateTraining:
         for p in params:  # one tensor per parameter: Opacus would take a list (one per micro-batch) for k steps
             if isinstance(getattr(p, "grad_sample", None), list):
                 p.grad_sample = torch.cat(p.grad_sample)
-        rows = next((len(p.grad_sample) for p in params if getattr(p, "grad_sample", None) is not None), 0)
+        sampled = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+        rows = len(sampled[0]) if sampled else 0
         if rows:
-            self._norms.append(per_example_norms([p.grad_sample for p in params
-                                                  if getattr(p, "grad_sample", None) is not None]))
+            self._norms.append(per_example_norms(sampled))
         for name, p in self.model.named_parameters():
             if not p.requires_grad or getattr(p, "grad_sample", None) is not None:
                 continue
