@@ -149,12 +149,17 @@ def main() -> None:
         ("lmlab data prepare --redact-pii --workers 1, 1/4", [*lmlab, "--redact-pii", "--workers", "1", str(small),
                                                               "-o"], small_bytes, "pii1"),
     ]
-    rows, results = [], {}
-    for name, cmd, size, key in runs:
+    commands = {key: cmd for _, cmd, _, key in runs}
+
+    def run(key: str) -> dict:
+        """measure() of run ``key`` in its own folder work/key (the peer's datasets cache inside it)."""
         out = work / key
         extra = [str(out / "hf_cache")] if key == "peer" else []
-        r = measure([*cmd, str(out), *extra], out)
-        results[key] = r
+        return measure([*commands[key], str(out), *extra], out)
+
+    rows, results = [], {}
+    for name, _, size, key in runs:
+        r = results[key] = run(key)
         rows.append({"method": name, "input_mb": round(size / 1e6, 1), "seconds": r["seconds"],
                      "mb_per_s": size / 1e6 / r["seconds"], "cpu_seconds": r["cpu_seconds"],
                      "mb_per_cpu_s": size / 1e6 / r["cpu_seconds"], "peak_rss_mib": r["peak_rss_mib"],
@@ -163,9 +168,8 @@ def main() -> None:
     same = shards(work / "lmlab") == shards(work / "peer")
     ratios = [results["peer"]["seconds"] / results["lmlab"]["seconds"]]
     for _ in range(args.pairs - 1):  # peer first, so that a drifting machine favours neither side
-        peer = measure([*runs[2][1], str(work / "peer"), str(work / "peer" / "hf_cache")], work / "peer")
-        ours = measure([*runs[0][1], str(work / "lmlab")], work / "lmlab")
-        ratios.append(peer["seconds"] / ours["seconds"])
+        peer = run("peer")
+        ratios.append(peer["seconds"] / run("lmlab")["seconds"])
         print(f"pair {len(ratios)}: {ratios[-1]:.2f}x", flush=True)
     speedup = statistics.median(ratios)
     summary = {
