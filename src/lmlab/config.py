@@ -694,9 +694,9 @@ def _run_rules(r: RunConfig, p: str) -> None:
         raise ConfigError(f"{p}mlm.{f.name} applies to masked-LM pretraining ({p}model.family encoder) only, "
                           f"not {r.model.family}")
     if r.mlm.objective == "mlm":
-        for name, default in (("generator_layers", 1), ("disc_weight", 50.0)):
-            if getattr(r.mlm, name) != default:
-                raise ConfigError(f"{p}mlm.{name} applies to {p}mlm.objective electra, not mlm")
+        for f in dataclasses.fields(r.mlm):
+            if f.name in ("generator_layers", "disc_weight") and _is_set(r.mlm, f):
+                raise ConfigError(f"{p}mlm.{f.name} applies to {p}mlm.objective electra, not mlm")
     if r.mlm.objective == "electra" and r.train.distributed == "fsdp":
         raise ConfigError(f"{p}mlm.objective electra runs under torchrun with {p}train.distributed ddp, not fsdp "
                           f"(its evaluation calls the generator and discriminator apart)")
