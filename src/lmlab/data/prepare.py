@@ -28,15 +28,16 @@ import os
 import struct
 from array import array
 from collections import Counter, deque
-from itertools import chain
 from bisect import bisect_right
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import tokenizers
 
 from lmlab.runs import atomic_dir, check_output
 from lmlab.data import pii
+from lmlab.data.corpus_encoder import CorpusEncoder
 from lmlab.data.filters import DocumentRules, FilterConfig, FilterPipeline, Verdict, load_filter_config
 from lmlab.data.parallel import Workers, available_cores, thread_map, worker_state
 from lmlab.data.sources import Document, expand_inputs, iter_documents
@@ -140,7 +141,8 @@ def prepare(
     ``redact_pii`` replaces e-mails, phones, IPs, card numbers, IBANs and secrets in every document by
     typed placeholders (data/pii.py; counts in meta.json's "pii_redacted"). ``workers`` processes
     (default: the cores available) redact and filter batches; the output is the same for any number.
-    Encoding runs here, on all cores (the tokenizers library's Rust threads), beside the reading and writing.
+    Encoding runs on as many processes (data/corpus_encoder.py; a tokenizer that is not byte-level BPE: on all
+    cores through the tokenizers library's Rust threads), beside the reading and writing here.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -187,10 +189,17 @@ def prepare(
         def read(name: str) -> Iterator[tuple[Document, bytes]]:
             return _unique(spool.read() if spool is not None and name == "train" else cleaned(name), dedupe, counts)
 
-        def encode(batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            return thread_map(lambda texts: _encode_texts(texts, tokenizer), batches)
+        encoder = CorpusEncoder(tokenizer)
+        encoders = Workers(workers or available_cores(), _load_encoder, (tokenizer.tk.to_str(),))
 
-        meta = _write_folder(tmp, sources, tokenizer, val_fraction, split, read, dedupe, shard_tokens, encode, counts)
+        def encode(batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            if encoder.fast:  # Python work (holds the GIL): on worker processes
+                return encoders.map(_encode_in_worker, batches, local=encoder.encode)
+            return thread_map(encoder.encode, batches)  # the library's Rust threads release the GIL
+
+        with encoders:
+            meta = _write_folder(tmp, sources, tokenizer, val_fraction, split, read, dedupe, shard_tokens, encode,
+                                 counts)
         if spool is not None:
             spool.path.unlink()
         if pipeline is not None:
@@ -417,7 +426,7 @@ def _batches(items: Iterable, text: Callable[[object], str]) -> Iterator[list]:
 
 
 def _encoded(items: Iterable[tuple[Document, bytes]], encode: Encode) -> Iterator[tuple[Document, bytes, np.ndarray]]:
-    """Encode documents in batches with ``encode`` (on threads, in parallel in Rust); special tokens in the
+    """Encode documents in batches with ``encode`` (in parallel, beside this thread); special tokens in the
     text are plain text. Each document's ids come as a uint32 array."""
     waiting: deque[list] = deque()  # batches sent out, in order, to pair with their ids
 
@@ -432,12 +441,13 @@ def _encoded(items: Iterable[tuple[Document, bytes]], encode: Encode) -> Iterato
             yield doc, digest, ids
 
 
-def _encode_texts(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """All texts' ids end to end (uint32) and each text's count."""
-    all_ids = tok.encode_batch(texts, allow_special=False)
-    lengths = np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids))
-    flat = np.fromiter(chain.from_iterable(all_ids), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+def _load_encoder(tokenizer_json: str) -> None:
+    """A worker's initializer: the corpus encoder of the tokenizer whose JSON is ``tokenizer_json``."""
+    worker_state()["encoder"] = CorpusEncoder(Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json)))
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return worker_state()["encoder"].encode(texts)
 
 
 def _cleaned(docs: Iterable[tuple[Document, Verdict | None]], pool: Workers, redact: bool,
