@@ -140,7 +140,7 @@ def main() -> None:
     lmlab = [py, "-m", "lmlab", "data", "prepare", "--tokenizer", str(tok), "--val-fraction", "0", "--force"]
     runs = [
         ("lmlab data prepare (workers = cores)", [*lmlab, str(corpus), "-o"], nbytes, "lmlab"),
-        ("lmlab data prepare --workers 1 (workers filter and redact: here the same work)", [*lmlab, "--workers", "1", str(corpus), "-o"],
+        ("lmlab data prepare --workers 1 (encoding in the main process)", [*lmlab, "--workers", "1", str(corpus), "-o"],
          nbytes, "lmlab1"),
         ("datasets.map(batched, num_proc=2) + uint16 shards", [py, "-c", PEER, str(corpus), str(tok)], nbytes, "peer"),
         ("lmlab data prepare, 1/4 of the corpus (memory check)", [*lmlab, str(small), "-o"], small_bytes, "small"),
