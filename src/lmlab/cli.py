@@ -669,8 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace e-mails, phone numbers, IPs, card numbers, IBANs and secrets by <|email|>, ... in "
                          "every split (and in the text a new tokenizer learns from); counts in meta.json")
     dp.add_argument("--workers", type=int, default=Default(prepare, "workers"),
-                    help="processes that redact and filter (default: the cores available; tokenizing uses all cores "
-                         "anyway); same output for any")
+                    help="processes that redact, filter and tokenize (default: the cores available); the same "
+                         "output for any number")
     pairs = "lmlab.data.pairs:prepare_pairs"
     dp.add_argument("--pairs", action="store_true",
                     help="parallel text (translation, summarization): the inputs, and likewise --val and --test, are "

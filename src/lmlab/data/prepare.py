@@ -140,9 +140,9 @@ def prepare(
     replaced only after success (runs.check_output); a failure leaves nothing behind.
     ``redact_pii`` replaces e-mails, phones, IPs, card numbers, IBANs and secrets in every document by
     typed placeholders (data/pii.py; counts in meta.json's "pii_redacted"). ``workers`` processes
-    (default: the cores available) redact and filter batches; the output is the same for any number.
-    Encoding runs on as many processes (data/corpus_encoder.py; a tokenizer that is not byte-level BPE: on all
-    cores through the tokenizers library's Rust threads), beside the reading and writing here.
+    (default: the cores available) redact and filter batches, and as many encode them (data/corpus_encoder.py;
+    a tokenizer that is not byte-level BPE encodes on threads here, in Rust), beside the reading and writing
+    here; the output is the same for any number.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
