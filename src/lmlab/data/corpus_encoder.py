@@ -5,8 +5,9 @@ expression and merges each piece on its own, so a piece's ids never depend on it
 ids are its pieces' ids end to end. A corpus repeats its pieces endlessly (WikiText-2's 2.4 million
 pieces are 33,000 distinct ones), so `CorpusEncoder` cuts documents with the same expression here
 and looks each piece's ids up in a dict, asking the tokenizers library only for pieces it has not seen.
-That is about three times less CPU per byte than the library's own pipeline, which also builds an
-Encoding (tokens, masks, ...) per text; the ids are the same, id for id.
+That takes about half the CPU time of the library's own pipeline, which also builds an Encoding
+(tokens, masks, ...) per text (WikiText-2 train on one core: 1.1-1.6 s against 2.5-2.7 s); the ids are
+the same, id for id.
 
 Two regular-expression engines agree only where they classify characters alike: newly assigned Unicode
 letters (the `regex` module follows the newest Unicode, the library its own tables) may be a letter to
