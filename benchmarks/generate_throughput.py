@@ -248,7 +248,7 @@ def main() -> None:
         ids = torch.tensor([single[0] + ours[0][:-1]])
         diff = (model(ids)[0] - hf(ids).logits).abs().max().item()
     auto = auto_choice(model)
-    models = {d: model if d == "fp32" else for_decoding(copy.deepcopy(model), d) for d in args.dtypes}
+    models = {d: for_decoding(copy.deepcopy(model), d) for d in args.dtypes}  # as `lmlab generate --dtype d`
     if "bf16" in args.dtypes:  # what issue 16 measured first: the model merely cast, linears unpacked
         models["bf16-cast"] = copy.deepcopy(model).to(torch.bfloat16)
     folder = tempfile.TemporaryDirectory()

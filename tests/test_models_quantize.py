@@ -12,7 +12,7 @@ from lmlab.generate import precision
 from lmlab.generate.engine import BatchGeneration
 from lmlab.generate.precision import choose_dtype, for_decoding_as
 from lmlab.generate.sampling import SamplingParams
-from lmlab.models.quantize import Int8Linear, PackedBf16Linear, for_decoding
+from lmlab.models.quantize import Int8Linear, PackedBf16Linear, SplitKLinear, for_decoding
 from lmlab.models.registry import build_model
 
 V = 96
@@ -56,7 +56,7 @@ def test_lower_precision_perplexity_within_one_percent_of_fp32(preset, dtype):
     assert abs(perplexity(low, text) / reference - 1) < 0.01
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_lower_precision_cache_equals_recompute_and_batch_equals_alone(dtype):
     model = for_decoding(peaky_model("llama"), dtype)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
@@ -82,6 +82,27 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale():
     x = torch.randn(3, 5, 64)
     expected = x.bfloat16().float() @ dequantized.t() + linear.bias
     assert torch.allclose(q(x.bfloat16()).float(), expected, atol=0.05)
+
+
+def test_split_k_linear_is_the_linear():
+    """Few rows as two half-products added, more rows (and an odd width) as one matmul: the Linear's output."""
+    torch.manual_seed(0)
+    for linear in (nn.Linear(64, 48), nn.Linear(64, 48, bias=False), nn.Linear(63, 10)):
+        split = SplitKLinear(linear)
+        for shape in [(1, 1), (2, 5), (32,), (3, 11), (40,)]:  # rows 1, 10, 32 split; 33, 40 whole
+            x = torch.randn(*shape, linear.in_features)
+            assert torch.allclose(split(x), linear(x), atol=1e-5, rtol=1e-5)
+            assert split(x).shape == linear(x).shape
+
+
+def test_fp32_decoding_gives_the_models_perplexity_and_greedy_tokens():
+    model = peaky_model("llama")
+    text = sample_text(model)
+    fast = for_decoding(copy.deepcopy(model), "fp32")
+    assert isinstance(fast.lm_head, SplitKLinear) and not [m for m in fast.modules() if type(m) is nn.Linear]
+    assert abs(perplexity(fast, text) / perplexity(model, text) - 1) < 1e-5
+    params = [SamplingParams(max_new_tokens=16, temperature=0)]
+    assert list(BatchGeneration(fast, [[1, 2, 3]], params)) == list(BatchGeneration(model, [[1, 2, 3]], params))
 
 
 def test_for_decoding_swaps_every_linear_and_unties_the_head():
@@ -112,12 +133,13 @@ def test_auto_picks_the_fastest_measured_step_unless_it_is_a_near_tie(fp32, bf16
     def fake_step_seconds(model):  # which dtype it is, by its output layer
         kind = type(model.lm_head).__name__
         kinds.append(kind)
-        return {"Linear": fp32, "PackedBf16Linear": bf16, "Int8Linear": int8}[kind] / 1000
+        return {"SplitKLinear": fp32, "PackedBf16Linear": bf16, "Int8Linear": int8}[kind] / 1000
 
     monkeypatch.setattr(precision, "step_seconds", fake_step_seconds)
     with caplog.at_level(logging.INFO, logger="lmlab"):
         assert choose_dtype(peaky_model("gpt2")) == expected
-    assert sorted(set(kinds)) == ["Int8Linear", "Linear", "PackedBf16Linear"] and len(kinds) == 3 * precision.PROBE_ROUNDS
+    assert sorted(set(kinds)) == ["Int8Linear", "PackedBf16Linear", "SplitKLinear"]
+    assert len(kinds) == 3 * precision.PROBE_ROUNDS
     assert f"dtype auto: {expected}" in caplog.text and "fp32 2.00 ms" in caplog.text
 
 

@@ -48,8 +48,7 @@ def choose_dtype(model: nn.Module) -> str:
     if not units:
         log.info("dtype auto: fp32 (%s)", "CPU has no bf16 matrix units" if device.type == "cpu" else device.type)
         return "fp32"
-    candidates = {dtype: model if dtype == "fp32" else for_decoding(copy.deepcopy(model), dtype)
-                  for dtype in DECODE_DTYPES}
+    candidates = {dtype: for_decoding(copy.deepcopy(model), dtype) for dtype in DECODE_DTYPES}
     times = dict.fromkeys(candidates, float("inf"))
     for _ in range(PROBE_ROUNDS):  # round-robin, so that a burst of load from elsewhere falls on all alike
         for dtype, candidate in candidates.items():

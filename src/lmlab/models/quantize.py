@@ -1,7 +1,12 @@
-"""Lower-precision weights for decoding on a CPU: bf16 and weight-only int8.
+"""Weights laid out for decoding on a CPU: fp32 split in two, bf16 and weight-only int8.
 
 Decoding reads every weight once per token and does two flops with each: it is bound by memory
-traffic, so fewer bytes per weight mean more tokens per second. Two forms, both for inference only:
+traffic, so fewer bytes per weight, and reading them on every core, mean more tokens per second.
+Three forms, all for inference only:
+
+- ``fp32``: the weights as they are, each Linear's stored transposed and a few rows multiplied as two
+  half-products on two threads (``SplitKLinear``): torch's one-row fp32 matmul reads the weights on
+  one thread.
 
 - ``bf16``: the whole model in bfloat16, each Linear's weight pre-packed once into oneDNN's blocked
   layout (``PackedBf16Linear``). A plain bf16 ``F.linear`` of one row is slower than fp32 on a CPU
@@ -64,30 +69,62 @@ class PackedBf16Linear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class SplitKLinear(nn.Module):
+    """An fp32 Linear for decoding on a CPU: the weight stored transposed, (in, out), and a few rows
+    multiplied as two half-products over the two halves of ``in``, one per thread (one bmm), then added.
+
+    torch's one-row fp32 matmul (a GEMV) streams the weights on one thread: 10 GB/s on a 2-core AMD EPYC
+    where reading them runs at 43 GB/s; the two halves run at ~24 GB/s (docs/inference.md). Up to
+    SPLIT_ROWS rows (decoding: a row per sequence) take that way; more (a prompt) a plain matmul.
+    """
+
+    SPLIT_ROWS = 32
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().float().t().contiguous())  # (in, out)
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (R, in)
+        if len(rows) <= self.SPLIT_ROWS and self.in_features % 2 == 0:
+            halves = rows.view(len(rows), 2, -1).transpose(0, 1)  # (2, R, in / 2)
+            y = torch.bmm(halves, self.weight_t.view(2, self.in_features // 2, -1)).sum(0)  # (R, out)
+        else:
+            y = rows @ self.weight_t
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
     """``model`` converted in place for decoding in ``dtype`` (one of DECODE_DTYPES); returns it.
 
-    fp32 leaves the weights as they are (in fp32). bf16 and int8 cast it to bfloat16 and replace
-    every nn.Linear by a ``PackedBf16Linear`` or an ``Int8Linear`` (a tied output layer gets its own
-    copy; the embedding it shares stays bf16). The packed and int8 kernels are torch's CPU ones: on
+    fp32 keeps the weights in fp32 and, on a CPU, replaces every nn.Linear by a ``SplitKLinear``. bf16
+    and int8 cast the model to bfloat16 and replace every nn.Linear by a ``PackedBf16Linear`` or an
+    ``Int8Linear``. A tied output layer gets its own copy (the embedding it shares stays as it is). The packed and int8 kernels are torch's CPU ones: on
     another device bf16 is a plain cast and int8 is refused.
     """
     if dtype not in DECODE_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
-    if dtype == "fp32":
-        return model.float()
     on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == "fp32" and not on_cpu:
+        return model.float()
     if dtype == "int8" and not on_cpu:
         raise ConfigError("int8 weights are for decoding on a CPU (--device cpu); use bf16 on a GPU")
     if has_lora(model):
         remove_lora(model)
-    if dtype == "int8":
+    if dtype == "fp32":
+        swap = SplitKLinear
+    elif dtype == "int8":
         swap = Int8Linear
     else:
         swap = PackedBf16Linear if on_cpu and torch.backends.mkldnn.is_available() else None
     # made from the fp32 weights, before the cast
     swaps = [] if swap is None else [(name, swap(m)) for name, m in model.named_modules() if type(m) is nn.Linear]
-    model.to(torch.bfloat16)
+    model.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
     for name, new in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
