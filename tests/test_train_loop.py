@@ -1,11 +1,15 @@
 """The one training loop (train/loop.py), tested with a minimal task apart from any model family."""
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
 from lmlab.errors import ConfigError, OutputError
 from lmlab.train.logger import read_metrics
-from lmlab.train.loop import Batch, steps_for_epochs
+from lmlab.train.loop import Batch, _ctrl_c_between_steps, steps_for_epochs
 
 from loop_tasks import RegressionTask, regression_config, run_task
 
@@ -75,3 +79,26 @@ def test_epochs_become_steps():
     assert steps_for_epochs(1.0, 10) == 10
     assert steps_for_epochs(0.01, 10) == 1
     assert steps_for_epochs(2.5, 3) == 8
+
+
+def test_ctrl_c_is_remembered_until_the_step_ends_and_a_second_press_interrupts(monkeypatch):
+    """The first SIGINT only sets .pressed (a KeyboardInterrupt raised inside a finalizer would be swallowed
+    and training would go on); a second raises at once; the default handler is back afterwards. A process
+    that ignores SIGINT keeps ignoring it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _ctrl_c_between_steps(True) as ctrl_c:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes of this thread
+            assert ctrl_c.pressed
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with _ctrl_c_between_steps(False) as ctrl_c:  # several processes (torchrun): untouched
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _ctrl_c_between_steps(True) as ctrl_c:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not ctrl_c.pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)

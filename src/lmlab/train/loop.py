@@ -26,7 +26,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -357,21 +360,24 @@ class Trainer:
         window = _Window(time.perf_counter(), self.tokens_seen, self.examples_seen)
         bar = progress_bar(total=tc.max_steps, initial=self.step, unit="step", enabled=tc.progress and is_main())
         try:
-            while self.step < tc.max_steps:
-                window.add(self.train_step())
-                bar.update(1)
-                out_of_time = tc.max_minutes is not None and rank0_says(self.elapsed() >= tc.max_minutes * 60,
-                                                                        self.device)  # all ranks stop together
-                stopped = self.stop_after is not None and self.step - first_step >= self.stop_after
-                last = self.step == tc.max_steps or out_of_time or stopped
-                if self.step % tc.log_interval == 0 or last:
-                    result.train_loss = self._log_train(window, bar)
-                if self.step % tc.eval_interval == 0 or last:
-                    result.metrics = self._log_eval(bar) or result.metrics
-                if self.step % tc.checkpoint_interval == 0 or last:
-                    self.save()
-                if last:
-                    break
+            with _ctrl_c_between_steps(world_size() == 1) as ctrl_c:
+                while self.step < tc.max_steps:
+                    window.add(self.train_step())
+                    bar.update(1)
+                    if ctrl_c.pressed:
+                        raise KeyboardInterrupt
+                    out_of_time = tc.max_minutes is not None and rank0_says(self.elapsed() >= tc.max_minutes * 60,
+                                                                            self.device)  # all ranks stop together
+                    stopped = self.stop_after is not None and self.step - first_step >= self.stop_after
+                    last = self.step == tc.max_steps or out_of_time or stopped
+                    if self.step % tc.log_interval == 0 or last:
+                        result.train_loss = self._log_train(window, bar)
+                    if self.step % tc.eval_interval == 0 or last:
+                        result.metrics = self._log_eval(bar) or result.metrics
+                    if self.step % tc.checkpoint_interval == 0 or last:
+                        self.save()
+                    if last:
+                        break
         except KeyboardInterrupt:
             result.interrupted = True
             if world_size() > 1:  # the ranks stop at different points: a save's collectives could wait forever
@@ -526,6 +532,38 @@ class Trainer:
         if self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
         self.step, self.elapsed_before, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+
+
+class _CtrlC:
+    pressed = False
+
+
+@contextmanager
+def _ctrl_c_between_steps(enabled: bool):
+    """Ctrl-C (SIGINT) during training stops it after the current step: the first press is remembered and
+    the loop raises KeyboardInterrupt at the step's end (``.pressed``); a second press interrupts at once.
+
+    A KeyboardInterrupt raised wherever the signal happens to land can be lost: one that lands in a
+    finalizer (``__del__``, a weakref callback) is printed and swallowed by Python, and training would go
+    on for good. Only in a single process's main thread, where Python handles Ctrl-C itself (a process
+    that ignores SIGINT keeps ignoring it); under torchrun the ranks must stop together, as before.
+    """
+    state = _CtrlC()
+    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if not (enabled and default and threading.current_thread() is threading.main_thread()):
+        yield state
+        return
+
+    def remember(signum, frame):
+        if state.pressed:
+            raise KeyboardInterrupt
+        state.pressed = True
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _peak_tflops(model: nn.Module, device: torch.device, precision: str) -> float | None:
