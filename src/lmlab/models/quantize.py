@@ -104,8 +104,9 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
 
     fp32 keeps the weights in fp32 and, on a CPU, replaces every nn.Linear by a ``SplitKLinear``. bf16
     and int8 cast the model to bfloat16 and replace every nn.Linear by a ``PackedBf16Linear`` or an
-    ``Int8Linear``. A tied output layer gets its own copy (the embedding it shares stays as it is). The packed and int8 kernels are torch's CPU ones: on
-    another device bf16 is a plain cast and int8 is refused.
+    ``Int8Linear``. A tied output layer gets its own copy (the embedding it shares stays as it is). The
+    split, packed and int8 kernels are torch's CPU ones: on another device fp32 and bf16 are plain casts
+    and int8 is refused.
     """
     if dtype not in DECODE_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
