@@ -7,6 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig, Word2VecConfig, load_config
@@ -19,7 +21,7 @@ from lmlab.models.word2vec import RowScores
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
 from lmlab.train.optim import build_optimizer
-from lmlab.train.word2vec import Vocabulary, subsample_probability, window_rows
+from lmlab.train.word2vec import Vocabulary, alias_table, subsample_probability, window_rows
 
 PAIRS = 6  # the synthetic language: word a_i or b_i, always between l_i and r_i
 
@@ -148,6 +150,20 @@ def test_negatives_follow_the_unigram_distribution_to_the_power_three_quarters()
     vocab5 = Vocabulary(counts, dropped, Word2VecConfig(min_count=5))
     assert not vocab5.kept[5] and not vocab5.kept[6] and vocab5.kept[4]  # below min_count: never drawn either
     assert (vocab5.negatives((10_000,), np.random.default_rng(1)) < 5).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6)), min_size=1, max_size=60).filter(lambda w: sum(w) > 0))
+def test_the_alias_table_gives_each_outcome_exactly_its_probability(weights):
+    p = np.array(weights) / sum(weights)
+    keep, alias = alias_table(p)
+    V = len(p)
+    # slot s gives its own outcome with probability keep[s] / V and alias[s] with (1 - keep[s]) / V
+    given_prob = keep / V
+    np.add.at(given_prob, alias, (1 - keep) / V)
+    assert np.allclose(given_prob, p, atol=1e-12)
+    assert ((keep >= 0) & (keep <= 1)).all()
+    assert (keep[p == 0] == 0).all() and (p[alias[keep < 1]] > 0).all()  # a zero outcome is never given
 
 
 def test_subsampling_keeps_rare_words_and_thins_frequent_ones_by_mikolovs_formula():

@@ -57,13 +57,16 @@ class Word2Vec(nn.Module):
         h, weight = self.input_vectors(inputs, mask)  # (N, P, D), (N, P): P = C (skipgram) or 1 (cbow)
         candidates = self.output_emb(torch.cat([targets.unsqueeze(1), negatives], dim=1))  # (N, 1 + k, D)
         scores = RowScores.apply(h, candidates)  # (N, P, 1 + k)
-        signs = torch.ones(scores.shape[2], dtype=scores.dtype, device=scores.device)
-        signs[1:] = -1.0  # the target is a positive, the noise words negatives
+        labels = torch.zeros_like(scores[:1, :1])  # (1, 1, 1 + k): the target is a positive, noise words negatives
+        labels[..., 0] = 1.0
         # a noise word that is the row's own centre is skipped, as word2vec.c does: it would push the
         # centre's output vector away from the very contexts that just pulled it closer
-        keep = torch.cat([torch.ones_like(targets.unsqueeze(1)), negatives != targets.unsqueeze(1)], dim=1)  # (N, 1 + k)
-        pair_loss = (-F.logsigmoid(scores * signs) * keep.unsqueeze(1).to(scores.dtype)).sum(2)  # (N, P)
-        return (pair_loss * weight).sum() / weight.sum().clamp(min=1)
+        keep = torch.ones_like(scores[:, 0])  # (N, 1 + k)
+        keep[:, 1:] = negatives != targets.unsqueeze(1)
+        pair_weight = keep.unsqueeze(1) * weight.to(scores.dtype).unsqueeze(2)  # (N, P, 1 + k)
+        # -log sigmoid(score) for the target, -log sigmoid(-score) for a noise word, in one fused operation
+        loss = F.binary_cross_entropy_with_logits(scores, labels.expand_as(scores), pair_weight, reduction="sum")
+        return loss / weight.sum().clamp(min=1)
 
     def input_vectors(self, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The vectors that predict a row's centre, (N, P, D), and the weight of each, (N, P): skipgram each

@@ -66,12 +66,36 @@ class Vocabulary:
                             f"lower it or use more text")
         self.keep_prob = subsample_probability(self.counts / total, cfg.sample)  # (V,)
         noise = self.counts ** NOISE_POWER
-        self.noise_cdf = np.cumsum(noise / noise.sum())  # (V,)
+        self.noise_keep, self.noise_alias = alias_table(noise / noise.sum())  # (V,), (V,)
 
     def negatives(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-        """Noise word ids of ``shape``, drawn from the unigram^0.75 distribution of the kept words."""
-        ids = np.searchsorted(self.noise_cdf, rng.random(shape), side="right")
-        return np.minimum(ids, len(self.noise_cdf) - 1)  # a draw of exactly 1.0 - rounding
+        """Noise word ids of ``shape``, drawn from the unigram^0.75 distribution of the kept words: a uniform
+        draw u in [0, V) picks the slot floor(u), whose own word is taken if the fraction of u falls below its
+        share, its alias otherwise (Walker's alias method: one random number and two lookups per draw, ~10x
+        faster than a binary search of the cumulative distribution)."""
+        u = rng.random(shape) * len(self.noise_keep)
+        slot = np.minimum(u.astype(np.int64), len(self.noise_keep) - 1)  # u * V may round up to V
+        return np.where(u - slot < self.noise_keep[slot], slot, self.noise_alias[slot])
+
+
+def alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table of a distribution ``p`` over V outcomes (Vose's construction): (keep (V,), alias
+    (V,)) such that drawing a slot uniformly and then keeping it with probability keep[slot], or else taking
+    alias[slot], draws i with probability p[i]. Each slot holds its own share p[i] * V (when below 1) and is
+    topped up by one outcome of a larger share; outcomes of probability 0 are never drawn."""
+    scaled = p * len(p)  # (V,) each outcome's share in slots: mean 1
+    keep, alias = np.ones(len(p)), np.arange(len(p))
+    small = [int(i) for i in np.flatnonzero(scaled < 1.0)]
+    large = [int(i) for i in np.flatnonzero(scaled >= 1.0)]
+    while small and large:
+        s, big = small.pop(), large[-1]
+        keep[s], alias[s] = scaled[s], big  # slot s: its own share, the rest goes to `big`
+        scaled[big] -= 1.0 - scaled[s]
+        if scaled[big] < 1.0:
+            small.append(large.pop())
+    for s in small:  # rounding left shares of ~1 without a partner; a zero share must still never be drawn
+        keep[s], alias[s] = (1.0, s) if scaled[s] > 0 else (0.0, int(np.argmax(p)))
+    return keep, alias
 
 
 def subsample_probability(freq: np.ndarray, sample: float) -> np.ndarray:
