@@ -83,6 +83,15 @@ def test_sampled_rank_estimate_is_capped_by_the_samples(memorised):
     assert result["rank_method"] == "sampled 63" and result["exposure"] <= math.log2(64) + 1e-9
 
 
+@pytest.mark.parametrize("flags, message", [(["--samples", "0"], "--samples must be >= 1, got 0"),
+                                            (["--enumerate-up-to", "-1"], "--enumerate-up-to must be >= 0, got -1")])
+def test_a_sample_count_below_one_is_refused_not_reported_as_nan(memorised, capsys, flags, message):
+    args = ["eval", "canaries", str(memorised / "run"), "--canaries", str(memorised / "canaries.jsonl"), *flags]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"prefix": "x"}\n', "expected a JSON object with prefix, secret"),
     ('{"prefix": "x", "secret": "12 a"}\n', "a secret is space-separated digits"),

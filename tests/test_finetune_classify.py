@@ -115,6 +115,22 @@ def test_bad_classification_input_is_one_line_errors(toy, tmp_path, capsys):
     assert "not a classifier" in capsys.readouterr().err
 
 
+def test_word_vectors_make_a_bag_of_words_classifier_and_an_encoder_decoder_is_refused():
+    from lmlab.errors import ConfigError
+    from lmlab.finetune.classify import build_classifier
+
+    w2v = build_model(ModelConfig(family="word2vec", vocab_size=30, d_model=8))
+    model = build_classifier(w2v, ["0", "1"], None, 0.0)
+    assert model.head_config.pooling == "mean" and not model.config.w2v_sparse
+    _, loss = model(torch.randint(0, 30, (3, 5)), labels=torch.tensor([0, 1, 1]))
+    loss.backward()
+    assert not model.backbone.input_emb.weight.grad.is_sparse  # AdamW and clipping take it
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    s2s = build_model(ModelConfig(family="seq2seq", vocab_size=30, n_layer=1, n_head=2, d_model=16, block_size=8))
+    with pytest.raises(ConfigError, match=r"is an encoder-decoder \(seq2seq\): a classifier reads one text"):
+        build_classifier(s2s, ["0", "1"], None, 0.0)
+
+
 def test_readers_and_batches(tmp_path):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"text": "good", "y": "pos"}\n{"text": "bad", "y": "neg"}\n')

@@ -72,6 +72,13 @@ def test_interactive_chat_in_a_pseudo_terminal(trained_run):
     assert code == 0
 
 
+def test_more_new_tokens_than_the_context_holds_is_a_warning(trained_run, caplog):
+    ckpt = load_checkpoint(trained_run)
+    with caplog.at_level("WARNING", logger="lmlab"):
+        ChatSession(ckpt.model, ckpt.tokenizer, SamplingParams(max_new_tokens=1000))
+    assert any("max new tokens (1000) is not below the model's context of 32" in r.getMessage() for r in caplog.records)
+
+
 def test_a_message_that_cannot_be_answered_does_not_end_the_chat(trained_run, caplog):
     import io
 

@@ -9,7 +9,7 @@ import torch
 from lmlab.cli import main
 from lmlab.config import ModelConfig
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.inspect.attention import AttentionMap, attention_maps, recorded_attention, select_maps
 from lmlab.models.layers import Attention, reference_attention, rope_tables, sdpa
 from lmlab.models.registry import build_model
@@ -90,6 +90,15 @@ def test_seq2seq_maps_self_and_cross():
     with recorded_attention(model) as records:
         pass
     assert not any(records.values())
+
+
+def test_a_target_longer_than_the_context_and_word_vectors_are_refused():
+    model, tokenizer = tiny("seq2seq", n_dec_layer=1)
+    with pytest.raises(DataError, match="the target is .* tokens with the start token, longer than the model's"):
+        attention_maps(model, tokenizer, TEXTS[0], target=" ".join(TEXTS * 20))
+    w2v = build_model(ModelConfig(family="word2vec", vocab_size=tokenizer.vocab_size, d_model=8))
+    with pytest.raises(ConfigError, match="word vectors .word2vec. have no attention heads"):
+        attention_maps(w2v, tokenizer, TEXTS[0])
 
 
 def test_cli_writes_pngs_and_a_page(tmp_path, capsys):

@@ -2,6 +2,7 @@
 windows, and training through the one loop until words that share their contexts are each other's
 nearest neighbours."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -14,14 +15,14 @@ import torch.nn.functional as F
 from lmlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig, Word2VecConfig, load_config
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizer import train_tokenizer
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.inspect.embeddings import EmbeddingSpace
 from lmlab.models.registry import build_model
 from lmlab.models.word2vec import RowScores
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.lm import pretrain
 from lmlab.train.optim import build_optimizer
-from lmlab.train.word2vec import Vocabulary, alias_table, subsample_probability, window_rows
+from lmlab.train.word2vec import Vocabulary, Word2VecTask, alias_table, subsample_probability, window_rows
 
 PAIRS = 6  # the synthetic language: word a_i or b_i, always between l_i and r_i
 
@@ -208,6 +209,25 @@ def test_a_recipe_that_cannot_take_sparse_gradients_is_refused(paired_data, tmp_
         pretrain(w2v_config(paired_data, tmp_path / "adamw", optimizer="adamw"))
     with pytest.raises(ConfigError, match="grad_clip"):
         pretrain(w2v_config(paired_data, tmp_path / "clip", grad_clip=1.0))
+
+
+def test_every_step_has_pairs_even_an_epochs_one_word_tail_or_a_step_subsampled_to_nothing(paired_data, tmp_path):
+    words = len(Word2VecTask(w2v_config(paired_data, tmp_path / "n"), torch.device("cpu")).words)
+    cfg = w2v_config(paired_data, tmp_path / "tail", batch_size=words - 1)  # a step, then a tail of one word
+    task = Word2VecTask(cfg, torch.device("cpu"))
+    last = task.steps_per_epoch() - 1
+    assert len(task.words) % cfg.train.batch_size == 1
+    assert all(b.units > 0 for b in task.step_batches(last))  # the last step reads the last batch_size words
+    cfg.word2vec.sample = 1e-9  # keeps almost no word: a step whose words are all skipped learns from them whole
+    task = Word2VecTask(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4)), torch.device("cpu"))
+    assert all(b.units > 0 for step in range(50) for b in task.step_batches(step))
+
+
+def test_a_corpus_whose_sentences_have_one_word_each_is_refused(tmp_path):
+    (tmp_path / "one.txt").write_text("".join(f"w{i % 7}\n" for i in range(200)), encoding="utf-8")
+    prepare([str(tmp_path / "one.txt")], train_tokenizer("word", ["w0 w1 w2 w3 w4 w5 w6"]), tmp_path / "data")
+    with pytest.raises(DataError, match="share a sentence"):
+        pretrain(w2v_config(tmp_path / "data", tmp_path / "run"))
 
 
 def test_word2vec_fields_belong_to_the_word2vec_family(tmp_path):

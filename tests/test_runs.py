@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lmlab.errors import OutputError
-from lmlab.runs import (atomic_dir, atomic_write_text, check_output, claim_output, output_kind,
-                        remove_stale_temporaries)
+from lmlab.runs import (PNG_SIGNATURE, atomic_dir, atomic_write_text, check_output, check_page_output, claim_output,
+                        output_kind, remove_stale_temporaries)
 
 from loop_tasks import RegressionTask, regression_config, run_task
 
@@ -142,6 +142,21 @@ def test_unwritable_places_are_refused(tmp_path):
     with pytest.raises(OutputError, match="cannot write /proc/nope/x: cannot create /proc/nope"):
         check_output("/proc/nope/x", "tokenizer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_picture_replaces_a_picture_but_never_a_users_file_or_a_folder(tmp_path):
+    picture = tmp_path / "old.png"
+    picture.write_bytes(PNG_SIGNATURE + b"rest of a picture")
+    assert check_page_output(picture, ".png") == picture  # replaced, as plotting tools do
+    (tmp_path / "notes.png").write_text("my notes, misnamed")
+    with pytest.raises(OutputError, match="exists and is not a PNG picture"):
+        check_page_output(tmp_path / "notes.png", ".png")
+    (tmp_path / "corpus.txt").write_text("text")
+    with pytest.raises(OutputError, match="does not end in .png"):
+        check_page_output(tmp_path / "corpus.txt", ".png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_page_output(tmp_path / "dir.png", ".png")
 
 
 def test_atomic_dir_never_replaces_a_file(tmp_path):

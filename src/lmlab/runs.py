@@ -238,7 +238,7 @@ def check_place(path: str | os.PathLike, inputs: Iterable = ()) -> Path:
     Refused, as an OutputError: an output that is, contains or lies inside one of ``inputs``; one inside
     a finished output; a place whose parent cannot be created or written. Stale temporaries of the
     output are removed first. (A page or a picture that lmlab rewrites at will checks what it replaces
-    itself, and then its place here: inspect/attribution.py.)
+    first: check_page_output.)
     """
     path = Path(path)
     _check_not_an_input(path, inputs)
@@ -246,6 +246,31 @@ def check_place(path: str | os.PathLike, inputs: Iterable = ()) -> Path:
     remove_stale_temporaries(path.parent, path.name)
     _check_writable(path)
     return path
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_page_output(path: str | os.PathLike, suffix: str, mark: str | None = None,
+                      page_kind: str = "a page written by lmlab") -> Path:
+    """``path`` if a page or picture (``suffix``: .html, .png) may be written there: not a folder, named with
+    ``suffix``, and not an existing file of another kind: an existing PNG is replaced (as plotting tools
+    do), an existing page only if it holds ``mark`` (``page_kind``: written by the same command); anything
+    else is the user's and refused. Then the checks of its place that every output gets (check_place). The
+    rule of check_output for lmlab's output folders (refuse, or --force) does not fit a page rewritten at will."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give the name of the {suffix} file to write")
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"{path} does not end in {suffix}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4000)
+        ours = head.startswith(PNG_SIGNATURE) if suffix == ".png" else mark is not None and mark.encode() in head
+        if not ours:
+            kind = "a PNG picture" if suffix == ".png" else page_kind
+            raise OutputError(f"{path} exists and is not {kind}; refusing to replace it")
+    return check_place(path)
 
 
 def _check_not_an_input(path: Path, inputs: Iterable) -> None:
@@ -410,18 +435,19 @@ def _process_alive(pid: int) -> bool:
 
 
 def read_text_file(path: str | os.PathLike, what: str, error: type[LmlabError] = DataError) -> str:
-    """The whole UTF-8 text of a small file the user names (a config, a prompt), or one ``error`` line
-    saying why not: an empty name, a folder, missing, binary (NUL bytes) or not UTF-8."""
+    """The whole UTF-8 text of a small file the user names (``what``: "config", "prompt" ...), or one ``error``
+    line saying why not: an empty name, a folder, missing, binary (NUL bytes) or not UTF-8."""
     path = Path(path)
+    article = "an" if what[:1].lower() in "aeiou" else "a"
     if str(path) in ("", "."):
         raise error(f"the {what} file name is empty")
     if path.is_dir():
-        raise error(f"{path} is a folder, not a {what} file")
+        raise error(f"{path} is a folder, not {article} {what} file")
     if not path.is_file():
         raise error(f"{what} file not found: {path}")
     raw = path.read_bytes()
     if b"\0" in raw:
-        raise error(f"{path}: a binary file, not a {what}")
+        raise error(f"{path}: a binary file, not {article} {what} file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -27,10 +27,22 @@ class TokenShards:
         if split not in meta["splits"]:
             raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(meta['splits'])})")
         info = meta["splits"][split]
-        self.split, self.meta = split, meta
-        self.shards = [np.memmap(data_dir / name, dtype=meta["dtype"], mode="r") for name in info["shards"]]
+        self.split, self.meta, self.data_dir = split, meta, data_dir
+        self.shards = [_open_shard(data_dir / name, np.dtype(meta["dtype"])) for name in info["shards"]]
         self.tokens = sum(len(s) for s in self.shards)
+        if "tokens" in info and info["tokens"] != self.tokens:
+            raise DataError(f"{data_dir}: the {split} shards hold {self.tokens:,} tokens, meta.json says "
+                            f"{info['tokens']:,}: a shard was cut short or replaced; prepare the data again")
         self.bytes = info.get("bytes")
+        self.vocab_size = meta.get("vocab_size")
+
+    def _checked(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` read from the shards, refused if one lies outside the vocabulary they were written with
+        (a damaged shard, or one of another tokenizer's, would index past the embedding)."""
+        if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
+            raise DataError(f"{self.data_dir}: the {self.split} shards hold token id {int(ids.max())}, outside "
+                            f"the vocabulary of {self.vocab_size} they were prepared with; prepare the data again")
+        return ids
 
     def check_context(self, block_size: int) -> None:
         """Fail early, with the numbers, if no shard holds a window of block_size + 1 tokens."""
@@ -48,7 +60,7 @@ class TokenShards:
         for sid in shard_ids:
             start = int(rng.integers(0, room[sid]))
             rows.append(np.asarray(self.shards[sid][start:start + block_size + 1], dtype=np.int64))
-        window = torch.from_numpy(np.stack(rows))  # (B, T + 1)
+        window = torch.from_numpy(self._checked(np.stack(rows)))  # (B, T + 1)
         return window[:, :-1], window[:, 1:]
 
 
@@ -60,7 +72,22 @@ class TokenShards:
             if lo < hi:
                 pieces.append(np.asarray(shard[lo:hi], dtype=np.int64))
             offset += len(shard)
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        return self._checked(np.concatenate(pieces)) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def _open_shard(path: Path, dtype: np.dtype) -> np.memmap:
+    """A shard as a memory map of tokens, refused with a one-line error if it is missing or not a whole
+    number of tokens long."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the shard ({e.strerror or type(e).__name__}); prepare the data again")
+    if size % dtype.itemsize:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of {dtype.name} tokens: the shard is "
+                        f"damaged; prepare the data again")
+    if size == 0:
+        return np.zeros(0, dtype=dtype)  # np.memmap cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def sequential_batch(shards: TokenShards, batch_size: int, block_size: int,

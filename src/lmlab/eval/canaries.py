@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmlab.config import Count, NonNegativeInt, check_argument
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import DataError
 from lmlab.eval.loglik import score_requests
@@ -131,6 +132,9 @@ def exposure(model: nn.Module, tokenizer: Tokenizer, canary: Canary, enumerate_u
 
 def evaluate_canaries(model: nn.Module, tokenizer: Tokenizer, canaries: list[Canary], **options) -> dict:
     """The exposure of every canary, and the mean exposure of the planted ones and of the controls."""
+    for name, ftype in (("enumerate_up_to", NonNegativeInt), ("samples", Count), ("batch_size", Count)):
+        if name in options:
+            check_argument(f"--{name.replace('_', '-')}", options[name], ftype)
     was_training = model.training
     model.eval()
     try:

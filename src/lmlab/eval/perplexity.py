@@ -194,5 +194,5 @@ def _prepared_ids(data_dir: str, split: str, tokenizer: Tokenizer, masked: bool)
         expected = data_tokenizer.sha256()
     if expected != tokenizer.sha256():
         raise DataError(f"{data_dir} was prepared with another tokenizer than the checkpoint's")
-    ids = np.concatenate([[tokenizer.eot_id], *[np.asarray(s, dtype=np.int64) for s in shards.shards]])
+    ids = np.concatenate([[tokenizer.eot_id], shards.read(0, shards.tokens)])
     return ids, shards.bytes

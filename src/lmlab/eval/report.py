@@ -87,7 +87,7 @@ def read_task_results(paths: list[str | Path]) -> list[dict]:
         results = []
         for file in files:
             try:
-                data = json.loads(read_text_file(file, "results file"))
+                data = json.loads(read_text_file(file, "results"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(data, dict) and isinstance(data.get("metrics"), dict) and "task" in data:

@@ -11,6 +11,7 @@ Any lmlab model or Hugging Face folder can be the base: an encoder pools [CLS] t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -34,7 +35,7 @@ from lmlab.eval.tasks import TaskSpec, read_docs, task_result
 from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 from lmlab.models.interface import count_parameters
 from lmlab.models.lora import inject_lora
-from lmlab.models.heads import ClassifierConfig, SequenceClassifier
+from lmlab.models.heads import ClassifierConfig, SequenceClassifier, is_encoder_decoder, model_kind
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.loop import Batch, RunResult, TaskBase, Trainer, prepare_run
 from lmlab.runtime import autocast_context, seed_everything
@@ -84,14 +85,22 @@ def rdrop_loss(model: SequenceClassifier, x: torch.Tensor, mask: torch.Tensor, y
 
 
 def build_classifier(backbone: nn.Module, labels: list[str], pooling: str | None, dropout: float) -> SequenceClassifier:
-    """A SequenceClassifier on ``backbone``; default pooling: [CLS] for encoders, last token otherwise.
+    """A SequenceClassifier on ``backbone``; default pooling: [CLS] for encoders, the mean for word vectors
+    (word2vec: a bag of words), the last token for decoders. An encoder-decoder is refused.
 
     ``pooling`` is model.pooling, which the config checks; ``labels`` come from ``sorted_labels`` (two or more).
     """
     if isinstance(backbone, (SequenceClassifier, MaskedLM, ReplacedTokenDetector)):  # a new head on the backbone
         backbone = backbone.backbone  # of a classifier or a masked-LM / ELECTRA pretrainer (its heads dropped)
+    family = backbone.config.family
+    if is_encoder_decoder(backbone):
+        raise ConfigError(f"the base model is {model_kind(backbone)}: a classifier reads one text, so fine-tune "
+                          f"an encoder or a decoder (a language model) instead")
+    if family == "word2vec":  # the mean of the text's word vectors (fastText-style); dense gradients for AdamW
+        backbone.input_emb.sparse = backbone.output_emb.sparse = False
+        backbone.config = dataclasses.replace(backbone.config, w2v_sparse=False)
     if pooling is None:
-        pooling = "cls" if backbone.config.family == "encoder" else "last"
+        pooling = {"encoder": "cls", "word2vec": "mean"}.get(family, "last")
     return SequenceClassifier(backbone, ClassifierConfig(labels=labels, pooling=pooling, dropout=dropout))
 
 
@@ -292,8 +301,8 @@ def evaluate_classification_task(ckpt, spec: TaskSpec, batch_size: int = 64) -> 
 def require_classifier(ckpt):
     """``ckpt`` itself if it holds a classifier, else a ConfigError saying what it is."""
     if not isinstance(ckpt.model, SequenceClassifier):
-        what = "an encoder without a classifier head" if ckpt.model.config.family == "encoder" else "a language model"
-        raise ConfigError(f"{ckpt.path} is {what}, not a classifier (train one with lmlab finetune classify)")
+        raise ConfigError(f"{ckpt.path} is {model_kind(ckpt.model)}, not a classifier (train one with lmlab finetune "
+                          f"classify)")
     return ckpt
 
 

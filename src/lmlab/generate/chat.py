@@ -28,6 +28,10 @@ class ChatSession:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
         self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
+        context = model.context_length
+        if context is not None and params.max_new_tokens >= context:
+            log.warning(f"max new tokens ({params.max_new_tokens}) is not below the model's context of {context} "
+                        f"tokens: each answer stops when the context is full")
         self.reset()
 
     def reset(self) -> None:

@@ -103,6 +103,9 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str,
     self- and cross-attention are drawn as well as the encoder's.
     """
     family = model.config.family
+    if family == "word2vec":
+        raise ConfigError("word vectors (word2vec) have no attention heads to draw; look at them with lmlab inspect "
+                          "embeddings")
     if family in RECURRENT or family == "rnn_seq2seq":
         raise ConfigError(f"a {family} model has no attention heads to draw (lmlab inspect attention draws the "
                           f"hidden-state norms of a recurrent language model, not of a {family} model)")
@@ -113,15 +116,18 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, prompt: str,
     ids = encode_prompt(model, tokenizer, prompt)
     source = token_labels(tokenizer, ids)
     idx = torch.tensor([ids], device=device)
+    tgt = [tokenizer.eot_id] + tokenizer.encode(target) if target is not None else []  # the start token first
+    if len(tgt) > model.config.block_size:
+        raise DataError(f"the target is {len(tgt)} tokens with the start token, longer than the model's context "
+                        f"of {model.config.block_size}; give a shorter --target")
     with recorded_attention(model) as records:
         if not is_encoder_decoder(model):
             model(idx)
         elif target is None:
             model.encode(idx)
         else:
-            tgt = [tokenizer.eot_id] + tokenizer.encode(target)
             model(idx, torch.tensor([tgt], device=device))
-    targets = token_labels(tokenizer, [tokenizer.eot_id] + tokenizer.encode(target)) if target is not None else []
+    targets = token_labels(tokenizer, tgt)
     maps = []
     for name, weights in records.items():
         if not weights:

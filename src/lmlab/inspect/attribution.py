@@ -25,11 +25,11 @@ import torch.nn as nn
 
 from lmlab.data.labeled import encode_texts
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.errors import ConfigError, OutputError
+from lmlab.errors import ConfigError
 from lmlab.finetune.classify import checked_max_length, predict_texts, require_classifier
 from lmlab.inspect.attention import token_labels
 from lmlab.models.heads import SequenceClassifier
-from lmlab.runs import atomic_file, atomic_write_text, check_place
+from lmlab.runs import atomic_file, atomic_write_text, check_page_output
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class Attribution:
 def token_embedding(model: SequenceClassifier) -> nn.Embedding:
     """The backbone's token-embedding layer, whose output the attributions are taken over."""
     backbone = model.backbone
-    layer = getattr(backbone, "tok_emb", None) or getattr(backbone, "embed", None)
+    names = ("tok_emb", "embed", "input_emb")  # the Transformers', the recurrent models', word2vec's
+    layer = next((getattr(backbone, n) for n in names if isinstance(getattr(backbone, n, None), nn.Embedding)), None)
     if not isinstance(layer, nn.Embedding):
         raise ConfigError(f"found no token embedding in a {backbone.config.family} model to attribute over")
     return layer
@@ -197,18 +198,9 @@ def plot_attributions(rows: list[dict], tokenizer: Tokenizer, path: str | Path, 
 
 
 def checked_page_path(path: str | Path, suffix: str) -> Path:
-    """``path`` if a page (``suffix``: .html, .png) may be written there: not a folder, and not an existing
-    file of another kind (an existing .png, or an .html page this module wrote, is replaced, with no --force:
-    the rule of runs.check_output for lmlab's outputs does not fit a page rewritten at will); then the
-    checks of its place that every output gets (runs.check_place: not inside a checkpoint, writable)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give the name of the {suffix} file to write")
-    if path.suffix.lower() != suffix:
-        raise OutputError(f"{path} does not end in {suffix}")
-    if suffix == ".html" and path.is_file() and PAGE_MARK not in path.read_text("utf-8", errors="replace")[:2000]:
-        raise OutputError(f"{path} exists and is not an attribution page written by lmlab; refusing to replace it")
-    return check_place(path)
+    """``path`` if an attribution page (.html) or picture (.png) may be written there (runs.check_page_output:
+    an .html page is replaced only if this module wrote it)."""
+    return check_page_output(path, suffix, PAGE_MARK, "an attribution page written by lmlab")
 
 
 def write_html(rows: list[dict], tokenizer: Tokenizer, path: str | Path) -> Path:

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from lmlab.data.tokenizer import EOS, UNK, Tokenizer
 from lmlab.errors import ConfigError, DataError
-from lmlab.runs import read_text_file
+from lmlab.runs import check_page_output, read_text_file
 
 ANALOGY_TOP = 5  # gensim takes the first of its top 5 answers that is an allowed word and not a question word
 
@@ -138,7 +138,7 @@ class EmbeddingSpace:
         vocab, ids = self._vocab(restrict, case_insensitive)
         key = str.upper if case_insensitive else str
         sections, asked, skipped, questions = [], [], 0, 0  # asked: (section number, [a, b, c, d] spelled by key)
-        for number, line in enumerate(read_text_file(path, "analogy file").splitlines(), 1):
+        for number, line in enumerate(read_text_file(path, "analogy").splitlines(), 1):
             if line.startswith(": "):
                 sections.append({"section": line[2:].strip(), "correct": 0, "total": 0})
                 continue
@@ -191,7 +191,7 @@ class EmbeddingSpace:
         vocab, _ = self._vocab(restrict, case_insensitive)
         key = str.upper if case_insensitive else str
         gold, model, oov = [], [], 0
-        for line in read_text_file(path, "word-pair file").splitlines():
+        for line in read_text_file(path, "word-pair").splitlines():
             if not line or line.startswith("#"):
                 continue
             fields = line.split("\t")
@@ -282,6 +282,8 @@ def inspect_embeddings(space: EmbeddingSpace, neighbors: list[str] = (), analogy
         raise ConfigError(f"--top-k and --restrict-vocab must be at least 1, got {top_k} and {restrict}")
     if bool(plot) != bool(plot_out):
         raise ConfigError("--plot WORD... and -o OUT.png go together")
+    if plot_out:
+        check_page_output(plot_out, ".png")  # not a folder, nor a file of the user's that is not a picture
     for word in [*neighbors, *(analogy or []), *(similarity or []), *plot]:
         space.id_of(word)
     report: dict = {}

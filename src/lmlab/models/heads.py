@@ -64,10 +64,13 @@ class SequenceClassifier(nn.Module):
         last = attention_mask.sum(1).long().clamp(min=1) - 1  # (B,) index of each row's last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self) -> float | None:
         """Approximate training FLOPs per token, for the MFU estimate: the backbone's, less its output
         layer (``features`` stops before it: 6 FLOPs per weight of lm_head or head). The classifier runs
-        once per sequence, not per token, and is left out; so is the backbone's pooler."""
+        once per sequence, not per token, and is left out; so is the backbone's pooler. None for a
+        backbone that counts none (word vectors)."""
+        if not hasattr(self.backbone, "flops_per_token"):
+            return None
         output = getattr(self.backbone, "lm_head", None) or getattr(self.backbone, "head", None)
         unused = output.weight.numel() if output is not None else 0
         return self.backbone.flops_per_token() - 6 * unused
@@ -112,6 +115,23 @@ def require_language_model(ckpt, masked: bool = False):
         raise ConfigError(f"{ckpt.path} holds word vectors (word2vec), not a language model; "
                           f"look at them with lmlab inspect embeddings")
     return ckpt
+
+
+def model_kind(model: nn.Module) -> str:
+    """What a checkpoint's model is, for messages that refuse it: "a sequence classifier", "word vectors
+    (word2vec)", "an encoder-decoder (seq2seq)", ..."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    if isinstance(model, SequenceClassifier):
+        return "a sequence classifier"
+    if isinstance(model, (MaskedLM, ReplacedTokenDetector)):
+        return "a masked language model (an encoder)"
+    if family in SEQ2SEQ:
+        return f"an encoder-decoder ({family})"
+    if family == "encoder":
+        return "an encoder without a classifier head"
+    if family == "word2vec":
+        return "word vectors (word2vec)"
+    return "a language model"
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

@@ -416,8 +416,9 @@ class Trainer:
             record["epsilon"] = epsilon if math.isfinite(epsilon) else None  # None: spent without noise (infinite)
             record.update(self.privacy.gradient_norms())  # per-example norms before clipping: how much clipping did
             postfix["eps"] = f"{epsilon:.2f}"
-        if hasattr(self.model, "flops_per_token"):  # achieved model FLOP/s, and its share of the peak (MFU)
-            record["tflops"] = tok_s * self.model.flops_per_token() / 1e12
+        flops = model_flops_per_token(self.model)
+        if flops is not None:  # achieved model FLOP/s, and its share of the peak (MFU)
+            record["tflops"] = tok_s * flops / 1e12
             if self.peak_tflops:
                 record["mfu"] = record["tflops"] / self.peak_tflops
                 postfix["mfu"] = f"{record['mfu']:.1%}"
@@ -566,10 +567,17 @@ def _ctrl_c_between_steps(enabled: bool):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def model_flops_per_token(model: nn.Module) -> float | None:
+    """The training FLOPs per token that ``model`` counts (for FLOP/s and MFU), None if it counts none
+    (word vectors, or a classifier on them: lookups, not matrix products)."""
+    count = getattr(model, "flops_per_token", None)
+    return count() if count is not None else None
+
+
 def _peak_tflops(model: nn.Module, device: torch.device, precision: str) -> float | None:
     """The peak MFU divides by (runtime.peak_tflops), for models that count their FLOPs; measured here, before
     any step is timed, since a CPU's peak is a timing probe."""
-    if not hasattr(model, "flops_per_token"):
+    if model_flops_per_token(model) is None:
         return None
     peak = peak_tflops(device, precision, width_of(model))
     if peak is None or device.type != "cuda":

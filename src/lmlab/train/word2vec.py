@@ -11,7 +11,8 @@ What the train split becomes, once, when the task starts:
     noise       negatives are drawn from the counts of the kept words to the power 0.75
 
 A step reads the next ``train.batch_size * train.grad_accum`` words of that stream (one micro-batch
-per ``batch_size`` words; an epoch is one pass) and, with a generator seeded with (seed, step):
+per ``batch_size`` words; an epoch is one pass, its last step the last words in full, overlapping the step
+before) and, with a generator seeded with (seed, step):
 
     subsampling   keeps a word of frequency f with probability (sqrt(f / t) + 1) * t / f, t = word2vec.sample
                   (word2vec.c's formula, also gensim's), so frequent words ("the", ",") are mostly skipped
@@ -153,8 +154,9 @@ class Word2VecTask(TaskBase):
         self.boundary, dropped = self._special_words(V)
         self.vocab = Vocabulary(np.bincount(ids, minlength=V), dropped | self.boundary, self.wc)
         self.words, self.sentence = sentence_stream(ids, self.vocab.kept, self.boundary)
-        if len(self.words) < 2:
-            raise DataError(f"{data_dir}: the train split has {len(self.words)} words kept by word2vec.min_count")
+        if not (self.sentence[1:] == self.sentence[:-1]).any():
+            raise DataError(f"{data_dir}: no two of the {len(self.words)} words kept by word2vec.min_count share a "
+                            f"sentence: word2vec learns from the words around a word; use more text or a lower min_count")
         log.info("word2vec: %d of %d words kept (%d distinct), %d sentences", len(self.words), train.tokens,
                  int(self.vocab.kept.sum()), len(np.unique(self.sentence)))
         self.val = TokenShards(data_dir, cfg.data.val_split) if _has_split(data_dir, cfg.data.val_split) else None
@@ -178,7 +180,9 @@ class Word2VecTask(TaskBase):
     def step_batches(self, step: int) -> list[Batch]:
         """One micro-batch per ``batch_size`` words of the step's stretch of the stream."""
         per_step = self.tc.batch_size * self.tc.grad_accum
-        start = (step % self.steps_per_epoch()) * per_step
+        # the last step of an epoch reads the last per_step words, not a short tail (a word or two might
+        # have no context word to learn from)
+        start = min((step % self.steps_per_epoch()) * per_step, max(0, len(self.words) - per_step))
         rng = np.random.default_rng([self.tc.seed, step])
         batches = []
         for lo in range(start, min(start + per_step, len(self.words)), self.tc.batch_size):
@@ -190,10 +194,11 @@ class Word2VecTask(TaskBase):
              subsample: bool = True) -> Batch:
         """The training rows of a stretch of the stream: subsampled, windowed, with negatives."""
         read = len(words)
+        kept_words, kept_sentence = words, sentence
         if subsample:
             keep = rng.random(read) < self.vocab.keep_prob[words]
-            words, sentence = words[keep], sentence[keep]
-        inputs, mask, targets = window_rows(words, sentence, self.wc.window, rng)
+            kept_words, kept_sentence = words[keep], sentence[keep]
+        inputs, mask, targets = window_rows(kept_words, kept_sentence, self.wc.window, rng)
         if len(targets) == 0 and subsample:  # all but one word of a short stretch skipped: learn from it whole
             return self.rows(words, sentence, rng, subsample=False)
         negatives = self.vocab.negatives((len(targets), self.wc.negatives), rng)  # shared by a row's pairs
