@@ -194,7 +194,7 @@ def test_cli_prepares_pairs_and_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert main(["data", "prepare", "--pairs", en, de, "--kind", "char", "-o", out, "--force", "-q"]) == 0
     capsys.readouterr()
     cases = [
-        (["--pairs", en, "-o", str(tmp_path / "x")], "one input must be a table"),
+        (["--pairs", en, "-o", str(tmp_path / "x")], "pairs given as one input come as a table"),
         (["--pairs", en, de, en, "-o", str(tmp_path / "x")], "got 3"),
         (["--pairs", en, str(write_lines(tmp_path / "short.de", TARGETS[:3])), "-o", str(tmp_path / "x")],
          "has 40 lines but"),

@@ -142,6 +142,12 @@ def test_readers_and_batches(tmp_path):
     (tmp_path / "x.txt").write_text("a")
     with pytest.raises(DataError, match="unknown format"):
         read_examples(tmp_path / "x.txt")
+    (tmp_path / "dup.tsv").write_text("sentence\tlabel\tlabel\ngood\t1\t0\n")
+    with pytest.raises(DataError, match="the header names 'label' more than once"):
+        read_examples(tmp_path / "dup.tsv")
+    (tmp_path / "num.jsonl").write_text('{"sentence": 5, "label": 1}\n')
+    with pytest.raises(DataError, match="num.jsonl:1: field 'sentence' is 5, not a text"):
+        read_examples(tmp_path / "num.jsonl")
     lengths = [random.Random(i).randint(1, 50) for i in range(1000)]
     batches = length_grouped_batches(lengths, 32, seed=1, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(1000))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
+from lmlab.config import ModelConfig
 from lmlab.data.chat import END, ROLE_TOKENS, add_chat_tokens, conversation_of, read_conversations, render
 from lmlab.data.tokenizer import train_tokenizer
 from lmlab.errors import DataError
@@ -15,7 +16,8 @@ from lmlab.finetune.sft import training_rows
 from lmlab.models.interface import IGNORE_INDEX as IGNORE
 from lmlab.generate.chat import ChatSession, run_repl
 from lmlab.generate.sampling import SamplingParams
-from lmlab.train.checkpoint import load_checkpoint
+from lmlab.models.registry import build_model
+from lmlab.train.checkpoint import load_checkpoint, save_checkpoint
 
 ANSWERS = {"say hi": "hi there", "say bye": "bye now"}
 
@@ -132,6 +134,17 @@ train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 2, eval_interval: 5, log_inter
          checkpoint_interval: 100, {train_yaml}}}
 """)
     return config
+
+
+def test_a_base_that_is_not_a_decoder_is_refused_by_name(trained_run, tmp_path, capsys):
+    ckpt = load_checkpoint(trained_run)
+    w2v = build_model(ModelConfig(family="word2vec", vocab_size=ckpt.tokenizer.vocab_size, d_model=8))
+    save_checkpoint(tmp_path / "w2v", w2v, ckpt.tokenizer)
+    config = sft_config(tmp_path / "w2v", tmp_path, max_steps=4)
+    assert main(["finetune", "sft", str(config), f"train.out_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: the base model is word vectors (word2vec): instruction tuning needs a decoder (a gpt or "
+                   "recurrent language model)")
 
 
 def sft_losses(run):

@@ -203,6 +203,12 @@ def test_convert_cli_round_trip_and_hf_folders_load_everywhere(trained_run, tmp_
     assert capsys.readouterr().out.startswith("the ")
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "error: " in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert main(["convert", str(tmp_path / "plain"), str(tmp_path / "x")]) == 1
+    assert "is neither an lmlab checkpoint nor a Hugging Face model folder" in capsys.readouterr().err
+    assert main(["convert", str(trained_run), str(tmp_path / "x"), "--to", "lmlab"]) == 1
+    assert "is an lmlab checkpoint already; --to lmlab imports a Hugging Face model folder" in capsys.readouterr().err
+    (tmp_path / "plain").rmdir()
     assert main(["convert", str(trained_run), str(hf_dir)]) == 1  # a previous output needs --force
     assert "already holds a Hugging Face folder; pass --force" in capsys.readouterr().err
     assert main(["convert", str(trained_run), str(back_dir), "--to", "hf", "--force"]) == 1  # never another kind

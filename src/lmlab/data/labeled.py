@@ -41,7 +41,9 @@ def read_examples(path: str | Path, text_field: str = "sentence", label_field: s
         where = f"{path}:{line}"
         if text_field not in row:
             raise DataError(f"{where}: no field {text_field!r} (fields: {', '.join(map(str, row))}); set the text field")
-        text = str(row[text_field] or "").strip()
+        if not isinstance(row[text_field], (str, type(None))):
+            raise DataError(f"{where}: field {text_field!r} is {row[text_field]!r}, not a text")
+        text = (row[text_field] or "").strip()
         if not text:
             raise DataError(f"{where}: empty text")
         label = None
@@ -101,6 +103,10 @@ def _rows(f, suffix: str, path: Path):
         return
     reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    header = reader.fieldnames or []
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # a dict keeps the last of them: say so rather than read one silently
+        raise DataError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; rename the columns")
     for row in reader:
         yield reader.line_num, row
 

@@ -44,7 +44,7 @@ import torch
 from lmlab.data.labeled import TABLE_SUFFIXES, iter_rows, pad_rows, sequential_batches, table_suffix
 from lmlab.data.prepare import _unit_interval, read_meta_json, token_dtype
 from lmlab.data.sources import iter_lines
-from lmlab.data.tokenizer import Tokenizer, train_tokenizer
+from lmlab.data.tokenizer import Tokenizer, noted_after_first, train_tokenizer
 from lmlab.errors import DataError
 from lmlab.runs import atomic_dir, check_output
 
@@ -60,11 +60,11 @@ BATCH_PAIRS = 4096  # pairs encoded at once
 
 
 def iter_pairs(paths: list[str], source_field: str = "source", target_field: str = "target",
-               counts: dict | None = None) -> Iterator[tuple[str, str]]:
+               counts: dict | None = None, warn: bool = True) -> Iterator[tuple[str, str]]:
     """(source, target) texts of one input: two aligned line files, or one TSV/CSV/JSONL table.
 
     Texts are NFC-normalised (as read) and stripped; pairs with an empty side are skipped, counted in
-    ``counts["skipped"]`` and logged. Misaligned files are a DataError naming both line counts.
+    ``counts["skipped"]`` and (``warn``) logged. Misaligned files are a DataError naming both line counts.
     """
     check_pair_input(paths)
     counts = counts if counts is not None else {}
@@ -78,8 +78,8 @@ def iter_pairs(paths: list[str], source_field: str = "source", target_field: str
             yield source, target
         else:
             skipped += 1
-    if skipped:
-        counts["skipped"] += skipped
+    counts["skipped"] += skipped
+    if skipped and warn:
         log.warning(f"{' + '.join(paths)}: skipped {skipped} pairs with an empty source or target")
 
 
@@ -94,14 +94,14 @@ def check_pair_input(paths: list[str], what: str = "input") -> None:
     paths = [str(p) for p in paths or []]
     tables = [p for p in paths if table_suffix(p) in TABLE_SUFFIXES]
     if len(paths) == 1 and not tables:
-        raise DataError(f"{paths[0]}: with --pairs, one {what} must be a table (.tsv, .csv or .jsonl, optionally "
+        raise DataError(f"{paths[0]}: pairs given as one {what} come as a table (.tsv, .csv or .jsonl, optionally "
                         f".gz); aligned text files come as two: SOURCE TARGET")
     if len(paths) == 2 and tables:
-        raise DataError(f"{tables[0]}: with --pairs, two {what}s are SOURCE TARGET text files with one example per "
+        raise DataError(f"{tables[0]}: pairs given as two {what}s are SOURCE TARGET text files with one example per "
                         f"line; a table comes alone")
     if len(paths) not in (1, 2):
-        raise DataError(f"with --pairs, the {what} is one table or two aligned files (SOURCE TARGET), "
-                        f"got {len(paths)}: {' '.join(paths)}")
+        raise DataError(f"pairs come as one table or two aligned files (SOURCE TARGET), got {len(paths)} {what}s: "
+                        f"{' '.join(paths)}")
     for p in paths:
         if not Path(p).is_file():
             raise DataError(f"{p}: no such file")
@@ -144,18 +144,17 @@ def pairs_tokenizer(inputs: list[str], tokenizer: str | os.PathLike | None, kind
     encoder and decoder embeddings and copy names from source to target."""
     if tokenizer is not None:
         return Tokenizer.load(tokenizer)
-    log.info(f"training a {kind} tokenizer on both sides of the train pairs (pass --tokenizer to reuse one)")
-
     def texts() -> Iterable[str]:
         seen = 0
-        for source, target in iter_pairs(inputs, source_field, target_field):
+        for source, target in iter_pairs(inputs, source_field, target_field, warn=False):  # writing them warns
             yield source
             yield target
             seen += len(source.encode("utf-8")) + len(target.encode("utf-8"))
             if max_bytes is not None and seen >= max_bytes:
                 return
 
-    return train_tokenizer(kind, texts(), vocab_size, min_freq=min_freq)
+    note = f"training a {kind} tokenizer on both sides of the train pairs (pass --tokenizer to reuse one)"
+    return train_tokenizer(kind, noted_after_first(texts(), note), vocab_size, min_freq=min_freq)
 
 
 # ---------------------------------------------------------------------------- writing a pairs folder

@@ -29,7 +29,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Sequence
+from typing import Annotated, Callable, Iterable, Iterator, Sequence
 
 import tokenizers
 from pydantic import Field
@@ -350,9 +350,21 @@ def tokenizer_for(tokenizer: str | os.PathLike | None, kind: str,
     trainer = tokenizer_trainer(kind, **train_options)
     if kind == "byte":
         return trainer([])
-    log.info(f"training a {kind} tokenizer on the train documents (those the filters keep, when filters are on; "
-             "pass --tokenizer to reuse one)")
-    return trainer
+    note = (f"training a {kind} tokenizer on the train documents (those the filters keep, when filters are on; "
+            "pass --tokenizer to reuse one)")
+    return lambda texts: trainer(noted_after_first(texts, note))
+
+
+def noted_after_first(texts: Iterable[str], note: str) -> Iterator[str]:
+    """``texts``, with ``note`` logged once the first has been read: reading checks the inputs (missing,
+    empty, binary, not UTF-8), so a bad input is its one error line, with no note of work before it."""
+    texts = iter(texts)
+    first = next(texts, None)
+    if first is None:
+        return
+    log.info(note)
+    yield first
+    yield from texts
 
 
 def tokenizer_trainer(

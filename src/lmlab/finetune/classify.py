@@ -269,6 +269,10 @@ def predict_texts(ckpt, texts: list[str], file: str | None = None, text_field: s
         raise DataError("give texts to classify as arguments or with --file")
     if any(not t.strip() for t in texts):
         raise DataError("cannot classify an empty text")
+    cut = sum(len(ids) > max_length for ids in ckpt.tokenizer.encode_batch(texts, add_special_tokens=True))
+    if cut:
+        log.info(f"note: {cut} of {len(texts)} texts are longer than {max_length} tokens; the classifier reads their "
+                 f"first {max_length} (--max-length sets it, up to the model's context)")
     probs = predict_proba(ckpt.model, ckpt.tokenizer, texts, max_length)
     labels = ckpt.model.head_config.labels
     best = probs.argmax(-1).tolist()

@@ -20,6 +20,7 @@ from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.data.labeled import pad_rows
+from lmlab.models.heads import model_kind
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.runtime import seed_everything
@@ -80,8 +81,9 @@ class SftTask(TaskBase):
         self.cfg, self.tc = cfg, tc
         conversations, val_conversations = _split_conversations(cfg)
         self.model, self.tokenizer = base.model, base.tokenizer
-        if getattr(self.model, "head_config", None) is not None or self.model.config.family == "encoder":
-            raise ConfigError("instruction tuning needs a decoder (a gpt or recurrent language model)")
+        if model_kind(self.model) != "a language model":
+            raise ConfigError(f"the base model is {model_kind(self.model)}: instruction tuning needs a decoder (a gpt "
+                              f"or recurrent language model)")
         seed_everything(tc.seed)
         self.added = add_chat_tokens(self.tokenizer, self.model)
         self.block = self.model.context_length or self.model.config.block_size

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.errors import ConfigError
+from lmlab.errors import CheckpointError, ConfigError
 from lmlab.runs import check_output
 from lmlab.interop.gguf import export_gguf
 from lmlab.interop.hf import PRETRAINED, describe, export_hf, import_hf
@@ -56,6 +56,12 @@ def convert(source: str | Path, output: str | Path, to: str | None = None, merge
         out = export_hf(ckpt.model, ckpt.tokenizer, output, merge=merge)
         adapter = " + PEFT adapter in adapter/" if (out / "adapter").is_dir() else ""
         return f"wrote {out}: Hugging Face folder{adapter} ({describe(ckpt.model)})"
+    if is_lmlab_checkpoint(source):
+        raise ConfigError(f"{source} is an lmlab checkpoint already; --to lmlab imports a Hugging Face model folder "
+                          f"(lmlab convert {source} OUT exports one)")
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise CheckpointError(f"{source} is neither an lmlab checkpoint nor a Hugging Face model folder (it has no "
+                              f"config.json)")
     model, tokenizer = import_hf(source)
     out = save_checkpoint(output, model, tokenizer, info={"kind": "import", "source": str(source)})
     return f"wrote {out}: lmlab checkpoint ({describe(model)})"

