@@ -389,7 +389,8 @@ def scoring(out: str, err: str) -> bool:
 
 
 def test_ctrl_c_exits_130_without_a_traceback(models, prepared, tmp_path):
-    """Interrupted mid-work (training steps, generating tokens, scoring windows), each command exits 130."""
+    """Interrupted mid-work (training steps, generating tokens, scoring windows) or while it imports torch,
+    each command exits 130."""
     config = tmp_path / "long.yaml"
     config.write_text(f"""
 model: {{n_layer: 1, n_head: 2, d_model: 16, block_size: 16}}
@@ -403,6 +404,9 @@ train: {{out_dir: {tmp_path / 'run'}, batch_size: 2, max_steps: 1000000, warmup_
                                           "--device", "cpu"], lambda out, err: len(out) > 20),
         "eval ppl": start_then_interrupt(["-v", "eval", "ppl", models["lm"], "--data", f"{models['root']}/big.txt",
                                           "--stride", "1", "--device", "cpu"], scoring),
+        # at once, while the command imports torch: the interpreter would die by SIGINT on its way out (-2)
+        "importing": start_then_interrupt(["-v", "eval", "ppl", models["lm"], "--data", f"{models['root']}/big.txt",
+                                           "--device", "cpu"], lambda out, err: "debug: arguments" in err),
     }
     for name, proc in procs.items():
         status = proc.wait(timeout=180)

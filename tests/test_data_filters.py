@@ -281,6 +281,10 @@ def test_cli_filters_end_to_end_with_report_and_filtered_tokenizer_training(tmp_
     assert "| language | 1 |" in (report / "report.md").read_text()
     code, _, err = run([*argv, "--force"], capsys)  # a report folder is replaced with --force
     assert code == 0, err
+    for same in (out, out / "report", tmp_path):  # the report would replace the data folder's files
+        code, _, err = run([*argv[:-1], same, "--force"], capsys)
+        assert code == 1 and "the report needs a folder of its own, apart from the data folder" in err, err
+    assert (out / "meta.json").is_file()
 
 
 def test_tokenizer_training_and_shards_share_one_filter_pass(tmp_path, monkeypatch):

@@ -343,12 +343,18 @@ def test_cli_task_and_compare_end_to_end(taught, facts, tmp_path, capsys):
     table = (tmp_path / "c" / "results.md").read_text()
     assert "| a | facts | 3 |" in table and "| runs/b | facts | 4 |" in table  # named by their folders
     assert (tmp_path / "c" / "comparison.png").is_file()
+    (tmp_path / "hand").mkdir()
+    (tmp_path / "hand" / "results.json").write_text(json.dumps({**result, "metrics": {"acc": "high"}}))
     for argv, fragment in [(["eval", "task", str(ckpt), "--task", "nope", "--out", str(tmp_path / "d")], "unknown task"),
                            (["eval", "task", str(ckpt), "--task", str(spec), "--limit", "0", "--out",
                              str(tmp_path / "d")], "task.limit"),
                            (["eval", "task", str(ckpt), "--task", str(spec), "--data", str(tmp_path / "none"),
                              "--out", str(tmp_path / "d")], "no such file or folder"),
-                           (["eval", "compare", str(ckpt), "--out", str(tmp_path / "d")], "no results.json")]:
+                           (["eval", "compare", str(ckpt), "--out", str(tmp_path / "d")], "no results.json"),
+                           (["eval", "compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "d")],
+                            "the same results given twice"),
+                           (["eval", "compare", str(tmp_path / "hand"), "--out", str(tmp_path / "d")],
+                            "metric 'acc' is 'high', not a number")]:
         assert main(argv) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and fragment in errors[0]

@@ -149,6 +149,12 @@ def test_eval_seq2seq_scores_the_targets_against_the_references(s2s, capsys):
     assert code == 0 and report["examples"] == 5 and "chrf" not in report and report["num_beams"] == 2
     assert {k: report[k] for k in scores} == scores and report["bleu"] < 100
 
+    code, out, err = run(["eval", "seq2seq", s2s["untrained"], "--data", s2s["root"] / "val.src", s2s["root"] / "val.tgt",
+                          "--limit", "2", "--max-new-tokens", "100000", "--out", s2s["root"] / "e3"], capsys)
+    context = load_checkpoint(s2s["untrained"]).model.context_length
+    assert code == 0 and f"leaves room for at most {context - 1} new tokens after the start token" in err
+    assert json.loads(out)["max_new_tokens"] == context - 1  # what decoding could give, not what was asked
+
 
 def test_serve_answers_completions_for_an_encoder_decoder(s2s):
     ckpt = load_checkpoint(s2s["copy"])

@@ -104,6 +104,8 @@ def test_existing_run_needs_resume_and_context_must_fit(prepared, trained_run, t
         pretrain(tiny_run_config(prepared, trained_run))
     with pytest.raises(ConfigError, match="no checkpoints"):
         pretrain(tiny_run_config(prepared, tmp_path / "new"), resume=True)
+    with pytest.raises(ConfigError, match="already reached step .* nothing to resume"):  # a finished run
+        pretrain(tiny_run_config(prepared, trained_run), resume=True)
     cfg = tiny_run_config(prepared, tmp_path / "long")
     cfg.model.block_size = 100_000
     with pytest.raises(DataError, match="context length"):

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from lmlab.errors import ConfigError, LmlabError, first_line
 from lmlab.progress import ConsoleHandler
@@ -117,6 +118,10 @@ def filter_config(args: argparse.Namespace):
         return None
     cfg = load_filter_config(args.filters, flags, args.filter)
     if args.report is not None:
+        report, output = Path(args.report).resolve(), Path(args.output).resolve()
+        if report == output or output in report.parents or report in output.parents:
+            raise ConfigError(f"--report {args.report}: the report needs a folder of its own, apart from the data "
+                              f"folder -o {args.output}")
         check_output(args.report, "report", [*args.inputs, args.output], force=args.force)
     return cfg
 
@@ -1069,5 +1074,18 @@ def report_out_of_memory(error: BaseException) -> int:
     return 1
 
 
+def run() -> None:
+    """The ``lmlab`` command: ``main`` with the process's exit status. After Ctrl-C (status 130, every
+    ``finally`` already run) the process ends at once: an interrupt that lands while a library is being
+    imported (torch takes seconds) leaves the interpreter to die by SIGINT on its way out otherwise,
+    with no exit status of 130."""
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

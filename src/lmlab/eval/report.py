@@ -91,10 +91,20 @@ def read_task_results(paths: list[str | Path]) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(data, dict) and isinstance(data.get("metrics"), dict) and "task" in data:
+                bad = {k: v for k, v in data["metrics"].items()
+                       if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))}
+                if bad:
+                    name, value = next(iter(bad.items()))
+                    raise DataError(f"{file}: metric {name!r} is {value!r}, not a number; the file was changed by "
+                                    f"hand or damaged")
                 results.append({**data, "source": str(file.parent)})
         if not results:
             raise DataError(f"{path}: no results.json of lmlab eval task in it (or below it)")
         found += results
+    sources = [Path(r["source"]).resolve() for r in found]
+    repeated = next((s for s in sources if sources.count(s) > 1), None)
+    if repeated is not None:
+        raise DataError(f"{repeated}: the same results given twice")
     return found
 
 

@@ -75,6 +75,11 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: list[tuple[s
     context = model.context_length
     max_new_tokens = context if max_new_tokens is None else max_new_tokens
     check_argument("max_new_tokens", max_new_tokens, Count)
+    if context is not None and max_new_tokens > context - 1:  # the target starts with the start token
+        if max_new_tokens > context:
+            log.warning(f"the model's context of {context} tokens leaves room for at most {context - 1} new tokens "
+                        f"after the start token, not {max_new_tokens}")
+        max_new_tokens = context - 1  # what decoding can give, and what the report records
     encoded = encode_sources(tokenizer, [source for source, _ in pairs])
     sources = [fit_source(ids, context, truncate=True) for ids in encoded]
     cut = sum(len(a) < len(b) for a, b in zip(sources, encoded))

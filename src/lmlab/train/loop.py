@@ -508,6 +508,10 @@ class Trainer:
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: "
                                   f"{first_line(e)[:120]})") from None
+        if self.step >= self.tc.max_steps:
+            raise ConfigError(f"{self.run_folder.root} already reached step {self.step}, and this run ends at step "
+                              f"{self.tc.max_steps}: nothing to resume (raise train.max_steps or train.epochs to "
+                              f"train further)")
         log.info("resuming %s from step %d", self.run_folder.root, self.step)
 
     def _load_state(self, state: dict, ckpt: Path) -> None:
