@@ -294,6 +294,9 @@ def test_squad_normalisation_and_token_f1():
     ({"name": "t", "type": "multiple_choice", "num_fewshot": -1}, "task.num_fewshot"),
     ({"name": "t", "type": "multiple_choice", "metrics": ["bleu"]}, "does not apply to multiple_choice"),
     ({"name": "t", "type": "classification"}, "needs labels"),
+    ({"name": "t", "type": "classification", "labels": {0: "bad", 1: "bad", 2: "good"}}, "must be distinct and not empty"),
+    ({"name": "t", "type": "classification", "labels": {0: "", 1: "good"}}, "must be distinct and not empty"),
+    ({"name": "t", "type": "classification", "labels": {1: "good"}}, "at least 2 labels"),
     ({"name": "t", "type": "generation", "format": "arc"}, "format arc is a multiple_choice format"),
     ({"name": "t", "type": "last_word", "fields": {"answer": "a"}}, "reads no field 'answer'"),
     ({"name": "t", "type": "multiple_choice", "prompt": "{context"}, "not a valid template"),
@@ -306,15 +309,18 @@ def test_bad_specs_are_one_line_config_errors(spec, fragment, tmp_path):
 
 def test_bad_data_is_a_one_line_data_error(taught, tmp_path):
     model, tokenizer = taught
-    cases = [({"context": "x", "choices": ["a"], "label": 3}, "neither an index"),
+    cases = [({"context": "x", "choices": ["a", "b"], "label": 3}, "neither an index"),
              ({"context": "x", "options": ["a"], "label": 0}, "no field 'choices'"),
-             ({"context": "x", "choices": "a b", "label": 0}, "must be a list of strings")]
+             ({"context": "x", "choices": "a b", "label": 0}, "must be a list of non-empty strings"),
+             ({"context": "x", "choices": ["", "b"], "label": 0}, "must be a list of non-empty strings"),
+             ({"context": "x", "choices": ["a"], "label": 0}, "holds 1 choice; a question needs 2 or more"),
+             ({"context": None, "choices": ["a", "b"], "label": 0}, "'context' is None, not a text")]
     for record, fragment in cases:
         data = write_jsonl(tmp_path / "test.jsonl", [record])
         spec = load_spec(str(write_spec(tmp_path / "s.yaml", name="t", type="multiple_choice", data=str(data))))
         with pytest.raises(DataError, match=fragment):
             evaluate_task(model, tokenizer, spec)
-    write_jsonl(tmp_path / "test.jsonl", [{"context": "x", "choices": ["a"], "label": 0}])
+    write_jsonl(tmp_path / "test.jsonl", [{"context": "x", "choices": ["a", "b"], "label": 0}])
     spec = load_spec(str(write_spec(tmp_path / "s.yaml", name="t", type="multiple_choice", data=".",
                                     prompt="{nothing}")))
     with pytest.raises(DataError, match="names {nothing}"):

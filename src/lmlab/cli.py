@@ -117,6 +117,12 @@ def filter_config(args: argparse.Namespace):
             raise ConfigError("--report: no filter is on (give --filters, --filter or a filter flag)")
         return None
     cfg = load_filter_config(args.filters, flags, args.filter)
+    for flag, owner, on in (("lang_threshold", "lang", bool(cfg.lang)), ("jaccard", "near_dedupe", cfg.near_dedupe),
+                            ("num_perm", "near_dedupe", cfg.near_dedupe), ("shingle", "near_dedupe", cfg.near_dedupe),
+                            ("exclude_ngram", "exclude", bool(cfg.exclude))):
+        if flag in flags and not on:
+            raise ConfigError(f"--{flag.replace('_', '-')} sets the --{owner.replace('_', '-')} filter, which is off; "
+                              f"give --{owner.replace('_', '-')} too")
     if args.report is not None:
         report, output = Path(args.report).resolve(), Path(args.output).resolve()
         if report == output or output in report.parents or report in output.parents:

@@ -437,10 +437,10 @@ def _process_alive(pid: int) -> bool:
 def read_text_file(path: str | os.PathLike, what: str, error: type[LmlabError] = DataError) -> str:
     """The whole UTF-8 text of a small file the user names (``what``: "config", "prompt" ...), or one ``error``
     line saying why not: an empty name, a folder, missing, binary (NUL bytes) or not UTF-8."""
-    path = Path(path)
     article = "an" if what[:1].lower() in "aeiou" else "a"
-    if str(path) in ("", "."):
+    if not str(path).strip():  # before Path(), which reads "" as "."
         raise error(f"the {what} file name is empty")
+    path = Path(path)
     if path.is_dir():
         raise error(f"{path} is a folder, not {article} {what} file")
     if not path.is_file():

@@ -159,6 +159,12 @@ def check_spec(spec: TaskSpec) -> None:
                           f"(its fields: {', '.join(ROLES[spec.type])})")
     if spec.type == "classification" and not spec.labels:
         raise ConfigError(f"task {spec.name}: classification needs labels (label value -> label word)")
+    words = [str(w).strip() for w in spec.labels.values()]
+    if spec.type == "classification" and (not all(words) or len(set(words)) < len(words)):
+        raise ConfigError(f"task {spec.name}: the label words must be distinct and not empty, got "
+                          f"{', '.join(map(repr, spec.labels.values()))} (a label no word tells apart is never predicted)")
+    if spec.type == "classification" and len(words) < 2:
+        raise ConfigError(f"task {spec.name}: classification needs at least 2 labels")
     try:
         list(string.Formatter().parse(prompt_template(spec)))
     except ValueError as e:
@@ -217,10 +223,16 @@ def to_doc(spec: TaskSpec, record: dict, where: str) -> Doc:
     keys = {**ROLES[spec.type], **spec.fields}
     values = {role: lookup(record, key, where) for role, key in keys.items()}
     fields = {k: v for k, v in record.items() if isinstance(v, (str, int, float))}
+    for role in ("context", "text"):  # a number reads as its text; null, a list or a boolean is a mistake
+        value = values.get(role)
+        if role in values and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise DataError(f"{where}: {keys[role]!r} is {value!r}, not a text")
     if spec.type == "multiple_choice":
         choices = values["choices"]
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-            raise DataError(f"{where}: {keys['choices']!r} must be a list of strings")
+        if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise DataError(f"{where}: {keys['choices']!r} must be a list of non-empty strings")
+        if len(choices) < 2:
+            raise DataError(f"{where}: {keys['choices']!r} holds {len(choices)} choice; a question needs 2 or more")
         return Doc({**fields, "context": str(values["context"])}, choices, gold_index(values["label"], choices, where),
                    where)
     if spec.type == "last_word":
@@ -231,8 +243,8 @@ def to_doc(spec: TaskSpec, record: dict, where: str) -> Doc:
         return Doc({**fields, "context": context, "text": context}, [word], 0, where)
     if spec.type == "generation":
         answers = values["answer"] if isinstance(values["answer"], list) else [values["answer"]]
-        if not answers or not all(isinstance(a, str) for a in answers):
-            raise DataError(f"{where}: {keys['answer']!r} must be a string or a list of strings")
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{where}: {keys['answer']!r} must be a non-empty string or a list of them")
         return Doc({**fields, "context": str(values["context"])}, answers, -1, where)
     label = str(values["label"]).strip()
     if label not in spec.labels:
@@ -317,7 +329,9 @@ def fewshot_prompts(spec: TaskSpec, docs: list[Doc], pool: list[Doc] | None) -> 
         return [render(spec, doc) for doc in docs]
     candidates = docs if pool is None else pool
     if len(candidates) < k + (pool is None):
-        raise DataError(f"task {spec.name}: {k} few-shot examples asked for, but the pool has {len(candidates)}")
+        usable = len(candidates) - (pool is None)
+        where = "other examples to draw from (an example is never its own shot)" if pool is None else "examples in its pool"
+        raise DataError(f"task {spec.name}: {k} few-shot examples asked for, but it has {usable} {where}")
     rng = random.Random(spec.fewshot_seed)
     prompts = []
     for i, doc in enumerate(docs):
