@@ -359,6 +359,17 @@ def test_max_new_tokens_beyond_the_context_is_announced(models, capsys):
     assert code == 0 and "warning" not in err
 
 
+def test_flags_that_greedy_or_one_beam_do_not_use_are_announced(models, capsys):
+    base = ["generate", models["lm"], "--prompt", "the", "--max-new-tokens", "3"]
+    for flags, warning in [(["--greedy", "--temperature", "0.5"], "--greedy takes the most likely token: --temperature 0.5"),
+                           (["--temperature", "0", "--top-p", "0.5", "--seed", "3"], "--top-p, --seed not used"),
+                           (["--length-penalty", "5"], "without --num-beams 2 or more it is not used")]:
+        code, _, err = run([*base, *flags], capsys)
+        assert code == 0 and warning in err, err
+    code, _, err = run([*base, "--greedy"], capsys)
+    assert code == 0 and "warning" not in err
+
+
 def start_then_interrupt(argv: list[str], ready) -> subprocess.Popen:
     """Start ``lmlab ARGV`` in a subprocess; a thread sends it Ctrl-C (SIGINT) once ``ready(stdout, stderr)``."""
     proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", *argv], stdout=subprocess.PIPE,

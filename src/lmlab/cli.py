@@ -210,6 +210,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
               "--source": args.source, "--source-file": args.source_file, "--truncate-source": args.truncate_source}
     check_input_flags(args.checkpoint, seq2seq, [flag for flag, value in inputs.items() if value])
     options = given(args, "num_beams", "length_penalty", "num_samples")
+    if "length_penalty" in options and options.get("num_beams", 1) == 1:
+        log.warning("--length-penalty ranks finished beams: without --num-beams 2 or more it is not used")
     if seq2seq:
         write_targets(ckpt.model, ckpt.tokenizer, read_sources(args.source, args.source_file), sampling_params(args),
                       stream=not args.no_stream, truncate=args.truncate_source, **options)
@@ -448,10 +450,18 @@ def sampling_params(args: argparse.Namespace):
     from lmlab.generate.sampling import SamplingParams
 
     values = given(args, *SAMPLING_FLAGS)
+    defaults = getattr(args, "command_sampling_defaults", {})
+    asked = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}  # on the command line
+    if args.greedy and "temperature" in asked:
+        log.warning(f"--greedy takes the most likely token: --temperature {values['temperature']} is not used")
     if args.greedy:
         values["temperature"] = 0.0
     params = SamplingParams(**values, stop=args.stop or [])
     params.validate()
+    unused = [name for name in ("top_k", "top_p", "min_p", "seed") if name in asked]
+    if params.temperature == 0 and unused:
+        log.warning(f"greedy decoding (temperature 0) draws nothing at random: "
+                    f"{', '.join('--' + n.replace('_', '-') for n in unused)} not used")
     return params
 
 
@@ -470,6 +480,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, **command_defaults) -> None:
 
     def default(name: str):
         return command_defaults.get(name, Default(SAMPLING, name))
+
+    p.set_defaults(command_sampling_defaults=command_defaults)  # to tell them from values given on the command line
 
     p.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"),
                    help="tokens to generate at most (default: %(default)s)")
