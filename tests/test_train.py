@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -104,8 +105,12 @@ def test_existing_run_needs_resume_and_context_must_fit(prepared, trained_run, t
         pretrain(tiny_run_config(prepared, trained_run))
     with pytest.raises(ConfigError, match="no checkpoints"):
         pretrain(tiny_run_config(prepared, tmp_path / "new"), resume=True)
-    with pytest.raises(ConfigError, match="already reached step .* nothing to resume"):  # a finished run
-        pretrain(tiny_run_config(prepared, trained_run), resume=True)
+    copy = tmp_path / "finished"
+    shutil.copytree(trained_run, copy)  # trained for 40 steps
+    finished = pretrain(tiny_run_config(prepared, copy, max_steps=40), resume=True)  # nothing left to do: fine
+    assert finished.step == 40 and len(list((copy / "checkpoints").iterdir())) == 1
+    with pytest.raises(ConfigError, match="already reached step 40, past this run's last step 39"):
+        pretrain(tiny_run_config(prepared, copy, max_steps=39), resume=True)
     cfg = tiny_run_config(prepared, tmp_path / "long")
     cfg.model.block_size = 100_000
     with pytest.raises(DataError, match="context length"):

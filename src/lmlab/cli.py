@@ -17,6 +17,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -193,6 +194,8 @@ def print_result(result) -> None:
     """One line about a finished (or stopped) training run: its step, last metrics, time, memory, checkpoint.
     A run stopped by Ctrl-C (after its checkpoint was saved) exits as interrupted."""
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    if not metrics and math.isnan(result.train_loss):  # no step ran: a finished run resumed
+        metrics = "no step left to train"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every process
         print(f"step {result.step}: {metrics or f'train loss {result.train_loss:.4f}'}; {result.elapsed_s:.0f} s, "
               f"peak memory {result.peak_mem_mib:,.0f} MiB; checkpoint {result.checkpoint}")

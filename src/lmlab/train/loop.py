@@ -508,11 +508,15 @@ class Trainer:
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt}/state.pt does not fit this run ({type(e).__name__}: "
                                   f"{first_line(e)[:120]})") from None
-        if self.step >= self.tc.max_steps:
-            raise ConfigError(f"{self.run_folder.root} already reached step {self.step}, and this run ends at step "
+        if self.step > self.tc.max_steps:
+            raise ConfigError(f"{self.run_folder.root} already reached step {self.step}, past this run's last step "
                               f"{self.tc.max_steps}: nothing to resume (raise train.max_steps or train.epochs to "
                               f"train further)")
-        log.info("resuming %s from step %d", self.run_folder.root, self.step)
+        if self.step == self.tc.max_steps:  # a finished run (or one killed after its last save): a no-op
+            log.info("note: %s already finished at step %d; nothing to train (raise train.max_steps or "
+                     "train.epochs to train further)", self.run_folder.root, self.step)
+        else:
+            log.info("resuming %s from step %d", self.run_folder.root, self.step)
 
     def _load_state(self, state: dict, ckpt: Path) -> None:
         """Optimizer, schedule, scaler, RNG, the task's state and the raw weights under EMA, from ``state``
