@@ -161,6 +161,9 @@ def test_chat_completion_streams_the_same_answer(client):
     ('{"model": "tiny", "prompt": ""}', 400, "empty"),
     ('{"model": "tiny", "prompt": [1, 99999]}', 400, "token ids"),
     ('{"model": "tiny", "prompt": "a", "logprobs": 2}', 400, "logprobs"),
+    ('{"model": "tiny", "prompt": "a", "best_of": 3}', 400, "best_of is not supported"),
+    ('{"model": "tiny", "prompt": "a", "suffix": "x"}', 400, "suffix"),
+    ('{"model": "tiny", "prompt": "a", "stream_options": {"include_usage": true}}', 400, "only allowed when stream"),
     ('{"model": "tiny", "prompt": "' + "the quick brown fox " * 3 + '"}', 400, "context"),
     ('{"model": "tiny", "prompt": "a", "stop": ["", "x"]}', 400, "stop"),
     ('{"prompt": "a"}', 400, "model"),
@@ -214,6 +217,13 @@ def test_chat_errors(client):
                  {"model": "tiny", "messages": [{"role": "user", "content": 3}]}]:
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    hi = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, fragment in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools (function calling)"),
+                            ({"response_format": {"type": "json_object"}}, "response_format 'json_object'"),
+                            ({"stream_options": {"include_usage": True}}, "only allowed when stream is true")]:
+        r = client.post("/v1/chat/completions", json={**hi, **extra})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    assert client.post("/v1/chat/completions", json={**hi, "response_format": {"type": "text"}}).status_code == 200
     assert client.post("/v1/nothing", json={}).json()["error"]["type"] == "not_found_error"
 
 

@@ -126,6 +126,12 @@ async def models(state: ServeState = Depends(served)) -> ModelList:
     return ModelList(data=[Model(id=state.cfg.model_name, created=state.created)])
 
 
+def refuse_stream_options_without_stream(req) -> None:
+    """stream_options applies to streamed responses only (OpenAI refuses it otherwise, and so does this server)."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
 @router.post("/v1/completions", response_model=TextCompletion, response_description=STREAM_NOTE,
              dependencies=[Depends(authorize)], responses=error_responses(400, 401, 404, 413, 429, 500, 504),
              summary="Continue a prompt")
@@ -134,6 +140,11 @@ async def completions(req: CompletionRequest, state: ServeState = Depends(served
     per piece of text as it is generated."""
     if req.logprobs is not None:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if req.best_of not in (None, 1):
+        raise APIError(400, "best_of is not supported by this server (n gives several completions)", param="best_of")
+    if req.suffix:
+        raise APIError(400, "suffix (text inserted before a suffix) is not supported by this server", param="suffix")
+    refuse_stream_options_without_stream(req)
     max_tokens = req.max_tokens or 16
     ids = [p if isinstance(p, list) else encode_prompt(state, p) for p in _prompts_of(req.prompt)]
     for p in ids:
@@ -167,6 +178,12 @@ async def chat_completions(req: ChatCompletionRequest, state: ServeState = Depen
     ChatCompletion, or with ``stream`` a ChatCompletionChunk per piece of text."""
     if req.logprobs:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported by this server", param="tools")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported by this server "
+                            f"(only text)", param="response_format")
+    refuse_stream_options_without_stream(req)
     if state.encoder_decoder:
         raise APIError(400, f"'{state.cfg.model_name}' is an encoder-decoder (a source in, a target out): it answers "
                             f"/v1/completions, with the source as the prompt, not chat", code="unsupported_endpoint")

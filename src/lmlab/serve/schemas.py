@@ -88,6 +88,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Count | None = 16
     echo: bool = False
     logprobs: Integer | None = None
+    best_of: Integer | None = None  # refused above 1 (not supported), as is a suffix
+    suffix: Text | None = None
 
 
 class ContentPart(BaseModel):
@@ -114,6 +116,8 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     logprobs: bool | None = None
+    tools: list[dict] | None = None  # refused (no function calling), as is a response_format other than text
+    response_format: dict | None = None
 
 
 # ---- responses ----
