@@ -326,6 +326,7 @@ BAD_FLAGS = [  # (argv with {placeholders} for the `models` paths, fragment of t
     ("data prepare {root}/a.txt --tokenizer '' -o {root}/d", "the tokenizer file name is empty"),
     ("data prepare {root}/a.txt --kind char -o {root}/d --shingle 3", "--shingle sets the --near-dedupe filter, which is off"),
     ("data prepare {root}/a.txt --kind char -o {root}/d --lang-threshold 0.9", "--lang-threshold sets the --lang filter"),
+    ("data prepare {root}/a.txt --kind char -o {root}/d --min-words 100000", "the filters removed 1 documents and kept 0"),
     ("tokenizer train {root}/a.txt --kind bpe --vocab-size 1000000000000 -o {root}/t.json", "vocab_size must be <="),
     ("tokenizer train {root}/a.txt --kind char --special '' -o {root}/t.json", "special tokens must not be empty"),
     ("demo --minutes 0", "minutes must be > 0, got 0.0"),

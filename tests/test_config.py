@@ -30,6 +30,12 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.model.n_layer == 3 and cfg.model.d_model == 64
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.max_minutes is None and cfg.train.compile is True
     assert cfg.train.min_lr == pytest.approx(1e-4)  # PyYAML reads 1e-4 (no dot) as a string
+    path.write_text("model:\n  n_layer: 3\ntrain:\n  lr: 0.01\nmodel:\n  n_layer: 4\n")  # PyYAML would keep the last
+    with pytest.raises(ConfigError, match=r"'model' is given twice in one mapping \(line 5\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match="'lr' is given twice"):
+        load_config(path)
 
 
 def test_int_widens_to_float():

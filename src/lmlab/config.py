@@ -386,11 +386,26 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: 
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently:
+    a config with two ``train:`` sections would lose the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | os.PathLike) -> dict:
     """The mapping a YAML config file holds ({} when empty), or a one-line ConfigError saying why not:
-    missing, a folder, binary, not UTF-8, invalid YAML, or not a mapping."""
+    missing, a folder, binary, not UTF-8, invalid YAML (a key given twice included), or not a mapping."""
     try:
-        data = yaml.safe_load(read_text_file(path, "config", ConfigError)) or {}
+        data = yaml.load(read_text_file(path, "config", ConfigError), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):

@@ -577,9 +577,12 @@ def _check_sizes(meta: dict, min_tokens: int, sources: dict[str, list[str] | Non
         sizes = [f"{n} has {info['tokens']}" for n, info in splits.items()]
         sizes[0] += " tokens"
         listed = ", ".join(sizes[:-1]) + " and " + sizes[-1]
-        raise DataError(
-            f"{names}: too little text: {listed}; each split needs at least {min_tokens} (add text or change val_fraction)"
-        )
+        removed = sum(r["documents"] for r in meta.get("filters", {}).get("removed", {}).values())
+        advice = "add text or change val_fraction"
+        if removed:  # the filters may be why
+            kept = meta["filters"]["kept"]["documents"]
+            advice = f"the filters removed {removed:,} documents and kept {kept:,}: loosen them, " + advice
+        raise DataError(f"{names}: too little text: {listed}; each split needs at least {min_tokens} ({advice})")
 
 
 def _write_json(path: Path, obj: dict) -> None:
