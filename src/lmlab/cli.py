@@ -87,6 +87,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         return cmd_data_prepare_pairs(args)
     if given(args, *PAIR_FLAGS):
         raise ConfigError(f"--{', --'.join(given(args, *PAIR_FLAGS)).replace('_', '-')}: only with --pairs")
+    if args.val and given(args, "split", "val_fraction"):  # the val files are the val split
+        raise ConfigError(f"--{', --'.join(given(args, 'split', 'val_fraction')).replace('_', '-')}: not used with "
+                          f"--val (its files are the val split)")
     check_prepare_output(args.output, args.inputs, args.val, args.test, args.tokenizer, force=args.force)
     filters = filter_config(args)
     tok = tokenizer_for(args.tokenizer, args.kind, **given(args, "vocab_size", "min_freq", "max_bytes"))
@@ -786,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("checkpoint", help="checkpoint or run folder, HF folder or pretrained name")
     pp.add_argument("--data", required=True, nargs="+", help="text files/dirs/globs, or a prepared data folder")
     pp.add_argument("--split", default=Default(ppl, "split"),
-                    help="split of a prepared data folder (default: %(default)s)")
+                    help="split of a prepared data folder (default: val); text is scored whole")
     pp.add_argument("--stride", type=int, default=Default(ppl, "stride"),
                     help="tokens between window starts (default: %(default)s = the context)")
     pp.add_argument("--field", default=Default(ppl, "field"), help="JSONL field holding the text (default: %(default)s)")

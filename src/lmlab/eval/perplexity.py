@@ -149,7 +149,7 @@ def masked_lm_report(model: MaskedLM, tokenizer: Tokenizer, ids: np.ndarray, bat
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list[str], stride: int | None = None,
-                        split: str = "val", field: str = "text", batch_size: int = 8, progress: bool = True,
+                        split: str | None = None, field: str = "text", batch_size: int = 8, progress: bool = True,
                         precision: str = "auto") -> dict:
     """Perplexity of ``model`` on text files/dirs/globs, or on a split of a prepared data folder; of a
     masked language model, its masked-token figures instead (``masked_lm_report``; of an ELECTRA pretrainer,
@@ -165,10 +165,19 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Tokenizer, data: str | list
     masked = isinstance(model, MaskedLM)
     if masked and stride is not None:
         raise LmlabError("stride does not apply to a masked language model (it reads consecutive windows)")
+    if model.context_length is None and stride is not None:
+        raise LmlabError("stride does not apply to a recurrent model (it reads the text once, carrying its state)")
     stride = model.context_length if check_argument("stride", stride, Count | None) is None else stride
     inputs = [data] if isinstance(data, str) else list(data)
-    if len(inputs) == 1 and (Path(inputs[0]) / "meta.json").is_file():
-        ids, n_bytes = _prepared_ids(inputs[0], split, tokenizer, masked)
+    prepared = [p for p in inputs if (Path(p) / "meta.json").is_file()]
+    if prepared and len(inputs) > 1:
+        raise LmlabError(f"{prepared[0]} is a prepared data folder: give it alone (its --split is scored), not with "
+                         f"other inputs")
+    if prepared:
+        ids, n_bytes = _prepared_ids(inputs[0], split or "val", tokenizer, masked)
+    elif split is not None:
+        raise LmlabError(f"--split picks a split of a prepared data folder; {', '.join(map(str, inputs))} is text, "
+                         f"scored whole")
     else:
         ids, n_bytes = text_token_ids(tokenizer, inputs, field)
     device = next(model.parameters()).device
