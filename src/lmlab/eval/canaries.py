@@ -113,6 +113,9 @@ def log_perplexities(model: nn.Module, tokenizer: Tokenizer, prefix: str, secret
 def exposure(model: nn.Module, tokenizer: Tokenizer, canary: Canary, enumerate_up_to: int = 100_000,
              samples: int = 10_000, seed: int = 0, batch_size: int = 256) -> dict:
     """The canary's exposure (see the module docstring), its log-perplexity and rank, and how the rank was found."""
+    for name, value, ftype in (("enumerate_up_to", enumerate_up_to, NonNegativeInt), ("samples", samples, Count),
+                               ("batch_size", batch_size, Count)):
+        check_argument(f"--{name.replace('_', '-')}", value, ftype)  # samples 0 would rank by NaN
     space = 10 ** canary.digits
     if space <= enumerate_up_to:
         others = [" ".join(d) for d in itertools.product("0123456789", repeat=canary.digits)]
@@ -132,9 +135,6 @@ def exposure(model: nn.Module, tokenizer: Tokenizer, canary: Canary, enumerate_u
 
 def evaluate_canaries(model: nn.Module, tokenizer: Tokenizer, canaries: list[Canary], **options) -> dict:
     """The exposure of every canary, and the mean exposure of the planted ones and of the controls."""
-    for name, ftype in (("enumerate_up_to", NonNegativeInt), ("samples", Count), ("batch_size", Count)):
-        if name in options:
-            check_argument(f"--{name.replace('_', '-')}", options[name], ftype)
     was_training = model.training
     model.eval()
     try:

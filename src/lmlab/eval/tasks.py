@@ -157,14 +157,16 @@ def check_spec(spec: TaskSpec) -> None:
     if wrong:
         raise ConfigError(f"task {spec.name}: {spec.type} reads no field {wrong[0]!r} "
                           f"(its fields: {', '.join(ROLES[spec.type])})")
-    if spec.type == "classification" and not spec.labels:
-        raise ConfigError(f"task {spec.name}: classification needs labels (label value -> label word)")
-    words = [str(w).strip() for w in spec.labels.values()]
-    if spec.type == "classification" and (not all(words) or len(set(words)) < len(words)):
-        raise ConfigError(f"task {spec.name}: the label words must be distinct and not empty, got "
-                          f"{', '.join(map(repr, spec.labels.values()))} (a label no word tells apart is never predicted)")
-    if spec.type == "classification" and len(words) < 2:
-        raise ConfigError(f"task {spec.name}: classification needs at least 2 labels")
+    if spec.type == "classification":
+        words = [str(w).strip() for w in spec.labels.values()]
+        if not words:
+            raise ConfigError(f"task {spec.name}: classification needs labels (label value -> label word)")
+        if not all(words) or len(set(words)) < len(words):
+            raise ConfigError(f"task {spec.name}: the label words must be distinct and not empty, got "
+                              f"{', '.join(map(repr, spec.labels.values()))} (a label no word tells apart is never "
+                              f"predicted)")
+        if len(words) < 2:
+            raise ConfigError(f"task {spec.name}: classification needs at least 2 labels")
     try:
         list(string.Formatter().parse(prompt_template(spec)))
     except ValueError as e:

@@ -20,7 +20,7 @@ from lmlab.data.chat import add_chat_tokens, read_conversations, render
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.errors import ConfigError, DataError
 from lmlab.data.labeled import pad_rows
-from lmlab.models.heads import model_kind
+from lmlab.models.heads import kind_of, model_kind
 from lmlab.models.interface import IGNORE_INDEX, count_parameters
 from lmlab.models.lora import inject_lora
 from lmlab.runtime import seed_everything
@@ -81,7 +81,7 @@ class SftTask(TaskBase):
         self.cfg, self.tc = cfg, tc
         conversations, val_conversations = _split_conversations(cfg)
         self.model, self.tokenizer = base.model, base.tokenizer
-        if model_kind(self.model) != "a language model":
+        if kind_of(self.model) != "language_model":
             raise ConfigError(f"the base model is {model_kind(self.model)}: instruction tuning needs a decoder (a gpt "
                               f"or recurrent language model)")
         seed_everything(tc.seed)

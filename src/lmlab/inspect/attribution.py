@@ -52,7 +52,7 @@ def token_embedding(model: SequenceClassifier) -> nn.Embedding:
     backbone = model.backbone
     names = ("tok_emb", "embed", "input_emb")  # the Transformers', the recurrent models', word2vec's
     layer = next((getattr(backbone, n) for n in names if isinstance(getattr(backbone, n, None), nn.Embedding)), None)
-    if not isinstance(layer, nn.Embedding):
+    if layer is None:
         raise ConfigError(f"found no token embedding in a {backbone.config.family} model to attribute over")
     return layer
 

@@ -97,41 +97,46 @@ def require_language_model(ckpt, masked: bool = False):
     """``ckpt`` itself if its model predicts tokens (what generate, chat, serve and eval ppl need), else a
     ConfigError saying what it is and which commands take it. With ``masked``, a masked language model
     (an encoder with its MLM head) counts too: eval ppl scores one, nothing generates with one."""
-    if isinstance(ckpt.model, (MaskedLM, ReplacedTokenDetector)):
-        if masked:
-            return ckpt
-        raise ConfigError(f"{ckpt.path} is a masked language model (an encoder): it fills in [MASK] tokens but "
-                          f"does not generate; evaluate it with lmlab eval ppl, fine-tune it with lmlab finetune classify")
-    if is_encoder_decoder(ckpt.model):
-        raise ConfigError(f"{ckpt.path} is an encoder-decoder ({ckpt.model.config.family}): it writes a target for a "
-                          f"source; use lmlab generate --source, lmlab eval seq2seq or lmlab serve")
-    if isinstance(ckpt.model, SequenceClassifier):
-        raise ConfigError(f"{ckpt.path} is a sequence classifier, not a language model; "
-                          f"use lmlab predict or lmlab eval classify")
-    if ckpt.model.config.family == "encoder":
-        raise ConfigError(f"{ckpt.path} is an encoder without a language-model head; "
-                          f"fine-tune a classifier on it with lmlab finetune classify")
-    if ckpt.model.config.family == "word2vec":
-        raise ConfigError(f"{ckpt.path} holds word vectors (word2vec), not a language model; "
-                          f"look at them with lmlab inspect embeddings")
-    return ckpt
+    kind = kind_of(ckpt.model)
+    if kind == "language_model" or (masked and kind == "masked_lm"):
+        return ckpt
+    refusals = {
+        "masked_lm": "is a masked language model (an encoder): it fills in [MASK] tokens but does not generate; "
+                     "evaluate it with lmlab eval ppl, fine-tune it with lmlab finetune classify",
+        "encoder_decoder": f"is {model_kind(ckpt.model)}: it writes a target for a source; use lmlab generate "
+                           f"--source, lmlab eval seq2seq or lmlab serve",
+        "classifier": "is a sequence classifier, not a language model; use lmlab predict or lmlab eval classify",
+        "encoder": "is an encoder without a language-model head; fine-tune a classifier on it with lmlab finetune "
+                   "classify",
+        "word2vec": "holds word vectors (word2vec), not a language model; look at them with lmlab inspect embeddings",
+    }
+    raise ConfigError(f"{ckpt.path} {refusals[kind]}")
+
+
+def kind_of(model: nn.Module) -> str:
+    """What a checkpoint's model is, the one place that tells: "classifier", "masked_lm", "encoder_decoder",
+    "encoder" (no head), "word2vec" or "language_model" (a decoder: gpt, llama, recurrent)."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    if isinstance(model, SequenceClassifier):
+        return "classifier"
+    if isinstance(model, (MaskedLM, ReplacedTokenDetector)):
+        return "masked_lm"
+    if family in SEQ2SEQ:
+        return "encoder_decoder"
+    if family in ("encoder", "word2vec"):
+        return family
+    return "language_model"
 
 
 def model_kind(model: nn.Module) -> str:
-    """What a checkpoint's model is, for messages that refuse it: "a sequence classifier", "word vectors
+    """``kind_of(model)`` in words, for messages that refuse it: "a sequence classifier", "word vectors
     (word2vec)", "an encoder-decoder (seq2seq)", ..."""
-    family = getattr(getattr(model, "config", None), "family", None)
-    if isinstance(model, SequenceClassifier):
-        return "a sequence classifier"
-    if isinstance(model, (MaskedLM, ReplacedTokenDetector)):
-        return "a masked language model (an encoder)"
-    if family in SEQ2SEQ:
-        return f"an encoder-decoder ({family})"
-    if family == "encoder":
-        return "an encoder without a classifier head"
-    if family == "word2vec":
-        return "word vectors (word2vec)"
-    return "a language model"
+    kind = kind_of(model)
+    if kind == "encoder_decoder":
+        return f"an encoder-decoder ({model.config.family})"
+    return {"classifier": "a sequence classifier", "masked_lm": "a masked language model (an encoder)",
+            "encoder": "an encoder without a classifier head", "word2vec": "word vectors (word2vec)",
+            "language_model": "a language model"}[kind]
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
