@@ -44,6 +44,9 @@ def test_health_models_and_schema(client):
     assert client.get("/health").json()["status"] == "ok"
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models/tiny").json() == models["data"][0]
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(paths)
 
@@ -57,7 +60,8 @@ def test_openapi_names_the_response_schema_of_every_route(client):
 
     for path, method, name in [("/v1/completions", "post", "TextCompletion"),
                                ("/v1/chat/completions", "post", "ChatCompletion"),
-                               ("/v1/models", "get", "ModelList"), ("/health", "get", "Health")]:
+                               ("/v1/models", "get", "ModelList"), ("/v1/models/{model}", "get", "Model"),
+                               ("/health", "get", "Health")]:
         responses = paths[path][method]["responses"]
         assert named(responses["200"]) == name
         assert all(named(r) == "ErrorResponse" for status, r in responses.items() if status != "200")
@@ -93,6 +97,8 @@ def test_handlers_alone_in_an_app_of_their_own(ckpt):
             key = {"Authorization": "Bearer k"}
             model = {"id": "solo", "object": "model", "created": state.created, "owned_by": "lmlab"}
             assert c.get("/v1/models", headers=key).json() == {"object": "list", "data": [model]}
+            assert c.get("/v1/models/solo").status_code == 401
+            assert c.get("/v1/models/solo", headers=key).json() == model
             answer = c.post("/v1/completions", json={"model": "solo", "prompt": "the ", "max_tokens": 3}, headers=key)
             assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == 4
         assert asyncio.run(health(state)).model == "solo"

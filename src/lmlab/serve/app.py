@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the generation engine, and the web chat page.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
-server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /`` (the chat page) and FastAPI's
+server-sent events), ``GET /v1/models`` and ``/v1/models/{model}``, ``GET /health``, ``GET /`` (the chat page) and FastAPI's
 ``/openapi.json`` and ``/docs``. Errors are OpenAI-shaped (``{"error": {"message", "type",
 "param", "code"}}``) with a 4xx status for anything wrong with the request; the server keeps serving.
 
@@ -104,14 +104,16 @@ def openapi(app: FastAPI) -> dict:
         components.setdefault(name, definition)
     for path, chunk in STREAM_CHUNKS.items():
         responses = schema["paths"][path]["post"]["responses"]
-        responses.pop("422", None)
         chunk_or_error = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, ErrorResponse)]}
         json_event = {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk_or_error}
         responses["200"]["content"]["text/event-stream"] = {"itemSchema": {
             "type": "object", "required": ["data"],
             "properties": {"data": {"anyOf": [json_event, {"const": "[DONE]"}],
                                     "description": "a chunk (or an error) as JSON; the last event is the literal [DONE]"}}}}
-    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, which this server never sends
+    for operations in schema["paths"].values():  # FastAPI's 422, which this server never sends
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return schema
 

@@ -126,6 +126,14 @@ async def models(state: ServeState = Depends(served)) -> ModelList:
     return ModelList(data=[Model(id=state.cfg.model_name, created=state.created)])
 
 
+@router.get("/v1/models/{model}", dependencies=[Depends(authorize)], responses=error_responses(401, 404),
+            summary="One model, by name")
+async def model(model: str, state: ServeState = Depends(served)) -> Model:
+    """The served model if ``model`` is its name, else 404 (as OpenAI answers a model it does not have)."""
+    check_model_name(state, model)
+    return Model(id=state.cfg.model_name, created=state.created)
+
+
 def refuse_stream_options_without_stream(req) -> None:
     """stream_options applies to streamed responses only (OpenAI refuses it otherwise, and so does this server)."""
     if req.stream_options is not None and not req.stream:
@@ -215,9 +223,7 @@ async def chat_completions(req: ChatCompletionRequest, state: ServeState = Depen
 def check_model_and_prompt(state: ServeState, req: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
     """Refuse a request for another model (404) or a prompt the server or the model cannot take (400)."""
     name, context, limit = state.cfg.model_name, state.model.context_length, state.max_prompt_tokens
-    if req.model != name:
-        raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{name}'",
-                       type="not_found_error", param="model", code="model_not_found")
+    check_model_name(state, req.model)
     if limit is not None and len(prompt_ids) > limit:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server allows at most {limit}"
                             f"{f' (the model context is {context} tokens)' if context else ''}",
@@ -226,6 +232,14 @@ def check_model_and_prompt(state: ServeState, req: SamplingFields, prompt_ids: l
         fit_source(prompt_ids, context) if state.encoder_decoder else fit_prompt(prompt_ids, context, max_tokens)
     except LmlabError as e:
         raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+
+
+def check_model_name(state: ServeState, model: str) -> None:
+    """Refuse (404) a model name other than the one this server serves."""
+    name = state.cfg.model_name
+    if model != name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{name}'",
+                       type="not_found_error", param="model", code="model_not_found")
 
 
 def encode_prompt(state: ServeState, text: str) -> list[int]:
