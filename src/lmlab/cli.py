@@ -1052,9 +1052,9 @@ def configure_logging(level: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lmlab`` command."""
     args = build_parser().parse_args(argv)
-    configure_logging(log_level(args))
-    log.debug("arguments: %s", {k: v for k, v in vars(args).items() if k != "func"})
-    try:
+    try:  # from here on: Ctrl-C while the first log line is written is as much an interrupt as one mid-work
+        configure_logging(log_level(args))
+        log.debug("arguments: %s", {k: v for k, v in vars(args).items() if k != "func"})
         args.func(args)
     except LmlabError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)  # one line, whatever a library put in the message
