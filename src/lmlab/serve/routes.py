@@ -222,7 +222,7 @@ async def chat_completions(req: ChatCompletionRequest, state: ServeState = Depen
 
 def check_model_and_prompt(state: ServeState, req: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
     """Refuse a request for another model (404) or a prompt the server or the model cannot take (400)."""
-    name, context, limit = state.cfg.model_name, state.model.context_length, state.max_prompt_tokens
+    context, limit = state.model.context_length, state.max_prompt_tokens
     check_model_name(state, req.model)
     if limit is not None and len(prompt_ids) > limit:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server allows at most {limit}"
