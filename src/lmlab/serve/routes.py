@@ -123,14 +123,19 @@ async def health(state: ServeState = Depends(served)) -> Health:
             summary="The model this server serves")
 async def models(state: ServeState = Depends(served)) -> ModelList:
     """The one model served, under its configured name (clients list models before they pick one)."""
-    return ModelList(data=[Model(id=state.cfg.model_name, created=state.created)])
+    return ModelList(data=[served_model(state)])
 
 
 @router.get("/v1/models/{model}", dependencies=[Depends(authorize)], responses=error_responses(401, 404),
             summary="One model, by name")
-async def model(model: str, state: ServeState = Depends(served)) -> Model:
+async def model_by_name(model: str, state: ServeState = Depends(served)) -> Model:
     """The served model if ``model`` is its name, else 404 (as OpenAI answers a model it does not have)."""
     check_model_name(state, model)
+    return served_model(state)
+
+
+def served_model(state: ServeState) -> Model:
+    """The one model served, as /v1/models describes it: its configured name and the checkpoint's time."""
     return Model(id=state.cfg.model_name, created=state.created)
 
 
@@ -222,8 +227,8 @@ async def chat_completions(req: ChatCompletionRequest, state: ServeState = Depen
 
 def check_model_and_prompt(state: ServeState, req: SamplingFields, prompt_ids: list[int], max_tokens: int) -> None:
     """Refuse a request for another model (404) or a prompt the server or the model cannot take (400)."""
-    context, limit = state.model.context_length, state.max_prompt_tokens
     check_model_name(state, req.model)
+    context, limit = state.model.context_length, state.max_prompt_tokens
     if limit is not None and len(prompt_ids) > limit:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server allows at most {limit}"
                             f"{f' (the model context is {context} tokens)' if context else ''}",
