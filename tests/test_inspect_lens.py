@@ -40,6 +40,13 @@ def test_last_layer_lens_is_the_models_own_logits(preset):
     assert (top.probs[:, :, 0] >= top.probs[:, :, 1]).all()
 
 
+def test_top_k_beyond_the_vocabulary_shows_every_token_and_says_so(caplog):
+    model, tokenizer = tiny(preset="gpt2")
+    top = logit_lens(model, tokenizer, TEXTS[0], top_k=tokenizer.vocab_size + 10)
+    assert top.ids.shape[-1] == tokenizer.vocab_size
+    assert "larger than the vocabulary" in caplog.text
+
+
 def test_cli_prints_a_table_and_writes_the_grid(tmp_path, capsys):
     model, tokenizer = tiny(preset="gpt2")
     ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer)

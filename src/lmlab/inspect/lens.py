@@ -74,7 +74,10 @@ def logit_lens(model: nn.Module, tokenizer: Tokenizer, prompt: str, top_k: int =
     ids = encode_prompt(model, tokenizer, prompt)
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     probs = lens_logits(model, idx)[:, 0].float().softmax(-1)  # (L + 1, T, vocab)
-    top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
+    if top_k > probs.size(-1):
+        log.warning("--top-k %d is larger than the vocabulary: showing all %d tokens", top_k, probs.size(-1))
+        top_k = probs.size(-1)
+    top = probs.topk(top_k, dim=-1)
     names = ["embed"] + [f"layer {i}" for i in range(len(model.blocks))]
     return Lens(names, token_labels(tokenizer, ids), top.values.cpu(), top.indices.cpu())
 
