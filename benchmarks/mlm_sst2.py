@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, write_results  # noqa: E402
 from lmlab.runs import RunFolder  # noqa: E402
+from lmlab.train.logger import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, FINETUNE = "configs/wikitext2_mlm.yaml", "configs/sst2_wikitext2_mlm.yaml"
@@ -86,11 +87,11 @@ def pretrain(args: argparse.Namespace, wikitext: Path, out: Path) -> float:
 
 def reused_pretraining_seconds(out: Path) -> float:
     """The training seconds of an earlier pretraining in ``out`` (``--reuse``), from its metrics log."""
-    logged = out / "mlm" / "metrics.jsonl"
+    logged = RunFolder(out / "mlm").metrics
     earlier = logged.is_file() and (out / "mlm_eval" / "results.json").is_file()
     if not (earlier and RunFolder(out / "random").checkpoints()):
         sys.exit(f"error: --reuse needs an earlier run of this script in {out} (pretraining, its eval, random init)")
-    return max(json.loads(line).get("elapsed_s", 0.0) for line in logged.read_text().splitlines() if line.strip())
+    return max(record.get("elapsed_s", 0.0) for record in read_metrics(logged))
 
 
 def main() -> None:
