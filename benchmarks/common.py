@@ -71,8 +71,9 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def write_results(name: str, rows: list[dict], summary: dict, notes: str = "", columns: list[str] | None = None,
-                  extra_md: str = "") -> tuple[Path, Path]:
-    """Print the table and write results/<name>.json and results/<name>.md (machine info included)."""
+                  extra_md: str = "", extra_json: dict | None = None) -> tuple[Path, Path]:
+    """Print the table and write results/<name>.json and results/<name>.md (machine info included);
+    ``extra_md`` goes into the Markdown below the summary, ``extra_json`` into the JSON beside the rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     table = markdown_table(rows, columns)
@@ -80,7 +81,7 @@ def write_results(name: str, rows: list[dict], summary: dict, notes: str = "", c
     for key, value in summary.items():
         print(f"{key}: {value}")
     payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "machine": machine, "summary": summary, "rows": rows}
+               "machine": machine, "summary": summary, "rows": rows, **(extra_json or {})}
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")

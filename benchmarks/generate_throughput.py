@@ -20,6 +20,12 @@ all alike. Time to first token: lmlab until its generator yields the first id; t
 
     python benchmarks/generate_throughput.py            # 3 rounds
     python benchmarks/generate_throughput.py --quick    # a smoke run
+
+``--profile N`` adds where a decoding step's time goes: for each lmlab dtype at batch 1 and 8 (those of
+--batch-sizes), N greedy steps under ``torch.profiler``, the time of the top-level ops summed by kind
+(matrix products, attention, every other op) beside the wall time of N steps without the profiler; the
+rest of the wall time is Python and dispatch between the ops. The profiler adds its own cost to each op,
+so the op times are upper bounds and "between ops" a lower bound.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` importable as a package
 
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import markdown_table, write_results  # noqa: E402
 from lmlab.config import ModelConfig  # noqa: E402
 from lmlab.generate.engine import BatchGeneration  # noqa: E402
 from lmlab.generate.precision import choose_dtype  # noqa: E402
@@ -197,6 +203,63 @@ def row(batch: int, label: str, n: int, times: list[float], firsts: list[float],
     }
 
 
+MATMUL_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::baddbmm",
+              "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise"}
+ATTENTION_OPS = {"aten::scaled_dot_product_attention"}
+
+
+def step_profile(model, prompts: list[list[int]], steps: int) -> dict:
+    """Where a greedy decoding step of ``model`` goes: wall ms per step (no profiler), and per step the ms of
+    the top-level ops by kind and their number (``torch.profiler`` over the same ``steps`` steps).
+
+    Each measurement runs its own generation: a prefill and 4 warm steps, then ``steps`` measured ones, so
+    both cover the same cache lengths.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def warm_generation():
+        params = [SamplingParams(max_new_tokens=steps + 6, temperature=0) for _ in prompts]
+        generation = iter(BatchGeneration(model, prompts, params))
+        for _ in range(5):
+            next(generation)
+        return generation
+
+    generation = warm_generation()
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(generation)
+    wall = (time.perf_counter() - start) / steps * 1000
+    generation = warm_generation()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            next(generation)
+    kinds = {"matrix products": 0.0, "attention": 0.0, "other ops": 0.0}
+    top_level = [e for e in prof.events() if e.cpu_parent is None]
+    for event in top_level:
+        kind = ("matrix products" if event.name in MATMUL_OPS else
+                "attention" if event.name in ATTENTION_OPS else "other ops")
+        kinds[kind] += event.cpu_time_total / 1000 / steps  # us in all -> ms per step
+    ops_ms = sum(kinds.values())
+    return {"wall ms/step": wall, **{f"{k} ms": v for k, v in kinds.items()},
+            "between ops ms (Python, dispatch)": max(wall - ops_ms, 0.0), "top-level ops/step": len(top_level) / steps}
+
+
+def profile_table(models: dict, batch_sizes: list[int], prompt_len: int, steps: int) -> tuple[list[dict], str]:
+    """``step_profile`` of each lmlab dtype at batch 1 and 8 (those in ``batch_sizes``): rows and Markdown."""
+    rows = []
+    for batch in [b for b in batch_sizes if b in (1, 8)]:
+        for dtype, model in models.items():
+            if dtype == "bf16-cast":
+                continue
+            print(f"profiling lmlab {dtype} at batch {batch} ({steps} steps)", file=sys.stderr)
+            rows.append({"batch": batch, "lmlab dtype": dtype,
+                         **step_profile(model, prompts_for(batch, prompt_len), steps)})
+    md = (f"Where a decoding step goes (`--profile {steps}`: torch.profiler over {steps} greedy steps after "
+          f"4 warm ones; ms per step; op times include the profiler's own cost, so 'between ops' is a lower "
+          f"bound):\n\n{markdown_table(rows)}")
+    return rows, md
+
+
 def auto_choice(model) -> str:
     """What ``--dtype auto`` chooses for ``model`` here, with the probe's times (its log line)."""
     lines = []
@@ -223,6 +286,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     p.add_argument("--quick", action="store_true", help="2 rounds of 32 new tokens")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS decoding steps of each lmlab dtype at batch 1 and 8 (default: 0 = no)")
     p.add_argument("--llama-cpp-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.llama_cpp_worker:
@@ -328,7 +393,11 @@ def main() -> None:
              f"before the first difference, summed over rows (rounded weights, and padding computed in another order, "
              f"can flip a random-init model's near-tie and then the rest of that row). The machine is shared, so "
              f"figures carry a few percent of noise.")
-    write_results("generate_throughput", rows, summary, notes=notes)
+    profile_rows, profile_md = profile_table(models, args.batch_sizes, args.prompt_len, args.profile) if args.profile else ([], "")
+    write_results("generate_throughput", rows, summary, notes=notes, extra_md=profile_md,
+                  extra_json={"step profile": profile_rows} if profile_rows else None)
+    if profile_md:
+        print(profile_md)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from lmlab.generate import precision
 from lmlab.generate.engine import BatchGeneration
 from lmlab.generate.precision import choose_dtype, for_decoding_as
 from lmlab.generate.sampling import SamplingParams
-from lmlab.models.quantize import Int8Linear, PackedBf16Linear, SplitKLinear, for_decoding
+from lmlab.models import quantize
+from lmlab.models.quantize import BlockedLinear, Int8Linear, PackedBf16Linear, for_decoding
 from lmlab.models.registry import build_model
 
 V = 96
@@ -84,25 +85,44 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale():
     assert torch.allclose(q(x.bfloat16()).float(), expected, atol=0.05)
 
 
-def test_split_k_linear_is_the_linear():
-    """Few rows as two half-products added, more rows (and an odd width) as one matmul: the Linear's output."""
+def test_blocked_linear_is_the_linear():
+    """Few rows through blocks of output rows (one bmm), more rows as one matmul: the Linear's output, in
+    the Linear's own weight; a width the blocks do not divide is padded with zero rows, cut off again."""
     torch.manual_seed(0)
-    for linear in (nn.Linear(64, 48), nn.Linear(64, 48, bias=False), nn.Linear(63, 10)):
-        split = SplitKLinear(linear)
-        for shape in [(1, 1), (2, 5), (32,), (3, 11), (40,)]:  # rows 1, 10, 32 split; 33, 40 whole
+    for linear, blocks, pad in ((nn.Linear(64, 48), 2, 0), (nn.Linear(64, 48, bias=False), 4, 0),
+                                (nn.Linear(63, 10), 4, 2), (nn.Linear(16, 7, bias=False), 2, 1), (nn.Linear(8, 5), 1, 0)):
+        blocked = BlockedLinear(linear, blocks)
+        assert blocked.pad == pad and (blocked.weight.data_ptr() == linear.weight.data_ptr()) == (pad == 0)
+        for shape in [(1, 1), (2, 5), (32,), (3, 11), (40,)]:  # rows 1, 10, 32 in blocks; 33, 40 whole
             x = torch.randn(*shape, linear.in_features)
-            assert torch.allclose(split(x), linear(x), atol=1e-5, rtol=1e-5)
-            assert split(x).shape == linear(x).shape
+            assert torch.allclose(blocked(x), linear(x), atol=1e-5, rtol=1e-5)
+            assert blocked(x).shape == linear(x).shape and blocked(x).is_contiguous()
 
 
-def test_fp32_decoding_gives_the_models_perplexity_and_greedy_tokens():
+def test_fp32_decoding_gives_the_models_perplexity_and_greedy_tokens(monkeypatch):
+    monkeypatch.setattr(quantize, "blocked_pays", lambda linears: True)  # whatever this machine measures
     model = peaky_model("llama")
     text = sample_text(model)
     fast = for_decoding(copy.deepcopy(model), "fp32")
-    assert isinstance(fast.lm_head, SplitKLinear) and not [m for m in fast.modules() if type(m) is nn.Linear]
+    assert isinstance(fast.lm_head, BlockedLinear) and not [m for m in fast.modules() if type(m) is nn.Linear]
     assert abs(perplexity(fast, text) / perplexity(model, text) - 1) < 1e-5
     params = [SamplingParams(max_new_tokens=16, temperature=0)]
     assert list(BatchGeneration(fast, [[1, 2, 3]], params)) == list(BatchGeneration(model, [[1, 2, 3]], params))
+
+
+def test_fp32_keeps_plain_linears_where_blocks_do_not_pay(monkeypatch):
+    monkeypatch.setattr(quantize, "blocked_pays", lambda linears: False)
+    model = for_decoding(peaky_model("gpt2"), "fp32")
+    assert type(model.lm_head) is nn.Linear and not [m for m in model.modules() if isinstance(m, BlockedLinear)]
+
+
+def test_blocked_pays_is_measured_once_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(quantize, "_blocked_verdicts", {})
+    linears = [nn.Linear(64, 96), nn.Linear(96, 64)]
+    with caplog.at_level(logging.INFO, logger="lmlab"):
+        verdict = quantize.blocked_pays(linears)
+        assert quantize.blocked_pays(linears) is verdict
+    assert caplog.text.count("fp32 decoding:") == 1 and "2 linears: blocked" in caplog.text
 
 
 def test_for_decoding_swaps_every_linear_and_unties_the_head():
@@ -128,17 +148,18 @@ def test_auto_keeps_fp32_without_bf16_units(monkeypatch, caplog):
 def test_auto_picks_the_fastest_measured_step_unless_it_is_a_near_tie(fp32, bf16, int8, expected, monkeypatch,
                                                                       caplog):
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(quantize, "blocked_pays", lambda linears: True)
     kinds = []
 
     def fake_step_seconds(model):  # which dtype it is, by its output layer
         kind = type(model.lm_head).__name__
         kinds.append(kind)
-        return {"SplitKLinear": fp32, "PackedBf16Linear": bf16, "Int8Linear": int8}[kind] / 1000
+        return {"BlockedLinear": fp32, "PackedBf16Linear": bf16, "Int8Linear": int8}[kind] / 1000
 
     monkeypatch.setattr(precision, "step_seconds", fake_step_seconds)
     with caplog.at_level(logging.INFO, logger="lmlab"):
         assert choose_dtype(peaky_model("gpt2")) == expected
-    assert sorted(set(kinds)) == ["Int8Linear", "PackedBf16Linear", "SplitKLinear"]
+    assert sorted(set(kinds)) == ["BlockedLinear", "Int8Linear", "PackedBf16Linear"]
     assert len(kinds) == 3 * precision.PROBE_ROUNDS
     assert f"dtype auto: {expected}" in caplog.text and "fp32 2.00 ms" in caplog.text
 

@@ -1,12 +1,12 @@
-"""Weights laid out for decoding on a CPU: fp32 split in two, bf16 and weight-only int8.
+"""Weights laid out for decoding on a CPU: fp32 in blocks, bf16 and weight-only int8.
 
 Decoding reads every weight once per token and does two flops with each: it is bound by memory
 traffic, so fewer bytes per weight, and reading them on every core, mean more tokens per second.
 Three forms, all for inference only:
 
-- ``fp32``: the weights as they are, each Linear's stored transposed and a few rows multiplied as two
-  half-products on two threads (``SplitKLinear``): torch's one-row fp32 matmul reads the weights on
-  one thread.
+- ``fp32``: the weights as they are, a few rows multiplied by each Linear's weight as one batched matmul
+  over blocks of its output rows (``BlockedLinear``), which streams the weights several times faster
+  than torch's one-row fp32 matmul.
 
 - ``bf16``: the whole model in bfloat16, each Linear's weight pre-packed once into oneDNN's blocked
   layout (``PackedBf16Linear``). A plain bf16 ``F.linear`` of one row is slower than fp32 on a CPU
@@ -22,13 +22,19 @@ Three forms, all for inference only:
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
 from lmlab.models.lora import has_lora, remove_lora
 
 DECODE_DTYPES = ("fp32", "bf16", "int8")
+
+log = logging.getLogger(__name__)
 
 
 class Int8Linear(nn.Module):
@@ -69,44 +75,88 @@ class PackedBf16Linear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class SplitKLinear(nn.Module):
-    """An fp32 Linear for decoding on a CPU: the weight stored transposed, (in, out), and a few rows
-    multiplied as two half-products over the two halves of ``in``, one per thread (one bmm), then added.
+class BlockedLinear(nn.Module):
+    """An fp32 Linear for decoding on a CPU: the weight's output rows taken as ``blocks`` equal blocks, and
+    a few input rows multiplied by all of them in one batched matmul (bmm) with the input as a transposed
+    column, each output still one dot product over the whole input, as in ``F.linear``.
 
-    torch's one-row fp32 matmul (a GEMV) streams the weights on one thread: 10 GB/s on a 2-core AMD EPYC
-    where reading them runs at 43 GB/s; the two halves run at ~24 GB/s (docs/inference.md). Up to
-    SPLIT_ROWS rows (decoding: a row per sequence) take that way; more (a prompt) a plain matmul.
+    torch's one-row fp32 ``F.linear`` (MKL's GEMV) reads the weights at ~10 GB/s on a 2-core AMD EPYC; the
+    blocked bmm takes another kernel and reads them at ~35 GB/s there, and is faster even at one thread
+    (docs/inference.md). The weight is the Linear's own, viewed (no copy) unless the output width needs
+    padding to a multiple of ``blocks``. Up to SPLIT_ROWS rows (decoding: a row per sequence) take the bmm;
+    more (a prompt) a plain ``F.linear``.
     """
 
     SPLIT_ROWS = 32
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, blocks: int | None = None):
+        """``blocks``: the number of output-row blocks, by default torch's thread count (at least 2)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().float().t().contiguous())  # (in, out)
-        bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.blocks = blocks or max(2, torch.get_num_threads())
+        self.pad = -self.out_features % self.blocks  # zero rows that make the width a multiple of blocks
+        weight, bias = linear.weight.detach().float(), linear.bias
+        bias = None if bias is None else bias.detach().float()
+        if self.pad:
+            weight = torch.cat([weight, weight.new_zeros(self.pad, self.in_features)])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(self.pad)])
+        self.register_buffer("weight", weight.view(self.blocks, -1, self.in_features))  # (blocks, out / blocks, in)
+        self.register_buffer("bias", None if bias is None else bias.view(self.blocks, -1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (R, in)
-        if len(rows) <= self.SPLIT_ROWS and self.in_features % 2 == 0:
-            halves = rows.view(len(rows), 2, -1).transpose(0, 1)  # (2, R, in / 2)
-            y = torch.bmm(halves, self.weight_t.view(2, self.in_features // 2, -1)).sum(0)  # (R, out)
+        # decoding runs this ~25 times a token: few ops, each one costs more in dispatch than in work
+        rows, width = x.numel() // self.in_features, self.out_features + self.pad
+        if rows > self.SPLIT_ROWS:
+            weight, bias = self.weight.view(width, -1), None if self.bias is None else self.bias.view(-1)
+            y = F.linear(x, weight, bias)
+            return y[..., :self.out_features].contiguous() if self.pad else y
+        # (blocks, in, R), no copy; these transposed strides are what picks torch's fast kernel (the same
+        # column with stride 1 is ~4x slower)
+        columns = x.reshape(rows, self.in_features).t().expand(self.blocks, -1, -1)
+        if self.bias is None:
+            y = torch.bmm(self.weight, columns)
         else:
-            y = rows @ self.weight_t
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+            y = torch.baddbmm(self.bias, self.weight, columns)  # (blocks, width / blocks, R)
+        if rows > 1 or self.pad:
+            y = y.view(width, rows).t()[:, :self.out_features].contiguous()  # (R, out)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+_blocked_verdicts: dict[tuple, bool] = {}  # (threads, weight shapes) -> BlockedLinear is faster: probed once
+
+
+def blocked_pays(linears: list[nn.Linear]) -> bool:
+    """Whether ``BlockedLinear`` multiplies one row by these fp32 linears faster than ``F.linear`` on this
+    machine: both timed over all of them (so the weights stream from memory, as in decoding), best of 3
+    interleaved rounds, once per process, thread count and set of shapes. The kernels torch picks differ
+    between CPUs and builds, so this is measured, not assumed."""
+    key = (torch.get_num_threads(), tuple(tuple(m.weight.shape) for m in linears))
+    if key not in _blocked_verdicts:
+        blocked = [BlockedLinear(m) for m in linears]
+        inputs = [torch.randn(1, m.in_features) for m in linears]
+        times = {"blocked": float("inf"), "plain": float("inf")}
+        with torch.inference_mode():
+            for _ in range(3):
+                for kind, layers in (("plain", linears), ("blocked", blocked)):
+                    start = time.perf_counter()
+                    for layer, x in zip(layers, inputs):
+                        layer(x)
+                    times[kind] = min(times[kind], time.perf_counter() - start)
+        _blocked_verdicts[key] = times["blocked"] < times["plain"]
+        log.info("fp32 decoding: %s matmuls (one row through the model's %d linears: blocked %.2f ms, plain "
+                 "F.linear %.2f ms)", "blocked" if _blocked_verdicts[key] else "plain", len(linears),
+                 1000 * times["blocked"], 1000 * times["plain"])
+    return _blocked_verdicts[key]
 
 
 def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
     """``model`` converted in place for decoding in ``dtype`` (one of DECODE_DTYPES); returns it.
 
-    fp32 keeps the weights in fp32 and, on a CPU, replaces every nn.Linear by a ``SplitKLinear``. bf16
-    and int8 cast the model to bfloat16 and replace every nn.Linear by a ``PackedBf16Linear`` or an
-    ``Int8Linear``. A tied output layer gets its own copy (the embedding it shares stays as it is). The
-    split, packed and int8 kernels are torch's CPU ones: on another device fp32 and bf16 are plain casts
-    and int8 is refused.
+    fp32 keeps the weights in fp32 and, on a CPU, replaces every nn.Linear by a ``BlockedLinear`` where that
+    is faster here (``blocked_pays``). bf16 and int8 cast the model to bfloat16 and replace every nn.Linear
+    by a ``PackedBf16Linear`` or an ``Int8Linear``; there a tied output layer gets its own copy (the
+    embedding it shares stays as it is). The blocked, packed and int8 kernels are torch's CPU ones: on
+    another device fp32 and bf16 are plain casts and int8 is refused.
     """
     if dtype not in DECODE_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
@@ -117,8 +167,9 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
         raise ConfigError("int8 weights are for decoding on a CPU (--device cpu); use bf16 on a GPU")
     if has_lora(model):
         remove_lora(model)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
     if dtype == "fp32":
-        swap = SplitKLinear
+        swap = BlockedLinear if linears and blocked_pays([m.float() for m in linears]) else None
     elif dtype == "int8":
         swap = Int8Linear
     else:
