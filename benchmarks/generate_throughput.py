@@ -294,6 +294,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     p.add_argument("--quick", action="store_true", help="2 rounds of 32 new tokens")
+    p.add_argument("--name", default="generate_throughput",
+                   help="results file name under benchmarks/results (default: generate_throughput)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS decoding steps of each lmlab dtype at batch 1 and 8, best of 3 (default: 0 = no)")
     p.add_argument("--llama-cpp-worker", help=argparse.SUPPRESS)
@@ -402,7 +404,7 @@ def main() -> None:
              f"can flip a random-init model's near-tie and then the rest of that row). The machine is shared, so "
              f"figures carry a few percent of noise.")
     profile_rows, profile_md = profile_table(models, args.batch_sizes, args.prompt_len, args.profile) if args.profile else ([], "")
-    write_results("generate_throughput", rows, summary, notes=notes, extra_md=profile_md,
+    write_results(args.name, rows, summary, notes=notes, extra_md=profile_md,
                   extra_json={"step profile": profile_rows} if profile_rows else None)
     if profile_md:
         print(profile_md)

@@ -81,7 +81,7 @@ class BlockedLinear(nn.Module):
     column, each output still one dot product over the whole input, as in ``F.linear``.
 
     torch's one-row fp32 ``F.linear`` (MKL's GEMV) reads the weights at ~10 GB/s on a 2-core AMD EPYC; the
-    blocked bmm takes another kernel and reads them at ~35 GB/s there, and is faster even at one thread
+    blocked bmm takes another kernel and reads them at ~37 GB/s there, and is faster even at one thread
     (docs/inference.md). The weight is the Linear's own, viewed (no copy) unless the output width needs
     padding to a multiple of ``blocks``. Up to SPLIT_ROWS rows (decoding: a row per sequence) take the bmm;
     more (a prompt) a plain ``F.linear``.
