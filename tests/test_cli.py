@@ -378,8 +378,11 @@ def test_flags_that_greedy_or_one_beam_do_not_use_are_announced(models, capsys):
 
 def start_then_interrupt(argv: list[str], ready) -> subprocess.Popen:
     """Start ``lmlab ARGV`` in a subprocess; a thread sends it Ctrl-C (SIGINT) once ``ready(stdout, stderr)``."""
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that
+    # (Python then installs no KeyboardInterrupt handler): give the command the default, as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.seen = {"out": "", "err": ""}
 
     def read(stream, key):
