@@ -245,9 +245,9 @@ def step_profile(model, prompts: list[list[int]], steps: int, repeats: int = 3) 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 next(generation)
-        these, ops = op_times(prof)
+        these, count = op_times(prof)
         if kinds is None or sum(these.values()) < sum(kinds.values()):
-            kinds = these
+            kinds, ops = these, count
     return {"wall ms/step": wall, **{f"{k} ms": v for k, v in kinds.items()},
             "between ops ms (Python, dispatch)": max(wall - sum(kinds.values()), 0.0), "top-level ops/step": ops / steps}
 

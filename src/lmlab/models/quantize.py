@@ -167,15 +167,16 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
         raise ConfigError("int8 weights are for decoding on a CPU (--device cpu); use bf16 on a GPU")
     if has_lora(model):
         remove_lora(model)
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if dtype == "fp32":
-        swap = BlockedLinear if linears and blocked_pays([m.float() for m in linears]) else None
+        model.float()  # the probe and the blocks read fp32 weights
+        swap = BlockedLinear if linears and blocked_pays([m for _, m in linears]) else None
     elif dtype == "int8":
         swap = Int8Linear
     else:
         swap = PackedBf16Linear if on_cpu and torch.backends.mkldnn.is_available() else None
     # made from the fp32 weights, before the cast
-    swaps = [] if swap is None else [(name, swap(m)) for name, m in model.named_modules() if type(m) is nn.Linear]
+    swaps = [] if swap is None else [(name, swap(m)) for name, m in linears]
     model.to(torch.float32 if dtype == "fp32" else torch.bfloat16)
     for name, new in swaps:
         parent, _, child = name.rpartition(".")
