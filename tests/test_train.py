@@ -8,7 +8,7 @@ from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.runs import list_checkpoints
 from lmlab.train.checkpoint import load_checkpoint
 from lmlab.train.logger import read_metrics
-from lmlab.config import TrainConfig, from_dict
+from lmlab.config import ModelConfig, TrainConfig, from_dict
 from lmlab.train.optim import lr_factor
 from lmlab.train.lm import pretrain
 
@@ -17,12 +17,15 @@ from loop_tasks import assert_same_run
 
 
 
-@pytest.mark.parametrize("preset,ema_decay", [("gpt2", 0.0), ("llama", 0.0), ("gpt2", 0.9)])
-def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_decay):
-    """Stopping at step 7 and resuming gives the same losses and weights (the weight average too)."""
+@pytest.mark.parametrize("preset,ema_decay,optimizer",
+                         [("gpt2", 0.0, "adamw"), ("llama", 0.0, "adamw"), ("gpt2", 0.9, "adamw"), ("llama", 0.0, "muon")])
+def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_decay, optimizer):
+    """Stopping at step 7 and resuming gives the same losses and weights (the weight average too; Muon's
+    momentum and AdamW's moments both come back)."""
     runs = {}
     for name in ("full", "part"):
-        runs[name] = tiny_run_config(prepared, tmp_path / name, preset, max_steps=16, checkpoint_interval=100)
+        runs[name] = tiny_run_config(prepared, tmp_path / name, preset, max_steps=16, checkpoint_interval=100,
+                                     optimizer=optimizer)
         runs[name].model.dropout = 0.1  # dropout consumes the RNG: resume must restore it
         runs[name].train.ema_decay = ema_decay
     pretrain(runs["full"])
@@ -192,6 +195,59 @@ def test_optimizer_groups_learning_rates_by_name_prefix():
     assert lr_of[id(model[0].weight)] == lr_of[id(model[1].weight)] == 1e-4
     assert decay_of[id(model[0].weight)] == decay_of[id(model[2].weight)] == 0.1
     assert decay_of[id(model[0].bias)] == decay_of[id(model[1].weight)] == 0.0
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    """Muon gets the Linear weights inside the stack of blocks; embeddings (the tied head), biases and norm
+    gains go to AdamW; the schedule scales both; layer learning rates by prefix apply to both."""
+    from lmlab.models.registry import build_model
+    from lmlab.train.optim import build_optimizer, build_scheduler
+
+    model = build_model(ModelConfig(preset="gpt2", vocab_size=50, n_layer=2, n_head=2, d_model=16, block_size=8))
+    tc = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=2e-3, warmup_steps=0, max_steps=10, min_lr=0.0)
+    opt = build_optimizer(model, tc, "cpu", lr_by_prefix={"blocks.1.": 5e-4})
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[i] for i in muon) == sorted(f"blocks.{b}.{m}.weight" for b in (0, 1)
+                                                   for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down"))
+    rest = {id(p) for g in opt.rest.param_groups for p in g["params"]}
+    assert rest.isdisjoint(muon) and rest | muon == set(names)
+    assert isinstance(opt.rest, torch.optim.AdamW) and isinstance(opt.muon, torch.optim.Muon)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.blocks[0].attn.qkv.weight)] == 2e-3  # train.muon_lr
+    assert lr_of[id(model.blocks[1].attn.qkv.weight)] == 1e-3  # the prefix's 5e-4, times muon_lr / lr
+    assert lr_of[id(model.tok_emb.weight)] == 1e-3 and lr_of[id(model.blocks[1].attn.qkv.bias)] == 5e-4
+    scheduler = build_scheduler(opt, tc)
+    for _ in range(5):
+        opt.step()
+        scheduler.step()
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-3 * lr_factor(5, tc))
+    assert opt.rest.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(5, tc))
+
+
+def test_muon_learns_and_refuses_what_it_cannot_train(prepared, tmp_path):
+    """A short Muon run lowers the loss; a model without hidden matrices (an LSTM), FSDP, and resuming an
+    AdamW run with Muon are refused, each in one line."""
+    from lmlab.train.optim import build_optimizer
+
+    result = pretrain(tiny_run_config(prepared, tmp_path / "muon", max_steps=30, optimizer="muon", lr=1e-2))
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "muon" / "metrics.jsonl") if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.5 and result.step == 30
+    lstm = build_model_of("lstm")
+    with pytest.raises(ConfigError, match="^train.optimizer muon found no hidden matrices"):
+        build_optimizer(lstm, TrainConfig(optimizer="muon"), "cpu")
+    with pytest.raises(ConfigError, match="^train.optimizer muon needs whole matrices"):
+        from_dict(TrainConfig, {"optimizer": "muon", "distributed": "fsdp"}, "train.")
+    pretrain(tiny_run_config(prepared, tmp_path / "adamw", max_steps=10, checkpoint_interval=5), stop_after=5)
+    with pytest.raises(CheckpointError, match="does not fit this run .*another train.optimizer"):
+        pretrain(tiny_run_config(prepared, tmp_path / "adamw", max_steps=10, optimizer="muon"), resume=True)
+
+
+def build_model_of(family: str):
+    """A tiny model of ``family`` (recurrent families take no heads or context)."""
+    from lmlab.models.registry import build_model
+
+    return build_model(ModelConfig(family=family, vocab_size=50, n_layer=1, d_model=16))
 
 
 def test_grad_accumulation_in_the_loop_equals_one_big_batch(prepared, tmp_path):

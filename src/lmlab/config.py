@@ -188,8 +188,11 @@ class TrainConfig:
     lr_decay: Factor = 0.5  # step schedule: multiply lr by this ...
     lr_decay_every: Count = 1000  # ... every this many steps ...
     lr_decay_start: NonNegativeInt = 0  # ... from this step on (e.g. Zaremba et al.: x0.5 per epoch after epoch 4)
-    optimizer: Literal["adamw", "sgd", "sparse_adam"] = "adamw"  # sparse_adam: for sparse gradients (word2vec)
+    # sparse_adam: for sparse gradients (word2vec); muon: Muon for the hidden layers' matrices, AdamW for the rest
+    optimizer: Literal["adamw", "sgd", "sparse_adam", "muon"] = "adamw"
     momentum: Fraction = 0.0  # sgd only
+    muon_lr: Positive | None = None  # muon only; None = lr (Muon's update is scaled to AdamW's size)
+    muon_momentum: Fraction = 0.95  # muon only (Nesterov)
     weight_decay: NonNegative = 0.1
     beta1: Fraction = 0.9
     beta2: Fraction = 0.99
@@ -680,6 +683,8 @@ def _train_rules(t: TrainConfig, p: str) -> None:
         raise ConfigError(f"{p}warmup_steps {t.warmup_steps} must be less than {p}max_steps {t.max_steps}")
     if t.carry_state and (t.batching != "sequential" or t.grad_accum != 1):
         raise ConfigError(f"{p}carry_state needs {p}batching=sequential and {p}grad_accum=1")
+    if t.optimizer == "muon" and t.distributed == "fsdp":
+        raise ConfigError(f"{p}optimizer muon needs whole matrices: use {p}distributed ddp, not fsdp")
     if t.dp.enabled:
         _dp_rules(t, p)
 
