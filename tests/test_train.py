@@ -17,8 +17,8 @@ from loop_tasks import assert_same_run
 
 
 
-@pytest.mark.parametrize("preset,ema_decay,optimizer",
-                         [("gpt2", 0.0, "adamw"), ("llama", 0.0, "adamw"), ("gpt2", 0.9, "adamw"), ("llama", 0.0, "muon")])
+@pytest.mark.parametrize("preset,ema_decay,optimizer", [("gpt2", 0.0, "adamw"), ("llama", 0.0, "adamw"),
+                                                        ("gpt2", 0.9, "adamw"), ("llama", 0.0, "muon")])
 def test_resumed_training_equals_uninterrupted(prepared, tmp_path, preset, ema_decay, optimizer):
     """Stopping at step 7 and resuming gives the same losses and weights (the weight average too; Muon's
     momentum and AdamW's moments both come back)."""
@@ -217,6 +217,14 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert lr_of[id(model.blocks[0].attn.qkv.weight)] == 2e-3  # train.muon_lr
     assert lr_of[id(model.blocks[1].attn.qkv.weight)] == 1e-3  # the prefix's 5e-4, times muon_lr / lr
     assert lr_of[id(model.tok_emb.weight)] == 1e-3 and lr_of[id(model.blocks[1].attn.qkv.bias)] == 5e-4
+    from lmlab.config import LoraConfig
+    from lmlab.models.lora import inject_lora
+
+    inject_lora(model, LoraConfig(r=2))  # only the adapters train, all inside the blocks: Muon alone
+    adapters = build_optimizer(model, tc, "cpu")
+    assert isinstance(adapters, torch.optim.Muon)
+    assert {id(p) for g in adapters.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
     scheduler = build_scheduler(opt, tc)
     for _ in range(5):
         opt.step()

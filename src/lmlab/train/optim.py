@@ -47,9 +47,10 @@ def adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim
 
 def param_groups(model: nn.Module, cfg: TrainConfig, lr_by_prefix: dict[str, float],
                  skip: frozenset[int] = frozenset()) -> list[dict]:
-    """The trainable parameters (but those whose id is in ``skip``) in groups of equal (weight decay, learning rate):
-    decay for weight matrices and embeddings, none for biases and norm gains (as in GPT-2 and nanoGPT);
-    the lr of the first prefix in ``lr_by_prefix`` that a parameter's name starts with, else cfg.lr."""
+    """The trainable parameters (but those whose id is in ``skip``) in groups of equal (weight decay,
+    learning rate): decay for weight matrices and embeddings, none for biases and norm gains (as in GPT-2
+    and nanoGPT); the lr of the first prefix in ``lr_by_prefix`` that a parameter's name starts with, else
+    cfg.lr."""
     by_kind: dict[tuple[bool, float], list[nn.Parameter]] = {}  # (decays, lr) -> parameters
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in skip:
@@ -109,15 +110,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str,
-               lr_by_prefix: dict[str, float]) -> MuonWithAdamW:
+               lr_by_prefix: dict[str, float]) -> torch.optim.Optimizer:
     """Muon for ``hidden_matrices(model)`` at train.muon_lr (default train.lr), with Moonshot's scaling
     (``adjust_lr_fn="match_rms_adamw"``: the update's RMS matches AdamW's, so AdamW's learning rate and
-    weight decay carry over); AdamW, as ``build_optimizer`` sets it up, for the rest. Muon orthogonalises
+    weight decay carry over); AdamW, as ``build_optimizer`` sets it up, for the rest (if any). Muon orthogonalises
     each matrix's momentum (5 Newton-Schulz steps), which speeds up learning per step."""
     hidden = hidden_matrices(model)
     if not hidden:
         raise ConfigError("train.optimizer muon found no hidden matrices in this model (nn.Linear layers in "
-                         "its stacks of layers); use adamw")
+                          "its stacks of layers); use adamw")
     scale = (cfg.muon_lr or cfg.lr) / cfg.lr  # lr_by_prefix's learning rates, relative to train.lr, apply too
     by_lr: dict[float, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -127,6 +128,8 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str,
                             weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                             adjust_lr_fn="match_rms_adamw")
     rest = [g for g in param_groups(model, cfg, lr_by_prefix, skip=hidden) if g["params"]]
+    if not rest:  # every trainable parameter is a hidden matrix (e.g. LoRA adapters alone)
+        return muon
     return MuonWithAdamW(muon, adamw(rest, cfg, device_type))
 
 
