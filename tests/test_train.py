@@ -199,7 +199,10 @@ def test_optimizer_groups_learning_rates_by_name_prefix():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     """Muon gets the Linear weights inside the stack of blocks; embeddings (the tied head), biases and norm
-    gains go to AdamW; the schedule scales both; layer learning rates by prefix apply to both."""
+    gains go to AdamW; the schedule scales both; layer learning rates by prefix apply to both; LoRA adapters
+    alone (all inside the blocks) get Muon alone."""
+    from lmlab.config import LoraConfig
+    from lmlab.models.lora import inject_lora
     from lmlab.models.registry import build_model
     from lmlab.train.optim import build_optimizer, build_scheduler
 
@@ -217,14 +220,6 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert lr_of[id(model.blocks[0].attn.qkv.weight)] == 2e-3  # train.muon_lr
     assert lr_of[id(model.blocks[1].attn.qkv.weight)] == 1e-3  # the prefix's 5e-4, times muon_lr / lr
     assert lr_of[id(model.tok_emb.weight)] == 1e-3 and lr_of[id(model.blocks[1].attn.qkv.bias)] == 5e-4
-    from lmlab.config import LoraConfig
-    from lmlab.models.lora import inject_lora
-
-    inject_lora(model, LoraConfig(r=2))  # only the adapters train, all inside the blocks: Muon alone
-    adapters = build_optimizer(model, tc, "cpu")
-    assert isinstance(adapters, torch.optim.Muon)
-    assert {id(p) for g in adapters.param_groups for p in g["params"]} == {
-        id(p) for p in model.parameters() if p.requires_grad}
     scheduler = build_scheduler(opt, tc)
     for _ in range(5):
         opt.step()
@@ -232,16 +227,23 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-3 * lr_factor(5, tc))
     assert opt.rest.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(5, tc))
 
+    inject_lora(model, LoraConfig(r=2))  # only the adapters train, all inside the blocks: Muon alone
+    adapters = build_optimizer(model, tc, "cpu")
+    assert isinstance(adapters, torch.optim.Muon)
+    assert {id(p) for g in adapters.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
+
 
 def test_muon_learns_and_refuses_what_it_cannot_train(prepared, tmp_path):
     """A short Muon run lowers the loss; a model without hidden matrices (an LSTM), FSDP, and resuming an
     AdamW run with Muon are refused, each in one line."""
+    from lmlab.models.registry import build_model
     from lmlab.train.optim import build_optimizer
 
     result = pretrain(tiny_run_config(prepared, tmp_path / "muon", max_steps=30, optimizer="muon", lr=1e-2))
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "muon" / "metrics.jsonl") if "train_loss" in r]
     assert losses[-1] < losses[0] - 0.5 and result.step == 30
-    lstm = build_model_of("lstm")
+    lstm = build_model(ModelConfig(family="lstm", vocab_size=50, n_layer=1, d_model=16))
     with pytest.raises(ConfigError, match="^train.optimizer muon found no hidden matrices"):
         build_optimizer(lstm, TrainConfig(optimizer="muon"), "cpu")
     with pytest.raises(ConfigError, match="^train.optimizer muon needs whole matrices"):
@@ -249,13 +251,6 @@ def test_muon_learns_and_refuses_what_it_cannot_train(prepared, tmp_path):
     pretrain(tiny_run_config(prepared, tmp_path / "adamw", max_steps=10, checkpoint_interval=5), stop_after=5)
     with pytest.raises(CheckpointError, match="does not fit this run .*another train.optimizer"):
         pretrain(tiny_run_config(prepared, tmp_path / "adamw", max_steps=10, optimizer="muon"), resume=True)
-
-
-def build_model_of(family: str):
-    """A tiny model of ``family`` (recurrent families take no heads or context)."""
-    from lmlab.models.registry import build_model
-
-    return build_model(ModelConfig(family=family, vocab_size=50, n_layer=1, d_model=16))
 
 
 def test_grad_accumulation_in_the_loop_equals_one_big_batch(prepared, tmp_path):

@@ -113,8 +113,8 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str,
                lr_by_prefix: dict[str, float]) -> torch.optim.Optimizer:
     """Muon for ``hidden_matrices(model)`` at train.muon_lr (default train.lr), with Moonshot's scaling
     (``adjust_lr_fn="match_rms_adamw"``: the update's RMS matches AdamW's, so AdamW's learning rate and
-    weight decay carry over); AdamW, as ``build_optimizer`` sets it up, for the rest (if any). Muon orthogonalises
-    each matrix's momentum (5 Newton-Schulz steps), which speeds up learning per step."""
+    weight decay carry over); AdamW, as ``build_optimizer`` sets it up, for the rest (if any). Muon
+    orthogonalises each matrix's momentum (5 Newton-Schulz steps), which speeds up learning per step."""
     hidden = hidden_matrices(model)
     if not hidden:
         raise ConfigError("train.optimizer muon found no hidden matrices in this model (nn.Linear layers in "
@@ -127,7 +127,7 @@ def build_muon(model: nn.Module, cfg: TrainConfig, device_type: str,
     muon = torch.optim.Muon([{"params": params, "lr": lr} for lr, params in by_lr.items()], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                             adjust_lr_fn="match_rms_adamw")
-    rest = [g for g in param_groups(model, cfg, lr_by_prefix, skip=hidden) if g["params"]]
+    rest = param_groups(model, cfg, lr_by_prefix, skip=hidden)
     if not rest:  # every trainable parameter is a hidden matrix (e.g. LoRA adapters alone)
         return muon
     return MuonWithAdamW(muon, adamw(rest, cfg, device_type))
